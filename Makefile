@@ -1,0 +1,34 @@
+# Everything starts from a fresh machine: each target (re)creates .venv first.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint bench-m4 bench-etth1 clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# the CPU wheel of torch first: a bare `torch` requirement would pull a multi-GB CUDA build
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)  ## train the models on M4 Hourly and print the accuracy table
+	$(BIN)/forecaster bench m4-hourly
+
+test: $(STAMP)  ## lint, then the whole test suite (slow end-to-end tests included)
+	$(BIN)/ruff check forecaster pipelines serving tests
+	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check forecaster pipelines serving tests
+
+bench-m4: $(STAMP)
+	$(BIN)/forecaster bench m4-hourly
+
+bench-etth1: $(STAMP)
+	$(BIN)/forecaster bench etth1
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

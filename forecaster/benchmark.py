@@ -1,0 +1,94 @@
+"""Accuracy benchmarks on the reference data: ``forecaster bench m4-hourly`` and ``... etth1``.
+
+Every model is trained with the settings below (defaults unless listed), scored with the
+standard protocol of its data set, and timed; the result is one table.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from sktime.forecasting.base import BaseForecaster
+from sktime.forecasting.ets import AutoETS
+from sktime.forecasting.naive import NaiveForecaster
+from sktime.forecasting.theta import ThetaForecaster
+from tqdm.auto import tqdm
+
+from forecaster import (
+    GRUForecaster,
+    LSTMForecaster,
+    RNNForecaster,
+    TCNForecaster,
+    TransformerForecaster,
+)
+from forecaster.data import long_to_panel
+from forecaster.datasets import (
+    M4_HOURLY_HORIZON,
+    M4_HOURLY_SEASONALITY,
+    load_etth1,
+    load_m4_hourly,
+    wide_to_long,
+)
+from forecaster.evaluation import ett_test_scores, m4_scores
+
+SP = M4_HOURLY_SEASONALITY
+
+# name -> estimator factory; neural models run with their defaults
+M4_MODELS: dict[str, Callable[[], BaseForecaster]] = {
+    "sNaive": lambda: NaiveForecaster(strategy="last", sp=SP),
+    "Theta": lambda: ThetaForecaster(sp=SP),
+    "AutoETS": lambda: AutoETS(auto=True, sp=SP, n_jobs=-1),
+    "RNN": lambda: RNNForecaster(verbose=False),
+    "LSTM": lambda: LSTMForecaster(verbose=False),
+    "GRU": lambda: GRUForecaster(verbose=False),
+    "TCN": lambda: TCNForecaster(verbose=False),
+    "Transformer": lambda: TransformerForecaster(verbose=False),
+}
+
+# ETTh1: input 336 as in the published tables; early stopping on the validation split
+ETT_SETTINGS: dict[str, Any] = {"input_len": 336, "verbose": False}
+ETT_MODELS: dict[str, Callable[..., BaseForecaster]] = {
+    "LSTM": lambda **kw: LSTMForecaster(**kw),
+    "TCN": lambda **kw: TCNForecaster(**kw),
+    "Transformer": lambda **kw: TransformerForecaster(**kw),
+}
+
+
+def bench_m4_hourly(data_dir: str | Path, models: list[str] | None = None) -> pd.DataFrame:
+    """Train each model on M4 Hourly train, forecast 48 hours, score against M4 test."""
+    train, test = load_m4_hourly(data_dir)
+    y_train, y_test = long_to_panel(train), long_to_panel(test)
+    fh = np.arange(1, M4_HOURLY_HORIZON + 1)
+    rows = []
+    for name in tqdm(models or list(M4_MODELS), desc="M4 Hourly", unit="model"):
+        started = time.perf_counter()
+        y_pred = M4_MODELS[name]().fit(y_train, fh=fh).predict()
+        seconds = time.perf_counter() - started
+        rows.append({"model": name, **m4_scores(y_test, y_pred, y_train), "seconds": seconds})
+    return pd.DataFrame(rows).set_index("model")
+
+
+def bench_etth1(path: str | Path, horizons: tuple[int, ...] = (96, 336),
+                models: list[str] | None = None) -> pd.DataFrame:
+    """Multivariate (all 7 variables) and univariate (OT) MSE/MAE on the ETTh1 test split."""
+    splits = load_etth1(path)
+    rows = []
+    jobs = [(name, setting, h) for h in horizons for setting in ("multivariate", "univariate")
+            for name in (models or list(ETT_MODELS))]
+    for name, setting, horizon in tqdm(jobs, desc="ETTh1", unit="model"):
+        columns = list(splits.frame.columns) if setting == "multivariate" else ["OT"]
+        # train and validation rows; the validation split is held out for early stopping
+        y = long_to_panel(wide_to_long(splits.frame.iloc[: splits.val_end], columns))
+        model = ETT_MODELS[name](validation_rows=splits.val_end - splits.train_end,
+                                 **ETT_SETTINGS)
+        started = time.perf_counter()
+        model.fit(y, fh=np.arange(1, horizon + 1))
+        seconds = time.perf_counter() - started
+        rows.append({"model": name, "setting": setting, "horizon": horizon,
+                     **ett_test_scores(model, splits, columns), "seconds": seconds})
+    return pd.DataFrame(rows).set_index(["setting", "horizon", "model"])

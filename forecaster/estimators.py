@@ -1,0 +1,461 @@
+"""sktime estimators over the neural models: RNN, LSTM, GRU, TCN and Transformer forecasters.
+
+Each is a global model: ``fit`` on a ``pd-multiindex`` panel trains one network on every series
+(a single series works too). Series not seen in training are forecast from their history with
+sktime's pretrain workflow::
+
+    model = LSTMForecaster().pretrain(panel, fh=range(1, 49))  # train the network
+    model.fit(new_history, fh=range(1, 49))                    # only sets the context
+    model.predict()
+
+The same holds for a model read back with ``NeuralForecaster.load_model``. Forecasts come from
+one forward pass over all series at once: ``forecast_histories`` is that numeric path.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import pandas as pd
+import torch
+from sktime.forecasting.base import BaseForecaster, ForecastingHorizon
+
+from forecaster.data import panel_arrays, series_groups, validate_panel
+from forecaster.models import build_model
+from forecaster.models.losses import make_loss
+from forecaster.trainer import (
+    EpochRecord,
+    TrainingSettings,
+    choose_device,
+    model_inputs,
+    predict_scaled,
+    train,
+)
+from forecaster.windows import Panel, WindowSampler
+
+DEFAULT_QUANTILES = (0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95)
+WEIGHTS_FILE, CONFIG_FILE = "weights.pt", "config.json"
+
+# the fitted attributes that make up a trained network; pretrain keeps them across fit calls
+TRAINED_ATTRIBUTES = [
+    "network_", "horizon_", "levels_", "model_kwargs_", "covariates_", "static_covariates_",
+    "covariate_loc_", "covariate_scale_", "residual_quantiles_", "history_",
+]
+
+
+class NeuralForecaster(BaseForecaster):
+    """Base of the neural forecasters; subclasses name the model family and its parameters."""
+
+    _tags = {
+        "authors": ["forecaster team"],
+        "python_dependencies": "torch",
+        "y_inner_mtype": ["pd.DataFrame", "pd-multiindex", "pd_multiindex_hier"],
+        "X_inner_mtype": ["pd.DataFrame", "pd-multiindex", "pd_multiindex_hier"],
+        "capability:exogenous": True,
+        "capability:multivariate": False,
+        "capability:insample": False,
+        "capability:pred_int": True,
+        "capability:pred_int:insample": False,
+        "capability:missing_values": False,
+        "capability:pretrain": True,
+        "pretrain:fitted_params": TRAINED_ATTRIBUTES,
+        "capability:random_state": True,
+        "property:randomness": "derandomized",
+        "requires-fh-in-fit": True,
+    }
+
+    _family: ClassVar[str] = ""
+    _model_params: ClassVar[tuple[str, ...]] = ()  # constructor args passed on to the network
+    _fixed_model_kwargs: ClassVar[dict[str, Any]] = {}
+
+    # ------------------------------------------------------------------ sktime interface
+    def _pretrain(self, y: pd.DataFrame, X: pd.DataFrame | None = None,
+                  fh: ForecastingHorizon | None = None) -> NeuralForecaster:
+        if fh is None:
+            raise ValueError("fh is required to pretrain: the network forecasts a fixed horizon")
+        self._train_network(y, X, self._horizon_of(fh, y))
+        return self
+
+    def _fit(self, y: pd.DataFrame, X: pd.DataFrame | None, fh: ForecastingHorizon
+             ) -> NeuralForecaster:
+        horizon = self._horizon_of(fh, y)
+        if hasattr(self, "network_"):  # pretrained: y is only the context to forecast from
+            self._check_horizon(horizon)
+            validate_panel(y, self.min_history_, name="y")
+        else:
+            self._train_network(y, X, horizon)
+        return self
+
+    def _predict(self, fh: ForecastingHorizon, X: pd.DataFrame | None = None) -> pd.DataFrame:
+        index, quantiles = self._forecast(fh, X)
+        column = self._quantile_position(0.5)
+        return pd.DataFrame({self._y.columns[0]: quantiles[:, column]}, index=index)
+
+    def _predict_quantiles(self, fh: ForecastingHorizon, X: pd.DataFrame | None,
+                           alpha: list[float]) -> pd.DataFrame:
+        index, quantiles = self._forecast(fh, X)
+        levels = np.asarray(self.levels_)
+        for a in alpha:
+            if not levels[0] <= a <= levels[-1]:
+                raise ValueError(
+                    f"alpha {a} is outside the quantiles the model was trained for "
+                    f"({levels[0]} to {levels[-1]}); set `quantiles` to include it"
+                )
+        # linear interpolation between the trained levels; exact where alpha is one of them
+        values = np.stack([
+            np.array([np.interp(a, levels, row) for row in quantiles]) for a in alpha
+        ], axis=1)
+        columns = pd.MultiIndex.from_product([[self._y.columns[0]], alpha])
+        return pd.DataFrame(values, index=index, columns=columns)
+
+    # ------------------------------------------------------------------ training
+    def _train_network(self, y: pd.DataFrame, X: pd.DataFrame | None, horizon: int) -> None:
+        self.min_history_ = self.min_history or max(1, self.input_len // 4)
+        allowed = [y.columns[0]]
+        validate_panel(y, 1, allowed, name="y")
+        statics = list(self.static_covariates or ())
+        if X is not None:
+            validate_panel(X, 1, name="X")
+        elif statics:
+            raise ValueError(f"static_covariates {statics} are named but X is None")
+        covariates = [] if X is None else [c for c in X.columns if c not in statics]
+        missing = [c for c in statics if X is None or c not in X.columns]
+        if missing:
+            raise ValueError(f"static_covariates {missing} are not columns of X")
+
+        self.horizon_, self.levels_ = horizon, sorted({*self.quantiles, 0.5})
+        self.covariates_, self.static_covariates_ = covariates, statics
+        if X is not None and covariates:
+            self.covariate_loc_ = X[covariates].mean().to_numpy(np.float32)
+            self.covariate_scale_ = X[covariates].std(ddof=0).replace(0, 1).to_numpy(np.float32)
+        else:
+            self.covariate_loc_ = self.covariate_scale_ = np.zeros(0, np.float32)
+
+        panel = self._panel(y, X)
+        sampler = WindowSampler(panel, self.input_len, horizon, self.min_history_,
+                                self.validation_rows)
+        n_outputs = 1 if self.loss in ("mae", "mse") else len(self.levels_)
+        self.model_kwargs_ = {
+            "input_len": self.input_len,
+            "horizon": horizon,
+            "n_quantiles": n_outputs,
+            "past_features": 2 + len(covariates) + len(statics),
+            "future_features": len(covariates) + len(statics),
+            **self._fixed_model_kwargs,
+            **{name: getattr(self, name) for name in self._model_params},
+        }
+        self.network_ = build_model(self._family, **self.model_kwargs_)
+        loss = make_loss(self.loss, self.levels_)
+        self.history_: list[EpochRecord] = train(
+            self.network_, sampler, loss, self._settings(), on_epoch=self.on_epoch)
+        self.network_.cpu()
+        self.residual_quantiles_ = self._residual_quantiles(sampler) if n_outputs == 1 else None
+
+    def _settings(self) -> TrainingSettings:
+        return TrainingSettings(
+            max_epochs=self.max_epochs, steps_per_epoch=self.steps_per_epoch,
+            batch_size=self.batch_size, learning_rate=self.learning_rate,
+            weight_decay=self.weight_decay, patience=self.patience, device=self.device,
+            seed=self.random_state or 0, progress=self.verbose,
+        )
+
+    def _residual_quantiles(self, sampler: WindowSampler) -> list[list[float]]:
+        """Point losses give no quantiles: take them from the validation errors, per step."""
+        validation = sampler.validation()
+        point = predict_scaled(self.network_, validation, torch.device("cpu"))[..., 0]
+        errors = validation.target - point  # (B, H), in the windows' scaled units
+        return np.quantile(errors, self.levels_, axis=0).T.tolist()  # (H, Q)
+
+    # ------------------------------------------------------------------ forecasting
+    def forecast_histories(self, histories: list[np.ndarray]) -> np.ndarray:
+        """Quantile forecasts (series, horizon_, levels_) for raw target histories.
+
+        Each history is an array (time,) or, with covariates, (time + horizon_, 1 + covariates)
+        whose last horizon_ rows hold the known-future covariates (their target is ignored).
+        This is the whole inference path: no pandas, one forward pass for all series.
+        """
+        has_future = bool(self.covariates_ or self.static_covariates_)
+        arrays = []
+        for i, history in enumerate(histories):
+            history = np.asarray(history, dtype=np.float32)
+            array = history.reshape(len(history), -1)
+            if not has_future:  # pad the horizon rows, which carry no covariates then
+                array = np.concatenate([array, np.zeros((self.horizon_, 1), np.float32)])
+            observed = len(array) - self.horizon_
+            if observed < self.min_history_:
+                raise ValueError(
+                    f"series {i} has {max(observed, 0)} observations; the model needs at least "
+                    f"{self.min_history_}"
+                )
+            arrays.append(array)
+        statics = [a[0, 1 + len(self.covariates_):] for a in arrays] if self.static_covariates_ \
+            else None
+        panel = Panel([a[:, : 1 + len(self.covariates_)] for a in arrays],
+                      None if statics is None else np.stack(statics))
+        origins = panel.lengths - self.horizon_
+        windows = panel.windows(np.arange(len(panel)), origins, self.input_len, self.horizon_)
+        device = choose_device(self.device)
+        scaled = predict_scaled(self.network_.to(device), windows, device)  # (N, H, outputs)
+        if self.residual_quantiles_ is not None:
+            scaled = scaled + np.asarray(self.residual_quantiles_, np.float32)[None]
+        # sorting rearranges crossed quantiles into valid ones (Chernozhukov et al., 2010)
+        return np.sort(windows.unscale(scaled), axis=-1)
+
+    def _forecast(self, fh: ForecastingHorizon, X: pd.DataFrame | None
+                  ) -> tuple[pd.Index, np.ndarray]:
+        """Index of the forecast rows and quantiles (rows, levels) for the stored context."""
+        steps = self._steps_of(fh)
+        self._check_horizon(int(steps.max()))
+        y, history_X = self._y, self._X
+        multi = isinstance(y.index, pd.MultiIndex)
+        indexes, histories = [], []
+        for key, series in series_groups(y):
+            future_index = fh.to_absolute_index(series.index[[-1]])
+            full_future = ForecastingHorizon(range(1, self.horizon_ + 1), freq=fh.freq)
+            rows = [series.iloc[:, :1].to_numpy(np.float32)]
+            if self.covariates_ or self.static_covariates_:
+                future_rows = full_future.to_absolute_index(series.index[[-1]])
+                past_cov = self._select(history_X, key, series.index, "X passed to fit")
+                future_cov = self._select(X, key, future_rows, "X passed to predict")
+                rows = [np.concatenate([rows[0], past_cov]),
+                        np.concatenate([np.zeros((len(future_rows), 1), np.float32), future_cov])]
+            histories.append(np.concatenate(rows))
+            keys = key if isinstance(key, tuple) else (key,)
+            indexes.append(pd.MultiIndex.from_tuples([(*keys, t) for t in future_index])
+                           if multi else future_index)
+        quantiles = self.forecast_histories(histories)[:, steps - 1]  # (N, len(fh), Q)
+        index = indexes[0].append(indexes[1:]) if len(indexes) > 1 else indexes[0]
+        if multi:
+            index = index.set_names(y.index.names)
+        return index, quantiles.reshape(-1, quantiles.shape[-1])
+
+    def _select(self, X: pd.DataFrame | None, key: object, index: pd.Index, what: str
+                ) -> np.ndarray:
+        """Scaled covariates of one series at the given times, then its static covariates."""
+        if X is None:
+            raise ValueError(f"{what} is None, but the model was trained with covariates")
+        frame = X.xs(key, level=list(range(X.index.nlevels - 1))) if key is not None else X
+        missing = index.difference(frame.index)
+        if len(missing):
+            raise ValueError(f"{what} lacks rows of series {key!r} at {list(missing[:3])}")
+        frame = frame.loc[index]
+        scaled = (frame[self.covariates_].to_numpy(np.float32) - self.covariate_loc_) \
+            / self.covariate_scale_
+        statics = frame[self.static_covariates_].to_numpy(np.float32)
+        return np.concatenate([scaled, statics], axis=1)
+
+    # ------------------------------------------------------------------ helpers
+    def _horizon_of(self, fh: ForecastingHorizon, y: pd.DataFrame) -> int:
+        steps = self._steps_of(fh)
+        if (steps < 1).any():
+            raise ValueError(f"fh must be out of sample (steps >= 1), got {list(steps)}")
+        return int(steps.max())
+
+    def _steps_of(self, fh: ForecastingHorizon) -> np.ndarray:
+        return np.asarray(fh.to_relative(self.cutoff), dtype=np.int64)
+
+    def _check_horizon(self, horizon: int) -> None:
+        if horizon > self.horizon_:
+            raise ValueError(
+                f"fh reaches {horizon} steps ahead; the network was trained for {self.horizon_}"
+            )
+
+    def _quantile_position(self, level: float) -> int:
+        return self.levels_.index(level)
+
+    def _panel(self, y: pd.DataFrame, X: pd.DataFrame | None) -> Panel:
+        """The training panel: target plus scaled covariates per series, and static rows."""
+        _, targets = panel_arrays(y, [y.columns[0]])
+        if X is None:
+            return Panel(targets)
+        covariate_arrays, statics = [], []
+        for (key, series), target in zip(series_groups(y), targets):
+            values = self._select(X, key, series.index, "X passed to fit")
+            covariate_arrays.append(np.concatenate([target, values[:, : len(self.covariates_)]], 1))
+            statics.append(values[0, len(self.covariates_):])
+        return Panel(covariate_arrays, np.stack(statics) if self.static_covariates_ else None)
+
+    # ------------------------------------------------------------------ persistence
+    def save_model(self, directory: str | Path) -> Path:
+        """Write the trained network as ``weights.pt`` (tensors only) and ``config.json``."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {name: getattr(self, name) for name in TRAINED_ATTRIBUTES
+                 if name not in ("network_", "history_")}
+        state["covariate_loc_"] = self.covariate_loc_.tolist()
+        state["covariate_scale_"] = self.covariate_scale_.tolist()
+        state["min_history_"] = self.min_history_
+        config = {
+            "class": type(self).__name__,
+            "params": {k: v for k, v in self.get_params(deep=False).items() if k != "on_epoch"},
+            "state": state,
+            "history": [vars(r) for r in self.history_],
+        }
+        torch.save(self.network_.state_dict(), directory / WEIGHTS_FILE)
+        (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+        return directory
+
+    @classmethod
+    def load_model(cls, directory: str | Path) -> NeuralForecaster:
+        """A pretrained estimator from ``save_model``'s files; ``fit`` then sets its context."""
+        directory = Path(directory)
+        config = json.loads((directory / CONFIG_FILE).read_text())
+        classes = {c.__name__: c for c in ESTIMATORS}
+        estimator = classes[config["class"]](**config["params"])
+        state = config["state"]
+        for name, value in state.items():
+            setattr(estimator, name, value)
+        estimator.covariate_loc_ = np.asarray(state["covariate_loc_"], np.float32)
+        estimator.covariate_scale_ = np.asarray(state["covariate_scale_"], np.float32)
+        estimator.history_ = [EpochRecord(**r) for r in config["history"]]
+        estimator.network_ = build_model(estimator._family, **estimator.model_kwargs_)
+        weights = torch.load(directory / WEIGHTS_FILE, map_location="cpu", weights_only=True)
+        estimator.network_.load_state_dict(weights)
+        estimator.network_.eval()
+        estimator._pretrained_attrs = [*TRAINED_ATTRIBUTES, "min_history_"]
+        estimator._state = "pretrained"
+        return estimator
+
+    @classmethod
+    def get_test_params(cls, parameter_set: str = "default") -> list[dict[str, Any]]:
+        tiny = {"input_len": 8, "max_epochs": 2, "steps_per_epoch": 2, "batch_size": 16,
+                "verbose": False}
+        return [{**tiny, **p} for p in cls._tiny_variants()]
+
+    @classmethod
+    def _tiny_variants(cls) -> list[dict[str, Any]]:
+        return [{}]
+
+
+def _store_params(self: NeuralForecaster, params: dict[str, Any]) -> None:
+    """sktime convention: every constructor argument is kept, unchanged, as an attribute."""
+    for name, value in params.items():
+        if name not in ("self", "__class__"):
+            setattr(self, name, value)
+    BaseForecaster.__init__(self)
+
+
+class RNNForecaster(NeuralForecaster):
+    """Elman RNN encoder with a direct multi-horizon decoder (MLP head or seq2seq RNN).
+
+    Parameters
+    ----------
+    hidden_size, num_layers, dropout : size of the recurrent encoder and its dropout.
+    segment_len : time steps the encoder reads per recurrent step (1: classic step-by-step).
+    decoder : "mlp" (a head on the last hidden state) or "seq2seq" (an RNN over the horizon).
+    input_len : steps of history the network reads; shorter histories are left-padded.
+    quantiles : levels the network forecasts (0.5 is always added).
+    loss : "pinball" over the quantiles, or the point losses "mae" and "mse" (their quantiles
+        then come from the validation errors).
+    max_epochs, steps_per_epoch, batch_size, learning_rate, weight_decay, patience : training.
+    validation_rows : trailing rows of each series held out for early stopping (default: fh).
+    min_history : shortest usable history (default: input_len // 4).
+    static_covariates : columns of X that are constant per series; the other X columns are
+        known-future covariates.
+    device : "auto" (cuda, then mps, then cpu) or a torch device name.
+    random_state : seed; runs on the CPU are deterministic.
+    verbose : show a progress bar.
+    on_epoch : callback receiving each epoch's EpochRecord (train and validation loss).
+    """
+
+    _family = "rnn"
+    _fixed_model_kwargs: ClassVar[dict[str, Any]] = {"cell": "rnn"}
+    _model_params = ("hidden_size", "num_layers", "dropout", "decoder", "segment_len")
+
+    def __init__(self, hidden_size=128, num_layers=2, dropout=0.0, decoder="mlp", segment_len=24,
+                 input_len=168, quantiles=DEFAULT_QUANTILES, loss="pinball", max_epochs=30,
+                 steps_per_epoch=50, batch_size=256, learning_rate=1e-3, weight_decay=1e-4,
+                 patience=5, validation_rows=None, min_history=None, static_covariates=None,
+                 device="auto", random_state=0, verbose=True, on_epoch=None):
+        _store_params(self, locals())
+
+    @classmethod
+    def _tiny_variants(cls) -> list[dict[str, Any]]:
+        return [{"hidden_size": 8, "num_layers": 1, "segment_len": 4},
+                {"hidden_size": 8, "decoder": "seq2seq", "loss": "mae", "segment_len": 1}]
+
+
+class LSTMForecaster(RNNForecaster):
+    """LSTM encoder with a direct multi-horizon decoder; parameters as RNNForecaster."""
+
+    _fixed_model_kwargs: ClassVar[dict[str, Any]] = {"cell": "lstm"}
+
+
+class GRUForecaster(RNNForecaster):
+    """GRU encoder with a direct multi-horizon decoder; parameters as RNNForecaster."""
+
+    _fixed_model_kwargs: ClassVar[dict[str, Any]] = {"cell": "gru"}
+
+
+class TCNForecaster(NeuralForecaster):
+    """Temporal convolutional network: dilated causal convolutions in residual blocks.
+
+    ``channels``, ``num_layers`` (dilations 1, 2, 4, ...), ``kernel_size`` and ``dropout`` shape
+    the network; the other parameters are those of RNNForecaster.
+    """
+
+    _family = "tcn"
+    _model_params = ("channels", "num_layers", "kernel_size", "dropout")
+
+    def __init__(self, channels=64, num_layers=7, kernel_size=3, dropout=0.0,
+                 input_len=168, quantiles=DEFAULT_QUANTILES, loss="pinball", max_epochs=30,
+                 steps_per_epoch=50, batch_size=256, learning_rate=1e-3, weight_decay=1e-4,
+                 patience=5, validation_rows=None, min_history=None, static_covariates=None,
+                 device="auto", random_state=0, verbose=True, on_epoch=None):
+        _store_params(self, locals())
+
+    @classmethod
+    def _tiny_variants(cls) -> list[dict[str, Any]]:
+        return [{"channels": 8, "num_layers": 2}, {"channels": 4, "num_layers": 1, "loss": "mse"}]
+
+
+class TransformerForecaster(NeuralForecaster):
+    """Encoder-decoder Transformer ("Attention Is All You Need") with a PatchTST-style encoder.
+
+    ``encoder`` is "patch" (tokens of ``patch_len`` steps every ``patch_stride``) or "timestep";
+    ``d_model``, ``n_heads``, ``encoder_layers``, ``decoder_layers``, ``dropout`` and
+    ``positional_encoding`` ("sinusoidal" or "learned") shape the network. ``attention_maps``
+    returns the attention weights for interpretation. Other parameters as RNNForecaster.
+    """
+
+    _family = "transformer"
+    _model_params = ("encoder", "patch_len", "patch_stride", "d_model", "n_heads",
+                     "encoder_layers", "decoder_layers", "dropout", "positional_encoding")
+
+    def __init__(self, encoder="patch", patch_len=16, patch_stride=8, d_model=64, n_heads=4,
+                 encoder_layers=2, decoder_layers=1, dropout=0.1, positional_encoding="sinusoidal",
+                 input_len=336, quantiles=DEFAULT_QUANTILES, loss="pinball", max_epochs=30,
+                 steps_per_epoch=50, batch_size=256, learning_rate=1e-3, weight_decay=1e-4,
+                 patience=5, validation_rows=None, min_history=None, static_covariates=None,
+                 device="auto", random_state=0, verbose=True, on_epoch=None):
+        _store_params(self, locals())
+
+    def attention_maps(self, history: np.ndarray) -> dict[str, np.ndarray]:
+        """Attention weights (heads, queries, keys) of every attention module for one history,
+        as ``forecast_histories`` would read it: encoder self-attention over input tokens,
+        decoder self-attention over horizon steps and cross-attention from steps to tokens."""
+        self.check_is_fitted()
+        history = np.asarray(history, dtype=np.float32).reshape(len(history), -1)
+        if not (self.covariates_ or self.static_covariates_):
+            history = np.concatenate([history, np.zeros((self.horizon_, 1), np.float32)])
+        panel = Panel([history[:, : 1 + len(self.covariates_)]],
+                      history[None, 0, 1 + len(self.covariates_):]
+                      if self.static_covariates_ else None)
+        windows = panel.windows(np.array([0]), panel.lengths - self.horizon_, self.input_len,
+                                self.horizon_)
+        past, future = model_inputs(windows, torch.device("cpu"))
+        maps = self.network_.cpu().attention_maps(past, future)
+        return {name: weights[0].numpy() for name, weights in maps.items()}
+
+    @classmethod
+    def _tiny_variants(cls) -> list[dict[str, Any]]:
+        return [{"d_model": 8, "n_heads": 2, "encoder_layers": 1, "patch_len": 4,
+                 "patch_stride": 2},
+                {"d_model": 8, "n_heads": 2, "encoder_layers": 1, "encoder": "timestep",
+                 "positional_encoding": "learned", "loss": "mae"}]
+
+
+ESTIMATORS = (RNNForecaster, LSTMForecaster, GRUForecaster, TCNForecaster, TransformerForecaster)

@@ -1,0 +1,53 @@
+"""The reference scoring protocols: M4 Hourly (sMAPE, MASE, OWA) and ETTh1 (MSE, MAE)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from sktime.performance_metrics.forecasting import (
+    MeanAbsolutePercentageError,
+    MeanAbsoluteScaledError,
+)
+
+from forecaster.datasets import M4_HOURLY_SEASONALITY, ETTSplits
+from forecaster.estimators import NeuralForecaster
+
+# Naive2 on M4 Hourly, the competition's OWA reference
+M4_HOURLY_NAIVE2 = {"smape": 18.383, "mase": 2.395}
+
+
+def m4_scores(y_test: pd.DataFrame, y_pred: pd.DataFrame, y_train: pd.DataFrame
+              ) -> dict[str, float]:
+    """sMAPE, MASE (seasonal period 24) and OWA as the M4 competition scores them.
+
+    Both metrics are computed per series and averaged over series, as in M4.
+    """
+    y_pred = y_pred.loc[y_test.index]
+    smape = 100 * MeanAbsolutePercentageError(symmetric=True, multilevel="uniform_average")(
+        y_test, y_pred)
+    mase = MeanAbsoluteScaledError(sp=M4_HOURLY_SEASONALITY, multilevel="uniform_average")(
+        y_test, y_pred, y_train=y_train)
+    owa = 0.5 * (smape / M4_HOURLY_NAIVE2["smape"] + mase / M4_HOURLY_NAIVE2["mase"])
+    return {"smape": float(smape), "mase": float(mase), "owa": float(owa)}
+
+
+def ett_test_scores(model: NeuralForecaster, splits: ETTSplits, columns: list[str],
+                    batch: int = 4096) -> dict[str, float]:
+    """MSE and MAE over every test window (stride 1) of the given columns, in z-score units.
+
+    Each window's input is the ``input_len`` rows before its origin, as in the reference
+    loaders; each column is forecast from its own history (channel independence).
+    """
+    values = splits.frame[columns].to_numpy(np.float32)  # (T, C)
+    horizon, input_len = model.horizon_, model.input_len
+    origins = np.arange(splits.val_end, splits.test_end - horizon + 1)
+    squared = absolute = count = 0.0
+    for start in range(0, len(origins), max(1, batch // len(columns))):
+        chunk = origins[start: start + max(1, batch // len(columns))]
+        histories = [values[o - input_len: o, c] for o in chunk for c in range(len(columns))]
+        median = model.forecast_histories(histories)[..., model.levels_.index(0.5)]  # (N, H)
+        truth = np.stack([values[o: o + horizon, c] for o in chunk for c in range(len(columns))])
+        squared += float(((median - truth) ** 2).sum())
+        absolute += float(np.abs(median - truth).sum())
+        count += truth.size
+    return {"mse": squared / count, "mae": absolute / count}

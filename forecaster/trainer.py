@@ -1,0 +1,140 @@
+"""One training loop for every model family.
+
+AdamW with a one-cycle learning-rate schedule, gradient clipping, early stopping on the
+validation windows with the best weights restored, bf16 autocast on CUDA, and a progress bar.
+Seeded runs on the CPU are deterministic.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from forecaster.models.losses import Loss
+from forecaster.windows import Windows, WindowSampler
+
+
+@dataclass(frozen=True)
+class TrainingSettings:
+    max_epochs: int = 30
+    steps_per_epoch: int = 50
+    batch_size: int = 256
+    learning_rate: float = 1e-3
+    weight_decay: float = 1e-4
+    gradient_clip: float = 1.0
+    patience: int = 5  # epochs without a better validation loss before stopping
+    device: str = "auto"
+    seed: int = 0
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class EpochRecord:
+    epoch: int
+    train_loss: float
+    val_loss: float
+    seconds: float
+
+
+EpochCallback = Callable[[EpochRecord], None]
+
+
+def choose_device(name: str = "auto") -> torch.device:
+    """"auto" picks cuda, then mps, then cpu; any other name is taken as it is."""
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def model_inputs(windows: Windows, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(past, future) tensors for a model; static covariates are broadcast onto every step."""
+    past, future, static = windows.past, windows.future, windows.static
+    if static.shape[1]:
+        past = np.concatenate([past, np.repeat(static[:, None], past.shape[1], 1)], axis=-1)
+        future = np.concatenate([future, np.repeat(static[:, None], future.shape[1], 1)], axis=-1)
+    return torch.from_numpy(past).to(device), torch.from_numpy(future).to(device)
+
+
+def autocast(device: torch.device) -> torch.autocast:
+    """bf16 autocast on CUDA; full precision elsewhere."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16,
+                          enabled=device.type == "cuda")
+
+
+@torch.no_grad()
+def predict_scaled(model: nn.Module, windows: Windows, device: torch.device,
+                   batch_size: int = 1024) -> np.ndarray:
+    """Model output in the windows' scaled units: (B, H, Q) float32."""
+    model.eval()
+    outputs = []
+    for start in range(0, len(windows.past), batch_size):
+        chunk = windows.slice(start, start + batch_size)
+        past, future = model_inputs(chunk, device)
+        with autocast(device):
+            outputs.append(model(past, future).float().cpu().numpy())
+    return np.concatenate(outputs)
+
+
+def train(model: nn.Module, sampler: WindowSampler, loss_fn: Loss, settings: TrainingSettings,
+          on_epoch: EpochCallback | None = None) -> list[EpochRecord]:
+    """Train ``model`` in place, restore its best weights, and return the learning curve."""
+    torch.manual_seed(settings.seed)
+    rng = np.random.default_rng(settings.seed)
+    device = choose_device(settings.device)
+    model.to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate,
+                                  weight_decay=settings.weight_decay)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=settings.learning_rate,
+        total_steps=settings.max_epochs * settings.steps_per_epoch)
+    validation = sampler.validation()
+    val_target = torch.from_numpy(validation.target)
+
+    history: list[EpochRecord] = []
+    best_loss, best_state, stale = float("inf"), copy.deepcopy(model.state_dict()), 0
+    bar = tqdm(range(settings.max_epochs), desc="training", unit="epoch",
+               disable=not settings.progress, leave=False)
+    for epoch in bar:
+        started = time.perf_counter()
+        model.train()
+        total = 0.0
+        for _ in range(settings.steps_per_epoch):
+            batch = sampler.sample(settings.batch_size, rng)
+            past, future = model_inputs(batch, device)
+            with autocast(device):
+                prediction = model(past, future)
+            loss = loss_fn(prediction.float(), torch.from_numpy(batch.target).to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), settings.gradient_clip)
+            optimizer.step()
+            schedule.step()
+            total += loss.item()
+        val_loss = loss_fn(torch.from_numpy(predict_scaled(model, validation, device)),
+                           val_target).item()
+        record = EpochRecord(epoch, total / settings.steps_per_epoch, val_loss,
+                             time.perf_counter() - started)
+        history.append(record)
+        if on_epoch is not None:
+            on_epoch(record)
+        bar.set_postfix(train=f"{record.train_loss:.4f}", val=f"{val_loss:.4f}")
+        if val_loss < best_loss:
+            best_loss, best_state, stale = val_loss, copy.deepcopy(model.state_dict()), 0
+        else:
+            stale += 1
+            if stale >= settings.patience:
+                break
+    model.load_state_dict(best_state)
+    model.eval()
+    return history

@@ -1,0 +1,230 @@
+"""The long <-> panel data model, panel validation and the reference data loaders."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from forecaster.data import (
+    SERIES,
+    TARGET,
+    TIME,
+    long_to_panel,
+    panel_arrays,
+    panel_to_long,
+    series_groups,
+    validate_panel,
+)
+from forecaster.datasets import (
+    M4_HOURLY_HORIZON,
+    load_etth1,
+    load_m4_hourly,
+    wide_to_long,
+)
+
+
+def _long_frame() -> pd.DataFrame:
+    rng = np.random.default_rng(1)
+    frames = []
+    for key, length in {"x": 7, "y": 5, "z": 9}.items():
+        frames.append(pd.DataFrame({
+            SERIES: key,
+            TIME: np.arange(length),
+            TARGET: rng.standard_normal(length),
+            "temperature": rng.uniform(-5, 30, length),
+        }))
+    # rows deliberately out of order: the panel sorts them, the round trip must not lose any
+    return pd.concat(frames).sample(frac=1.0, random_state=0).reset_index(drop=True)
+
+
+# ---------------------------------------------------------------- long <-> panel
+def test_long_to_panel_builds_a_sorted_multiindex_panel() -> None:
+    long = _long_frame()
+    panel = long_to_panel(long)
+    assert list(panel.index.names) == [SERIES, TIME]
+    assert list(panel.columns) == [TARGET, "temperature"]  # target first, then covariates
+    assert panel.index.is_monotonic_increasing
+    assert len(panel) == len(long) == 21
+    assert panel.loc[("y", 3), TARGET] == long.query("series_id == 'y' and timestamp == 3")[
+        TARGET].item()
+
+
+def test_long_panel_round_trip_is_lossless_with_a_covariate() -> None:
+    long = _long_frame()
+    back = panel_to_long(long_to_panel(long))
+    expected = long.sort_values([SERIES, TIME]).reset_index(drop=True)
+    pd.testing.assert_frame_equal(back, expected[[SERIES, TIME, TARGET, "temperature"]])
+
+
+def test_panel_long_round_trip_is_lossless() -> None:
+    panel = long_to_panel(_long_frame())
+    pd.testing.assert_frame_equal(long_to_panel(panel_to_long(panel)), panel)
+
+
+def test_panel_to_long_accepts_a_single_series() -> None:
+    series = pd.Series([1.0, 2.0, 3.0], index=pd.Index([10, 11, 12]))
+    long = panel_to_long(series)
+    assert list(long.columns) == [SERIES, TIME, TARGET]
+    assert long[TIME].tolist() == [10, 11, 12]
+    assert long[TARGET].tolist() == [1.0, 2.0, 3.0]
+    assert long[SERIES].nunique() == 1
+
+
+def test_long_to_panel_rejects_missing_key_columns() -> None:
+    with pytest.raises(ValueError, match="timestamp"):
+        long_to_panel(_long_frame().drop(columns=[TIME]))
+
+
+def test_series_groups_and_panel_arrays_keep_order_and_values() -> None:
+    panel = long_to_panel(_long_frame())
+    groups = series_groups(panel)
+    assert [len(frame) for _, frame in groups] == [7, 5, 9]
+    ids, arrays = panel_arrays(panel, [TARGET])
+    assert [a.shape for a in arrays] == [(7, 1), (5, 1), (9, 1)]
+    assert all(a.dtype == np.float32 for a in arrays)
+    np.testing.assert_allclose(arrays[1][:, 0], panel.loc["y", TARGET].to_numpy(), rtol=1e-6)
+    assert len(ids) == 3
+
+
+# ---------------------------------------------------------------- validate_panel
+def _valid_panel() -> pd.DataFrame:
+    return long_to_panel(_long_frame())
+
+
+def test_validate_panel_accepts_a_clean_panel() -> None:
+    validate_panel(_valid_panel(), min_length=5, allowed_columns=[TARGET, "temperature"])
+
+
+def _with_value(value: float) -> pd.DataFrame:
+    panel = _valid_panel()
+    panel.loc[("y", 2), TARGET] = value
+    return panel
+
+
+def _with_duplicate() -> pd.DataFrame:
+    panel = _valid_panel()
+    return pd.concat([panel, panel.loc[[("y", 3)]]]).sort_index()
+
+
+@pytest.mark.parametrize(
+    ("make", "kwargs", "problem"),
+    [
+        (lambda: _with_value(np.nan), {}, r"non-finite value \(nan\) in column 'target' at 2"),
+        (lambda: _with_value(np.inf), {}, r"non-finite value \(inf\) in column 'target' at 2"),
+        (lambda: _with_value(-np.inf), {}, r"non-finite value \(-inf\)"),
+        (_with_duplicate, {}, "duplicate timestamp 3"),
+        (_valid_panel, {"min_length": 6}, "has 5 observations; the model needs at least 6"),
+    ],
+    ids=["nan", "inf", "-inf", "duplicate-timestamp", "too-short"],
+)
+def test_validate_panel_names_the_series_and_the_problem(make, kwargs, problem) -> None:
+    with pytest.raises(ValueError, match=problem) as error:
+        validate_panel(make(), **kwargs)
+    assert "'y'" in str(error.value)  # the offending series, by id
+    assert "'x'" not in str(error.value) and "'z'" not in str(error.value)
+
+
+def test_validate_panel_names_an_unknown_column() -> None:
+    panel = _valid_panel()
+    panel["humidity"] = 1.0
+    with pytest.raises(ValueError, match=r"unknown column\(s\) \['humidity'\]"):
+        validate_panel(panel, allowed_columns=[TARGET, "temperature"], name="X")
+
+
+def test_validate_panel_uses_the_given_name() -> None:
+    with pytest.raises(ValueError, match=r"^X series .*'y'"):
+        validate_panel(_with_value(np.nan), name="X")
+
+
+def test_validate_panel_checks_a_single_series() -> None:
+    series = pd.Series([1.0, np.inf, 3.0])
+    with pytest.raises(ValueError, match=r"^y has a non-finite value \(inf\)"):
+        validate_panel(series)
+
+
+# ---------------------------------------------------------------- loaders
+@pytest.fixture(scope="module")
+def m4(data_dir):
+    if not (data_dir / "m4" / "Hourly-train.csv").is_file():
+        pytest.skip(f"M4 Hourly files not found under {data_dir / 'm4'}")
+    return load_m4_hourly(data_dir / "m4")
+
+
+def test_m4_hourly_has_414_series_of_the_documented_lengths(m4) -> None:
+    train, test = m4
+    assert list(train.columns) == [SERIES, TIME, TARGET]
+    assert list(test.columns) == [SERIES, TIME, TARGET]
+    lengths = train.groupby(SERIES)[TIME].size()
+    assert len(lengths) == 414
+    assert lengths.min() == 700 and lengths.max() == 960
+    assert set(test[SERIES]) == set(train[SERIES])
+    assert (test.groupby(SERIES)[TIME].size() == M4_HOURLY_HORIZON).all()
+    assert np.isfinite(train[TARGET]).all() and np.isfinite(test[TARGET]).all()
+
+
+def test_m4_hourly_timestamps_count_hours_and_test_continues_train(m4) -> None:
+    train, test = m4
+    for key, series in train.groupby(SERIES):
+        assert series[TIME].tolist() == list(range(len(series))), key
+    lengths = train.groupby(SERIES)[TIME].size()
+    last = train.groupby(SERIES)[TIME].max()
+    for key, series in test.groupby(SERIES):
+        start = lengths[key]
+        assert series[TIME].tolist() == list(range(start, start + M4_HOURLY_HORIZON)), key
+        assert series[TIME].min() == last[key] + 1
+    assert lengths["H1"] == 700
+    # the first values of H1 as they stand in the M4 files
+    assert train.query("series_id == 'H1'")[TARGET].iloc[:2].tolist() == [605.0, 586.0]
+    assert test.query("series_id == 'H1'")[TARGET].iloc[:2].tolist() == [619.0, 565.0]
+
+
+def test_m4_hourly_converts_to_a_valid_panel(m4) -> None:
+    train, _ = m4
+    panel = long_to_panel(train)
+    validate_panel(panel, min_length=700, allowed_columns=[TARGET])
+    assert panel.index.get_level_values(SERIES).nunique() == 414
+
+
+@pytest.fixture(scope="module")
+def etth1_path(data_dir):
+    path = data_dir / "ett" / "ETTh1.csv"
+    if not path.is_file():
+        pytest.skip(f"ETTh1.csv not found at {path}")
+    return path
+
+
+def test_etth1_split_borders(etth1_path) -> None:
+    splits = load_etth1(etth1_path)
+    assert (splits.train_end, splits.val_end, splits.test_end) == (8640, 11520, 14400)
+    assert len(splits.frame) == 17420
+    assert list(splits.frame.columns) == ["HUFL", "HULL", "MUFL", "MULL", "LUFL", "LULL", "OT"]
+    assert isinstance(splits.frame.index, pd.DatetimeIndex)
+    assert len(splits.rows("train")) == 8640
+    assert len(splits.rows("val")) == 2880
+    assert len(splits.rows("test")) == 2880
+    test = splits.rows("test", input_len=336)
+    assert len(test) == 2880 + 336
+    assert test.index[336] == splits.frame.index[11520]
+
+
+def test_etth1_train_split_is_z_scored(etth1_path) -> None:
+    splits = load_etth1(etth1_path)
+    train = splits.frame.iloc[: splits.train_end]
+    np.testing.assert_allclose(train.mean().to_numpy(), 0.0, atol=1e-9)
+    np.testing.assert_allclose(train.std(ddof=0).to_numpy(), 1.0, atol=1e-9)
+    # validation and test use the train statistics, so they are not exactly standardised
+    assert not np.allclose(splits.rows("test").mean().to_numpy(), 0.0, atol=1e-3)
+    raw = pd.read_csv(etth1_path, parse_dates=["date"], index_col="date")
+    np.testing.assert_allclose((splits.frame * splits.std + splits.mean).to_numpy(),
+                               raw.to_numpy(), rtol=1e-9, atol=1e-9)
+
+
+def test_wide_to_long_makes_one_series_per_column() -> None:
+    wide = pd.DataFrame({"u": [1.0, 2.0], "v": [3.0, 4.0]},
+                        index=pd.date_range("2020-01-01", periods=2, freq="h"))
+    long = wide_to_long(wide)
+    assert list(long.columns) == [SERIES, TIME, TARGET]
+    assert long[SERIES].tolist() == ["u", "u", "v", "v"]
+    assert long[TARGET].tolist() == [1.0, 2.0, 3.0, 4.0]
+    validate_panel(long_to_panel(long))

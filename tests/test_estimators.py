@@ -1,0 +1,495 @@
+"""The sktime estimators: forecasts, quantiles, causality, persistence, determinism, unseen
+series, input validation, covariates and attention maps."""
+
+from __future__ import annotations
+
+import copy
+import json
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from forecaster import (
+    LSTMForecaster,
+    NeuralForecaster,
+    TCNForecaster,
+    TransformerForecaster,
+)
+from forecaster.data import SERIES, TARGET, TIME
+from tests.conftest import ESTIMATOR_CLASSES, LENGTHS, make_panel, sine_series, tiny
+
+H = 4
+FH = list(range(1, H + 1))
+
+
+def _expected_index(lengths: dict[str, int], steps: list[int], start: int = 0) -> pd.MultiIndex:
+    return pd.MultiIndex.from_tuples(
+        [(key, start + n - 1 + h) for key, n in lengths.items() for h in steps],
+        names=[SERIES, TIME])
+
+
+def _single(key: str, values: np.ndarray, start: int = 0) -> pd.DataFrame:
+    index = pd.MultiIndex.from_arrays([[key] * len(values), np.arange(start, start + len(values))],
+                                      names=[SERIES, TIME])
+    return pd.DataFrame({TARGET: values}, index=index)
+
+
+def _weights(model: NeuralForecaster) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.network_.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def panel() -> pd.DataFrame:
+    return make_panel()
+
+
+@pytest.fixture(scope="module")
+def fitted_lstm(panel) -> NeuralForecaster:
+    return tiny(LSTMForecaster).fit(panel, fh=FH)
+
+
+@pytest.fixture(scope="module")
+def pretrained_lstm(panel) -> NeuralForecaster:
+    return tiny(LSTMForecaster).pretrain(panel, fh=FH)
+
+
+# ---------------------------------------------------------------- forecasts and quantiles
+@pytest.mark.parametrize("cls", ESTIMATOR_CLASSES, ids=lambda c: c.__name__)
+def test_predict_returns_one_row_per_series_and_step(cls, panel) -> None:
+    model = tiny(cls).fit(panel, fh=FH)
+    prediction = model.predict()
+    pd.testing.assert_index_equal(prediction.index, _expected_index(LENGTHS, FH))
+    assert list(prediction.columns) == [TARGET]
+    assert np.isfinite(prediction.to_numpy()).all()
+    # forecasts stay in the range of the data (sines of amplitude 1 around levels 0, 0.5, 1)
+    assert prediction[TARGET].abs().max() < 10
+
+
+def test_predict_a_subset_of_steps(panel) -> None:
+    model = tiny(LSTMForecaster).fit(panel, fh=[2, 4])
+    assert model.horizon_ == 4
+    prediction = model.predict()
+    pd.testing.assert_index_equal(prediction.index, _expected_index(LENGTHS, [2, 4]))
+    # the same as the full-horizon forecast of the same network, at steps 2 and 4
+    full = model.forecast_histories(
+        [panel.loc[key, TARGET].to_numpy() for key in LENGTHS])[:, :, model.levels_.index(0.5)]
+    np.testing.assert_allclose(prediction[TARGET].to_numpy(), full[:, [1, 3]].ravel(), rtol=1e-6)
+
+
+def test_predict_matches_forecast_histories(fitted_lstm, panel) -> None:
+    quantiles = fitted_lstm.forecast_histories(
+        [panel.loc[key, TARGET].to_numpy() for key in LENGTHS])
+    assert quantiles.shape == (3, H, len(fitted_lstm.levels_))
+    median = quantiles[:, :, fitted_lstm.levels_.index(0.5)].ravel()
+    np.testing.assert_allclose(fitted_lstm.predict()[TARGET].to_numpy(), median, rtol=1e-6)
+
+
+ALPHA = [0.05, 0.1, 0.2, 0.25, 0.5, 0.6, 0.75, 0.9, 0.95]
+
+
+@pytest.mark.parametrize("loss", ["pinball", "mae"])
+def test_predict_quantiles_are_ordered(loss, panel) -> None:
+    model = tiny(LSTMForecaster, loss=loss).fit(panel, fh=FH)
+    quantiles = model.predict_quantiles(alpha=ALPHA)
+    pd.testing.assert_index_equal(quantiles.index, _expected_index(LENGTHS, FH))
+    assert list(quantiles.columns) == [(TARGET, a) for a in ALPHA]
+    values = quantiles.to_numpy()
+    assert np.isfinite(values).all()
+    assert (np.diff(values, axis=1) >= 0).all(), "quantiles cross"
+    assert (values[:, -1] > values[:, 0]).all(), "the 90% band has no width"
+    np.testing.assert_allclose(quantiles[(TARGET, 0.5)].to_numpy(),
+                               model.predict()[TARGET].to_numpy(), rtol=1e-6)
+
+
+def test_predict_quantiles_interpolate_between_trained_levels(fitted_lstm) -> None:
+    q = fitted_lstm.predict_quantiles(alpha=[0.5, 0.6, 0.75])
+    np.testing.assert_allclose(q[(TARGET, 0.6)], 0.6 * q[(TARGET, 0.5)] + 0.4 * q[(TARGET, 0.75)],
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_predict_interval(fitted_lstm) -> None:
+    interval = fitted_lstm.predict_interval(coverage=[0.5, 0.8])
+    pd.testing.assert_index_equal(interval.index, _expected_index(LENGTHS, FH))
+    assert list(interval.columns) == [(TARGET, c, side) for c in (0.5, 0.8)
+                                      for side in ("lower", "upper")]
+    inner, outer = interval[(TARGET, 0.5)], interval[(TARGET, 0.8)]
+    assert (inner["lower"] < inner["upper"]).all()
+    assert (outer["lower"] <= inner["lower"]).all() and (inner["upper"] <= outer["upper"]).all()
+    quartiles = fitted_lstm.predict_quantiles(alpha=[0.25, 0.75])
+    np.testing.assert_allclose(inner["lower"], quartiles[(TARGET, 0.25)], rtol=1e-6)
+    np.testing.assert_allclose(inner["upper"], quartiles[(TARGET, 0.75)], rtol=1e-6)
+
+
+def test_predict_interval_default_coverage(fitted_lstm) -> None:
+    """coverage 0.9 (sktime's default) asks for alpha 0.5 - 0.9 / 2 = 0.04999999999999999, which
+    is the trained 0.05 level up to rounding, and must not be rejected as out of range."""
+    interval = fitted_lstm.predict_interval()
+    q = fitted_lstm.predict_quantiles(alpha=[0.05, 0.95])
+    np.testing.assert_allclose(interval[(TARGET, 0.9, "lower")], q[(TARGET, 0.05)], rtol=1e-5)
+    np.testing.assert_allclose(interval[(TARGET, 0.9, "upper")], q[(TARGET, 0.95)], rtol=1e-5)
+
+
+# ---------------------------------------------------------------- causality
+def _forecast_from(pretrained: NeuralForecaster, context: pd.DataFrame, fh=FH) -> pd.DataFrame:
+    # a deep copy per context: refitting one pretrained estimator on a second context is
+    # broken (see test_pretrained_model_can_be_refit_on_a_new_context)
+    return copy.deepcopy(pretrained).fit(context, fh=fh).predict()
+
+
+@pytest.mark.parametrize("origin", [30, 55, 79])
+def test_forecast_ignores_values_after_the_forecast_origin(pretrained_lstm, panel, origin) -> None:
+    history = panel.loc[["a"]]
+    rng = np.random.default_rng(origin)
+    altered = history.copy()
+    altered.iloc[origin:, 0] = 1e3 * rng.standard_normal(len(history) - origin)
+    before = _forecast_from(pretrained_lstm, history.iloc[:origin])
+    after = _forecast_from(pretrained_lstm, altered.iloc[:origin])
+    pd.testing.assert_frame_equal(before, after, check_exact=True)
+    pd.testing.assert_index_equal(before.index, _expected_index({"a": origin}, FH))
+    # the same numbers through the pandas-free path, given the whole altered series' prefix
+    median = pretrained_lstm.forecast_histories(
+        [altered[TARGET].to_numpy()[:origin]])[0, :, pretrained_lstm.levels_.index(0.5)]
+    np.testing.assert_allclose(before[TARGET].to_numpy(), median, rtol=1e-6)
+    # not vacuous: a change just before the origin moves the forecast
+    moved = history.iloc[:origin].copy()
+    moved.iloc[-1, 0] += 2.0
+    assert not np.allclose(_forecast_from(pretrained_lstm, moved).to_numpy(), before.to_numpy())
+
+
+def test_fit_on_a_context_does_not_change_the_pretrained_network(pretrained_lstm, panel) -> None:
+    weights = _weights(pretrained_lstm)
+    model = copy.deepcopy(pretrained_lstm).fit(panel.loc[["b"]], fh=FH)
+    for name, tensor in _weights(model).items():
+        torch.testing.assert_close(tensor, weights[name], rtol=0, atol=0)
+
+
+def test_forecast_histories_ignores_the_target_in_the_horizon_rows(panel) -> None:
+    """With covariates, each history carries horizon_ extra rows for the known-future
+    covariates; the target written in those rows lies after the origin and must be ignored."""
+    X = _covariates(panel)
+    model = tiny(TCNForecaster, static_covariates=("static",)).fit(panel, X=X, fh=FH)
+    n = LENGTHS["a"]
+    history = np.column_stack([
+        np.concatenate([panel.loc["a", TARGET].to_numpy(), np.zeros(H)]),
+        (np.arange(n + H) % 5 == 0).astype(float),
+        np.full(n + H, 1.0),
+    ])
+    altered = history.copy()
+    altered[n:, 0] = [50.0, -80.0, 1e4, 7.0]
+    np.testing.assert_array_equal(model.forecast_histories([history]),
+                                  model.forecast_histories([altered]))
+
+
+# ---------------------------------------------------------------- learning
+def test_lstm_learns_a_noisy_sine_better_than_seasonal_naive() -> None:
+    """Sines of period 24 with N(0, 0.2^2) noise. The seasonal-naive error y_t - y_{t-24} is
+    the difference of two noise draws, so its MAE is about 0.2 * sqrt(2) * sqrt(2 / pi) = 0.23;
+    a model that has learned the sine can approach the noise floor 0.2 * sqrt(2 / pi) = 0.16."""
+    period, horizon, noise = 24, 12, 0.2
+    rng = np.random.default_rng(0)
+
+    def noisy(n: int, phase: float) -> np.ndarray:
+        return np.sin(2 * np.pi * np.arange(n) / period + phase) + noise * rng.standard_normal(n)
+
+    train = pd.concat([_single(f"s{i}", noisy(300, 0.8 * i)) for i in range(8)])
+    model = LSTMForecaster(hidden_size=16, num_layers=1, segment_len=4, input_len=48,
+                           max_epochs=5, steps_per_epoch=40, batch_size=32, learning_rate=1e-2,
+                           loss="mae", verbose=False, random_state=0)
+    model.fit(train, fh=range(1, horizon + 1))
+
+    test = noisy(600, 2.0)  # a phase the model has not seen
+    origins = np.arange(100, len(test) - horizon, 7)
+    forecast = model.forecast_histories([test[:o] for o in origins])[
+        :, :, model.levels_.index(0.5)]
+    actual = np.stack([test[o : o + horizon] for o in origins])
+    naive = np.stack([test[o - period : o - period + horizon] for o in origins])
+    mae = np.abs(forecast - actual).mean()
+    naive_mae = np.abs(naive - actual).mean()
+    sine_std = np.sqrt(0.5)
+    assert mae < 0.5 * sine_std, f"MAE {mae:.3f} vs half the sine's std {0.5 * sine_std:.3f}"
+    assert mae < 0.95 * naive_mae, f"MAE {mae:.3f} vs seasonal naive {naive_mae:.3f}"
+
+
+# ---------------------------------------------------------------- persistence
+def _assert_plain_json(value: Any, where: str = "config") -> None:
+    if isinstance(value, dict):
+        for key, item in value.items():
+            assert isinstance(key, str), where
+            _assert_plain_json(item, f"{where}.{key}")
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _assert_plain_json(item, f"{where}[{i}]")
+    else:
+        assert value is None or isinstance(value, (str, int, float, bool)), where
+
+
+@pytest.mark.parametrize(("cls", "overrides"), [
+    (LSTMForecaster, {}),
+    (TCNForecaster, {"loss": "mse"}),
+    (TransformerForecaster, {"encoder": "timestep", "positional_encoding": "learned"}),
+], ids=["lstm-pinball", "tcn-mse", "transformer"])
+def test_save_and_load_model(cls, overrides, panel, tmp_path) -> None:
+    model = tiny(cls, **overrides).fit(panel, fh=FH)
+    expected = model.predict()
+    expected_quantiles = model.predict_quantiles(alpha=[0.1, 0.5, 0.9])
+
+    directory = model.save_model(tmp_path / "saved")
+    assert (directory / "weights.pt").is_file()
+    assert (directory / "config.json").is_file()
+    config = json.loads((directory / "config.json").read_text())
+    _assert_plain_json(config)
+    assert config["class"] == cls.__name__
+    assert config["params"]["input_len"] == 12
+    # the weights file holds tensors only: it loads without unpickling arbitrary objects
+    weights = torch.load(directory / "weights.pt", map_location="cpu", weights_only=True)
+    assert set(weights) == set(model.network_.state_dict())
+    assert all(isinstance(t, torch.Tensor) for t in weights.values())
+
+    loaded = NeuralForecaster.load_model(directory)
+    assert type(loaded) is cls
+    assert loaded.state == "pretrained"
+    assert loaded.levels_ == model.levels_ and loaded.horizon_ == H
+    assert [vars(r) for r in loaded.history_] == [vars(r) for r in model.history_]
+    loaded.fit(panel, fh=FH)
+    prediction = loaded.predict()
+    pd.testing.assert_index_equal(prediction.index, expected.index)
+    np.testing.assert_array_equal(prediction.to_numpy(), expected.to_numpy())
+    np.testing.assert_array_equal(loaded.predict_quantiles(alpha=[0.1, 0.5, 0.9]).to_numpy(),
+                                  expected_quantiles.to_numpy())
+
+
+def test_loaded_model_forecasts_an_unseen_series_like_the_original(panel, tmp_path) -> None:
+    model = tiny(LSTMForecaster).fit(panel, fh=FH)
+    loaded = LSTMForecaster.load_model(model.save_model(tmp_path / "saved"))
+    values = sine_series(40, phase=2.0, seed=7)
+    prediction = loaded.fit(_single("new", values), fh=FH).predict()
+    expected = model.forecast_histories([values])[0, :, model.levels_.index(0.5)]
+    np.testing.assert_array_equal(prediction[TARGET].to_numpy(), expected)
+
+
+# ---------------------------------------------------------------- determinism
+@pytest.mark.parametrize("cls", [LSTMForecaster, TransformerForecaster],
+                         ids=lambda c: c.__name__)
+def test_same_random_state_gives_identical_forecasts(cls, panel) -> None:
+    first = tiny(cls, random_state=3).fit(panel, fh=FH).predict_quantiles(alpha=[0.1, 0.5, 0.9])
+    second = tiny(cls, random_state=3).fit(panel, fh=FH).predict_quantiles(alpha=[0.1, 0.5, 0.9])
+    np.testing.assert_array_equal(first.to_numpy(), second.to_numpy())
+
+
+def test_different_random_states_give_different_forecasts(panel) -> None:
+    first = tiny(LSTMForecaster, random_state=1).fit(panel, fh=FH).predict()
+    second = tiny(LSTMForecaster, random_state=2).fit(panel, fh=FH).predict()
+    assert not np.allclose(first.to_numpy(), second.to_numpy())
+
+
+# ---------------------------------------------------------------- unseen series
+def test_pretrained_model_forecasts_unseen_series(pretrained_lstm) -> None:
+    new = pd.concat([_single("new-1", sine_series(50, phase=1.0, seed=11), start=1000),
+                     _single("new-2", sine_series(30, phase=2.0, seed=12), start=5)])
+    model = copy.deepcopy(pretrained_lstm).fit(new, fh=FH)
+    prediction = model.predict()
+    expected_index = pd.MultiIndex.from_tuples(
+        [("new-1", 1049 + h) for h in FH] + [("new-2", 34 + h) for h in FH], names=[SERIES, TIME])
+    pd.testing.assert_index_equal(prediction.index, expected_index)
+    assert np.isfinite(prediction.to_numpy()).all()
+    quantiles = model.predict_quantiles(alpha=[0.1, 0.9])
+    assert (quantiles[(TARGET, 0.1)] <= quantiles[(TARGET, 0.9)]).all()
+
+
+def test_pretrain_sets_the_trained_attributes_only(panel) -> None:
+    model = tiny(LSTMForecaster).pretrain(panel, fh=FH)
+    assert model.state == "pretrained"
+    assert model.horizon_ == H
+    assert model.levels_ == [0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95]
+    with pytest.raises(ValueError, match="fh is required"):
+        tiny(LSTMForecaster).pretrain(panel)
+
+
+@pytest.mark.parametrize("how", ["pretrain", "load_model"])
+def test_pretrained_model_can_be_refit_on_a_new_context(how, panel, tmp_path) -> None:
+    """sktime resets a fitted estimator on the next fit, keeping only the attributes named in
+    the ``pretrain:fitted_params`` tag; the network's ``min_history_`` must survive that."""
+    if how == "pretrain":
+        model = tiny(LSTMForecaster).pretrain(panel, fh=FH)
+    else:
+        model = LSTMForecaster.load_model(
+            tiny(LSTMForecaster).fit(panel, fh=FH).save_model(tmp_path / "saved"))
+    first = model.fit(panel.loc[["a"]], fh=FH).predict()
+    second = model.fit(panel.loc[["b"]], fh=FH).predict()
+    pd.testing.assert_index_equal(second.index, _expected_index({"b": LENGTHS["b"]}, FH))
+    third = model.fit(panel.loc[["a"]], fh=FH).predict()
+    pd.testing.assert_frame_equal(first, third)
+
+
+def test_forecasts_do_not_rely_on_remember_data(panel) -> None:
+    """sktime 1.3 stops storing the fit data in ``_y``/``_X`` by default (it warns about it
+    today); the estimator forecasts from that data, so it must keep its own copy."""
+    model = tiny(LSTMForecaster).set_config(remember_data=False).fit(panel, fh=FH)
+    prediction = model.predict()
+    pd.testing.assert_index_equal(prediction.index, _expected_index(LENGTHS, FH))
+
+
+# ---------------------------------------------------------------- bad input
+def _with(panel: pd.DataFrame, key: str, row: int, value: float) -> pd.DataFrame:
+    bad = panel.copy()
+    bad.loc[(key, row), TARGET] = value
+    return bad
+
+
+def test_nan_in_y_is_rejected(panel) -> None:
+    with pytest.raises(ValueError, match=r"(?i)y passed contained missing data \(nans\)"):
+        tiny(LSTMForecaster).fit(_with(panel, "b", 10, np.nan), fh=FH)
+
+
+def test_inf_in_y_is_rejected_naming_the_series(panel) -> None:
+    with pytest.raises(ValueError, match=r"y series .*'b'.* non-finite value \(inf\)"):
+        tiny(LSTMForecaster).fit(_with(panel, "b", 10, np.inf), fh=FH)
+
+
+def test_inf_in_the_context_of_a_pretrained_model_is_rejected(pretrained_lstm, panel) -> None:
+    with pytest.raises(ValueError, match=r"'c'.* non-finite value \(-inf\)"):
+        copy.deepcopy(pretrained_lstm).fit(_with(panel, "c", 3, -np.inf), fh=FH)
+
+
+def test_duplicate_timestamps_are_rejected_naming_the_series(panel) -> None:
+    duplicated = pd.concat([panel, panel.loc[[("b", 7)]]]).sort_index()
+    with pytest.raises(ValueError, match=r"'b'.* duplicate timestamp 7"):
+        tiny(LSTMForecaster).fit(duplicated, fh=FH)
+
+
+def test_too_short_context_is_rejected_naming_the_series(pretrained_lstm, panel) -> None:
+    context = pd.concat([panel.loc[["a"]], _single("tiny", np.array([0.1, 0.2]))])
+    with pytest.raises(ValueError, match=r"'tiny'.* has 2 observations; .*needs at least 3"):
+        copy.deepcopy(pretrained_lstm).fit(context, fh=FH)
+
+
+def test_too_short_series_at_predict_is_named(panel) -> None:
+    """A series too short to forecast is fine for training (it gives no windows), so fit
+    accepts it; predict must then name it by its id, not by its position in the panel."""
+    y = pd.concat([panel, _single("tiny", np.array([0.1, 0.2]))])
+    model = tiny(LSTMForecaster).fit(y, fh=FH)
+    with pytest.raises(ValueError, match=r"tiny.* has 2 observations"):
+        model.predict()
+
+
+def test_forecast_histories_rejects_a_too_short_history(fitted_lstm) -> None:
+    with pytest.raises(ValueError, match=r"series 1 has 2 observations; .*at least 3"):
+        fitted_lstm.forecast_histories([np.ones(30), np.ones(2)])
+
+
+def test_fh_beyond_the_trained_horizon_is_rejected(fitted_lstm, pretrained_lstm, panel) -> None:
+    with pytest.raises(ValueError, match="forecasting horizon"):  # sktime: fh is fixed in fit
+        copy.deepcopy(fitted_lstm).predict(fh=range(1, H + 3))
+    with pytest.raises(ValueError, match=f"fh reaches {H + 2} steps ahead; .*trained for {H}"):
+        copy.deepcopy(pretrained_lstm).fit(panel, fh=range(1, H + 3))
+
+
+def test_alpha_outside_the_trained_quantiles_is_rejected(fitted_lstm) -> None:
+    with pytest.raises(ValueError, match=r"alpha 0.01 is outside .*0.05 to 0.95"):
+        fitted_lstm.predict_quantiles(alpha=[0.01, 0.5])
+    with pytest.raises(ValueError, match=r"alpha 0.99 is outside"):
+        fitted_lstm.predict_quantiles(alpha=[0.99])
+
+
+# ---------------------------------------------------------------- covariates
+STATIC = {"a": 1.0, "b": -1.0, "c": 0.5}
+
+
+def _covariate_rows(index: pd.MultiIndex) -> pd.DataFrame:
+    keys, times = index.get_level_values(SERIES), index.get_level_values(TIME)
+    return pd.DataFrame({"promo": (np.asarray(times) % 5 == 0).astype(float),
+                         "static": [STATIC[k] for k in keys]}, index=index)
+
+
+def _covariates(panel: pd.DataFrame) -> pd.DataFrame:
+    return _covariate_rows(panel.index)
+
+
+def _future_covariates(lengths: dict[str, int] = LENGTHS) -> pd.DataFrame:
+    return _covariate_rows(_expected_index(lengths, FH))
+
+
+@pytest.fixture(scope="module")
+def covariate_model(panel) -> NeuralForecaster:
+    return tiny(LSTMForecaster, static_covariates=("static",)).fit(
+        panel, X=_covariates(panel), fh=FH)
+
+
+def test_covariate_model_records_its_inputs(covariate_model) -> None:
+    assert covariate_model.covariates_ == ["promo"]
+    assert covariate_model.static_covariates_ == ["static"]
+    assert covariate_model.model_kwargs_["past_features"] == 2 + 2
+    assert covariate_model.model_kwargs_["future_features"] == 2
+
+
+def test_predict_with_future_covariates(covariate_model) -> None:
+    future = _future_covariates()
+    prediction = covariate_model.predict(X=future)
+    pd.testing.assert_index_equal(prediction.index, _expected_index(LENGTHS, FH))
+    assert np.isfinite(prediction.to_numpy()).all()
+    # the known-future covariate reaches the forecast
+    changed = future.assign(promo=1.0 - future["promo"])
+    assert not np.allclose(covariate_model.predict(X=changed).to_numpy(), prediction.to_numpy())
+
+
+def test_predict_without_covariates_is_rejected(covariate_model) -> None:
+    with pytest.raises(ValueError, match="X passed to predict is None"):
+        covariate_model.predict()
+
+
+def test_predict_with_missing_future_rows_is_rejected(covariate_model) -> None:
+    future = _future_covariates().drop(index=("b", LENGTHS["b"] + 1))
+    with pytest.raises(ValueError, match=r"lacks rows of series .*'b'"):
+        covariate_model.predict(X=future)
+
+
+def test_unknown_covariate_at_predict_is_rejected(covariate_model) -> None:
+    future = _future_covariates().assign(holiday=0.0)
+    with pytest.raises(ValueError, match="holiday"):
+        covariate_model.predict(X=future)
+
+
+def test_inf_in_future_covariates_is_rejected(covariate_model) -> None:
+    future = _future_covariates()
+    future.loc[("a", LENGTHS["a"] + 2), "promo"] = np.inf
+    with pytest.raises(ValueError, match=r"'a'.*inf"):
+        covariate_model.predict(X=future)
+
+
+def test_static_covariates_need_x(panel) -> None:
+    with pytest.raises(ValueError, match=r"static_covariates \['static'\] are named but X is None"):
+        tiny(LSTMForecaster, static_covariates=("static",)).fit(panel, fh=FH)
+    X = _covariates(panel).drop(columns=["static"])
+    with pytest.raises(ValueError, match=r"static_covariates \['static'\] are not columns of X"):
+        tiny(LSTMForecaster, static_covariates=("static",)).fit(panel, X=X, fh=FH)
+
+
+def test_inf_in_training_covariates_is_rejected(panel) -> None:
+    X = _covariates(panel)
+    X.loc[("c", 4), "promo"] = np.inf
+    with pytest.raises(ValueError, match=r"X series .*'c'.* non-finite value \(inf\)"):
+        tiny(LSTMForecaster).fit(panel, X=X, fh=FH)
+
+
+# ---------------------------------------------------------------- attention maps
+@pytest.mark.parametrize(("overrides", "tokens"), [
+    ({}, (12 - 4) // 2 + 1),
+    ({"encoder": "timestep", "positional_encoding": "learned"}, 12),
+], ids=["patch", "timestep"])
+def test_transformer_attention_maps(overrides, tokens, panel) -> None:
+    model = tiny(TransformerForecaster, **overrides).fit(panel, fh=FH)
+    maps = model.attention_maps(panel.loc["a", TARGET].to_numpy())
+    assert set(maps) == {"encoder_layers.0.self_attention", "decoder_layers.0.self_attention",
+                         "decoder_layers.0.cross_attention"}
+    assert maps["encoder_layers.0.self_attention"].shape == (2, tokens, tokens)
+    assert maps["decoder_layers.0.self_attention"].shape == (2, H, H)
+    assert maps["decoder_layers.0.cross_attention"].shape == (2, H, tokens)
+    assert (np.triu(maps["decoder_layers.0.self_attention"], k=1) == 0).all()
+    for weights in maps.values():
+        assert isinstance(weights, np.ndarray)
+        np.testing.assert_allclose(weights.sum(-1), 1.0, rtol=1e-5)
+    # forecasting afterwards is unaffected
+    np.testing.assert_array_equal(model.predict().to_numpy(), model.predict().to_numpy())
