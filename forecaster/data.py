@@ -63,11 +63,10 @@ def validate_panel(
     """
     frame = panel.to_frame() if isinstance(panel, pd.Series) else panel
     if allowed_columns is not None:
-        unknown = sorted(set(map(str, frame.columns)) - set(map(str, allowed_columns)))
+        allowed = sorted(map(str, allowed_columns))
+        unknown = sorted(set(map(str, frame.columns)) - set(allowed))
         if unknown:
-            raise ValueError(
-                f"{name} has unknown column(s) {unknown}; expected only {sorted(allowed_columns)}"
-            )
+            raise ValueError(f"{name} has unknown column(s) {unknown}; expected only {allowed}")
     for key, series in series_groups(frame):
         label = f"{name} series {key!r}" if key is not None else name
         if series.index.has_duplicates:

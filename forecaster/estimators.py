@@ -42,7 +42,7 @@ WEIGHTS_FILE, CONFIG_FILE = "weights.pt", "config.json"
 # the fitted attributes that make up a trained network; pretrain keeps them across fit calls
 TRAINED_ATTRIBUTES = [
     "network_", "horizon_", "levels_", "model_kwargs_", "covariates_", "static_covariates_",
-    "covariate_loc_", "covariate_scale_", "residual_quantiles_", "history_",
+    "covariate_loc_", "covariate_scale_", "residual_quantiles_", "history_", "min_history_",
 ]
 
 
@@ -65,7 +65,12 @@ class NeuralForecaster(BaseForecaster):
         "capability:random_state": True,
         "property:randomness": "derandomized",
         "requires-fh-in-fit": True,
+        # covariates are needed for every step up to the horizon, not only the requested ones
+        "capability:non_contiguous_X": False,
     }
+
+    # we keep the context ourselves (see _fit and _update) instead of sktime's _y and _X
+    _config: ClassVar[dict[str, Any]] = {"remember_data": False}
 
     _family: ClassVar[str] = ""
     _model_params: ClassVar[tuple[str, ...]] = ()  # constructor args passed on to the network
@@ -74,9 +79,17 @@ class NeuralForecaster(BaseForecaster):
     # ------------------------------------------------------------------ sktime interface
     def _pretrain(self, y: pd.DataFrame, X: pd.DataFrame | None = None,
                   fh: ForecastingHorizon | None = None) -> NeuralForecaster:
-        if fh is None:
+        if fh is None and not hasattr(self, "horizon_"):
             raise ValueError("fh is required to pretrain: the network forecasts a fixed horizon")
-        self._train_network(y, X, self._horizon_of(fh, y))
+        horizon = self.horizon_ if fh is None else self._horizon_of(fh, y)
+        if y.shape[1] > 1:  # sktime hands pretrain multivariate panels: each column is a series
+            if X is not None:
+                raise ValueError("pretrain on several target columns takes no X")
+            levels = y.index.nlevels
+            stacked = y.stack(future_stack=True)  # index (*instance, time, column)
+            order = [*range(levels - 1), levels, levels - 1]  # -> (*instance, column, time)
+            y = stacked.reorder_levels(order).sort_index().to_frame(y.columns[0])
+        self._train_network(y, X, horizon)
         return self
 
     def _fit(self, y: pd.DataFrame, X: pd.DataFrame | None, fh: ForecastingHorizon
@@ -87,19 +100,27 @@ class NeuralForecaster(BaseForecaster):
             validate_panel(y, self.min_history_, name="y")
         else:
             self._train_network(y, X, horizon)
+        self._context_y, self._context_X = y, X
+        return self
+
+    def _update(self, y: pd.DataFrame, X: pd.DataFrame | None = None,
+                update_params: bool = True) -> NeuralForecaster:
+        """New observations extend the context forecasts start from; the network is kept."""
+        self._context_y = _append(self._context_y, y)
+        self._context_X = X if self._context_X is None else _append(self._context_X, X)
         return self
 
     def _predict(self, fh: ForecastingHorizon, X: pd.DataFrame | None = None) -> pd.DataFrame:
         index, quantiles = self._forecast(fh, X)
         column = self._quantile_position(0.5)
-        return pd.DataFrame({self._y.columns[0]: quantiles[:, column]}, index=index)
+        return pd.DataFrame({self._context_y.columns[0]: quantiles[:, column]}, index=index)
 
     def _predict_quantiles(self, fh: ForecastingHorizon, X: pd.DataFrame | None,
                            alpha: list[float]) -> pd.DataFrame:
         index, quantiles = self._forecast(fh, X)
         levels = np.asarray(self.levels_)
         for a in alpha:
-            if not levels[0] <= a <= levels[-1]:
+            if not levels[0] - 1e-9 <= a <= levels[-1] + 1e-9:  # 1 - 0.95 is 0.0499...
                 raise ValueError(
                     f"alpha {a} is outside the quantiles the model was trained for "
                     f"({levels[0]} to {levels[-1]}); set `quantiles` to include it"
@@ -108,7 +129,7 @@ class NeuralForecaster(BaseForecaster):
         values = np.stack([
             np.array([np.interp(a, levels, row) for row in quantiles]) for a in alpha
         ], axis=1)
-        columns = pd.MultiIndex.from_product([[self._y.columns[0]], alpha])
+        columns = pd.MultiIndex.from_product([[self._context_y.columns[0]], alpha])
         return pd.DataFrame(values, index=index, columns=columns)
 
     # ------------------------------------------------------------------ training
@@ -147,6 +168,7 @@ class NeuralForecaster(BaseForecaster):
             **self._fixed_model_kwargs,
             **{name: getattr(self, name) for name in self._model_params},
         }
+        torch.manual_seed(self.random_state or 0)  # the initial weights are part of the seed
         self.network_ = build_model(self._family, **self.model_kwargs_)
         loss = make_loss(self.loss, self.levels_)
         self.history_: list[EpochRecord] = train(
@@ -167,15 +189,19 @@ class NeuralForecaster(BaseForecaster):
         validation = sampler.validation()
         point = predict_scaled(self.network_, validation, torch.device("cpu"))[..., 0]
         errors = validation.target - point  # (B, H), in the windows' scaled units
-        return np.quantile(errors, self.levels_, axis=0).T.tolist()  # (H, Q)
+        spread = np.quantile(errors, self.levels_, axis=0).T  # (H, Q)
+        # centred on the median error, so that the 0.5 level is the point forecast itself
+        return (spread - spread[:, [self._quantile_position(0.5)]]).tolist()
 
     # ------------------------------------------------------------------ forecasting
-    def forecast_histories(self, histories: list[np.ndarray]) -> np.ndarray:
+    def forecast_histories(self, histories: list[np.ndarray], ids: list[object] | None = None
+                           ) -> np.ndarray:
         """Quantile forecasts (series, horizon_, levels_) for raw target histories.
 
         Each history is an array (time,) or, with covariates, (time + horizon_, 1 + covariates)
         whose last horizon_ rows hold the known-future covariates (their target is ignored).
-        This is the whole inference path: no pandas, one forward pass for all series.
+        This is the whole inference path: no pandas, one forward pass for all series. ``ids``
+        name the series in error messages.
         """
         has_future = bool(self.covariates_ or self.static_covariates_)
         arrays = []
@@ -187,8 +213,8 @@ class NeuralForecaster(BaseForecaster):
             observed = len(array) - self.horizon_
             if observed < self.min_history_:
                 raise ValueError(
-                    f"series {i} has {max(observed, 0)} observations; the model needs at least "
-                    f"{self.min_history_}"
+                    f"series {i if ids is None else ids[i]!r} has {max(observed, 0)} observations;"
+                    f" the model needs at least {self.min_history_}"
                 )
             arrays.append(array)
         statics = [a[0, 1 + len(self.covariates_):] for a in arrays] if self.static_covariates_ \
@@ -209,9 +235,11 @@ class NeuralForecaster(BaseForecaster):
         """Index of the forecast rows and quantiles (rows, levels) for the stored context."""
         steps = self._steps_of(fh)
         self._check_horizon(int(steps.max()))
-        y, history_X = self._y, self._X
+        y, history_X = self._context_y, self._context_X
         multi = isinstance(y.index, pd.MultiIndex)
-        indexes, histories = [], []
+        if X is not None:
+            validate_panel(X, 1, [*self.covariates_, *self.static_covariates_], name="X")
+        indexes, histories, keys = [], [], []
         for key, series in series_groups(y):
             future_index = fh.to_absolute_index(series.index[[-1]])
             full_future = ForecastingHorizon(range(1, self.horizon_ + 1), freq=fh.freq)
@@ -220,13 +248,15 @@ class NeuralForecaster(BaseForecaster):
                 future_rows = full_future.to_absolute_index(series.index[[-1]])
                 past_cov = self._select(history_X, key, series.index, "X passed to fit")
                 future_cov = self._select(X, key, future_rows, "X passed to predict")
-                rows = [np.concatenate([rows[0], past_cov]),
-                        np.concatenate([np.zeros((len(future_rows), 1), np.float32), future_cov])]
+                rows = [np.concatenate([rows[0], past_cov], axis=1),
+                        np.concatenate([np.zeros((len(future_rows), 1), np.float32), future_cov],
+                                       axis=1)]
             histories.append(np.concatenate(rows))
-            keys = key if isinstance(key, tuple) else (key,)
-            indexes.append(pd.MultiIndex.from_tuples([(*keys, t) for t in future_index])
+            keys.append(key)
+            levels = key if isinstance(key, tuple) else (key,)
+            indexes.append(pd.MultiIndex.from_tuples([(*levels, t) for t in future_index])
                            if multi else future_index)
-        quantiles = self.forecast_histories(histories)[:, steps - 1]  # (N, len(fh), Q)
+        quantiles = self.forecast_histories(histories, keys)[:, steps - 1]  # (N, len(fh), Q)
         index = indexes[0].append(indexes[1:]) if len(indexes) > 1 else indexes[0]
         if multi:
             index = index.set_names(y.index.names)
@@ -272,7 +302,7 @@ class NeuralForecaster(BaseForecaster):
         if X is None:
             return Panel(targets)
         covariate_arrays, statics = [], []
-        for (key, series), target in zip(series_groups(y), targets):
+        for (key, series), target in zip(series_groups(y), targets, strict=True):
             values = self._select(X, key, series.index, "X passed to fit")
             covariate_arrays.append(np.concatenate([target, values[:, : len(self.covariates_)]], 1))
             statics.append(values[0, len(self.covariates_):])
@@ -287,7 +317,6 @@ class NeuralForecaster(BaseForecaster):
                  if name not in ("network_", "history_")}
         state["covariate_loc_"] = self.covariate_loc_.tolist()
         state["covariate_scale_"] = self.covariate_scale_.tolist()
-        state["min_history_"] = self.min_history_
         config = {
             "class": type(self).__name__,
             "params": {k: v for k, v in self.get_params(deep=False).items() if k != "on_epoch"},
@@ -304,7 +333,9 @@ class NeuralForecaster(BaseForecaster):
         directory = Path(directory)
         config = json.loads((directory / CONFIG_FILE).read_text())
         classes = {c.__name__: c for c in ESTIMATORS}
-        estimator = classes[config["class"]](**config["params"])
+        # JSON has no tuples; every list-valued parameter was a tuple
+        params = {k: tuple(v) if isinstance(v, list) else v for k, v in config["params"].items()}
+        estimator = classes[config["class"]](**params)
         state = config["state"]
         for name, value in state.items():
             setattr(estimator, name, value)
@@ -315,7 +346,7 @@ class NeuralForecaster(BaseForecaster):
         weights = torch.load(directory / WEIGHTS_FILE, map_location="cpu", weights_only=True)
         estimator.network_.load_state_dict(weights)
         estimator.network_.eval()
-        estimator._pretrained_attrs = [*TRAINED_ATTRIBUTES, "min_history_"]
+        estimator._pretrained_attrs = list(TRAINED_ATTRIBUTES)
         estimator._state = "pretrained"
         return estimator
 
@@ -330,12 +361,21 @@ class NeuralForecaster(BaseForecaster):
         return [{}]
 
 
+def _append(old: pd.DataFrame, new: pd.DataFrame | None) -> pd.DataFrame:
+    """Rows of ``new`` added to ``old``; where both hold a timestamp, the new value wins."""
+    if new is None:
+        return old
+    both = pd.concat([old, new])
+    return both[~both.index.duplicated(keep="last")].sort_index()
+
+
 def _store_params(self: NeuralForecaster, params: dict[str, Any]) -> None:
     """sktime convention: every constructor argument is kept, unchanged, as an attribute."""
     for name, value in params.items():
         if name not in ("self", "__class__"):
             setattr(self, name, value)
     BaseForecaster.__init__(self)
+    self._y = self._X = None  # read by sktime if remember_data is switched back on
 
 
 class RNNForecaster(NeuralForecaster):
@@ -359,6 +399,14 @@ class RNNForecaster(NeuralForecaster):
     random_state : seed; runs on the CPU are deterministic.
     verbose : show a progress bar.
     on_epoch : callback receiving each epoch's EpochRecord (train and validation loss).
+    Examples
+    --------
+    >>> from sktime.datasets import load_airline
+    >>> from forecaster import RNNForecaster
+    >>> model = RNNForecaster(input_len=24, max_epochs=1, steps_per_epoch=5, verbose=False)
+    >>> model = model.fit(load_airline(), fh=[1, 2, 3])
+    >>> model.predict().shape
+    (3,)
     """
 
     _family = "rnn"
@@ -367,7 +415,7 @@ class RNNForecaster(NeuralForecaster):
 
     def __init__(self, hidden_size=128, num_layers=2, dropout=0.0, decoder="mlp", segment_len=24,
                  input_len=168, quantiles=DEFAULT_QUANTILES, loss="pinball", max_epochs=30,
-                 steps_per_epoch=50, batch_size=256, learning_rate=1e-3, weight_decay=1e-4,
+                 steps_per_epoch=50, batch_size=256, learning_rate=1e-2, weight_decay=1e-4,
                  patience=5, validation_rows=None, min_history=None, static_covariates=None,
                  device="auto", random_state=0, verbose=True, on_epoch=None):
         _store_params(self, locals())
@@ -379,13 +427,33 @@ class RNNForecaster(NeuralForecaster):
 
 
 class LSTMForecaster(RNNForecaster):
-    """LSTM encoder with a direct multi-horizon decoder; parameters as RNNForecaster."""
+    """LSTM encoder with a direct multi-horizon decoder; parameters as RNNForecaster.
+
+    Examples
+    --------
+    >>> from sktime.datasets import load_airline
+    >>> from forecaster import LSTMForecaster
+    >>> model = LSTMForecaster(input_len=24, max_epochs=1, steps_per_epoch=5, verbose=False)
+    >>> model = model.fit(load_airline(), fh=[1, 2, 3])
+    >>> model.predict().shape
+    (3,)
+    """
 
     _fixed_model_kwargs: ClassVar[dict[str, Any]] = {"cell": "lstm"}
 
 
 class GRUForecaster(RNNForecaster):
-    """GRU encoder with a direct multi-horizon decoder; parameters as RNNForecaster."""
+    """GRU encoder with a direct multi-horizon decoder; parameters as RNNForecaster.
+
+    Examples
+    --------
+    >>> from sktime.datasets import load_airline
+    >>> from forecaster import GRUForecaster
+    >>> model = GRUForecaster(input_len=24, max_epochs=1, steps_per_epoch=5, verbose=False)
+    >>> model = model.fit(load_airline(), fh=[1, 2, 3])
+    >>> model.predict().shape
+    (3,)
+    """
 
     _fixed_model_kwargs: ClassVar[dict[str, Any]] = {"cell": "gru"}
 
@@ -394,22 +462,33 @@ class TCNForecaster(NeuralForecaster):
     """Temporal convolutional network: dilated causal convolutions in residual blocks.
 
     ``channels``, ``num_layers`` (dilations 1, 2, 4, ...), ``kernel_size`` and ``dropout`` shape
-    the network; the other parameters are those of RNNForecaster.
+    the network; ``segment_len`` steps are read per position; the other parameters are those of
+    RNNForecaster.
+
+    Examples
+    --------
+    >>> from sktime.datasets import load_airline
+    >>> from forecaster import TCNForecaster
+    >>> model = TCNForecaster(input_len=24, max_epochs=1, steps_per_epoch=5, verbose=False)
+    >>> model = model.fit(load_airline(), fh=[1, 2, 3])
+    >>> model.predict().shape
+    (3,)
     """
 
     _family = "tcn"
-    _model_params = ("channels", "num_layers", "kernel_size", "dropout")
+    _model_params = ("channels", "num_layers", "kernel_size", "dropout", "segment_len")
 
-    def __init__(self, channels=64, num_layers=7, kernel_size=3, dropout=0.0,
+    def __init__(self, channels=32, num_layers=5, kernel_size=3, dropout=0.0, segment_len=4,
                  input_len=168, quantiles=DEFAULT_QUANTILES, loss="pinball", max_epochs=30,
-                 steps_per_epoch=50, batch_size=256, learning_rate=1e-3, weight_decay=1e-4,
+                 steps_per_epoch=50, batch_size=256, learning_rate=3e-3, weight_decay=1e-4,
                  patience=5, validation_rows=None, min_history=None, static_covariates=None,
                  device="auto", random_state=0, verbose=True, on_epoch=None):
         _store_params(self, locals())
 
     @classmethod
     def _tiny_variants(cls) -> list[dict[str, Any]]:
-        return [{"channels": 8, "num_layers": 2}, {"channels": 4, "num_layers": 1, "loss": "mse"}]
+        return [{"channels": 8, "num_layers": 2, "segment_len": 2},
+                {"channels": 4, "num_layers": 1, "loss": "mse", "segment_len": 1}]
 
 
 class TransformerForecaster(NeuralForecaster):
@@ -419,16 +498,26 @@ class TransformerForecaster(NeuralForecaster):
     ``d_model``, ``n_heads``, ``encoder_layers``, ``decoder_layers``, ``dropout`` and
     ``positional_encoding`` ("sinusoidal" or "learned") shape the network. ``attention_maps``
     returns the attention weights for interpretation. Other parameters as RNNForecaster.
+
+    Examples
+    --------
+    >>> from sktime.datasets import load_airline
+    >>> from forecaster import TransformerForecaster
+    >>> model = TransformerForecaster(input_len=24, patch_len=4, patch_stride=4, max_epochs=1,
+    ...                               steps_per_epoch=5, verbose=False)
+    >>> model = model.fit(load_airline(), fh=[1, 2, 3])
+    >>> model.predict().shape
+    (3,)
     """
 
     _family = "transformer"
     _model_params = ("encoder", "patch_len", "patch_stride", "d_model", "n_heads",
                      "encoder_layers", "decoder_layers", "dropout", "positional_encoding")
 
-    def __init__(self, encoder="patch", patch_len=16, patch_stride=8, d_model=64, n_heads=4,
-                 encoder_layers=2, decoder_layers=1, dropout=0.1, positional_encoding="sinusoidal",
+    def __init__(self, encoder="patch", patch_len=24, patch_stride=12, d_model=32, n_heads=4,
+                 encoder_layers=2, decoder_layers=1, dropout=0.0, positional_encoding="sinusoidal",
                  input_len=336, quantiles=DEFAULT_QUANTILES, loss="pinball", max_epochs=30,
-                 steps_per_epoch=50, batch_size=256, learning_rate=1e-3, weight_decay=1e-4,
+                 steps_per_epoch=50, batch_size=256, learning_rate=3e-3, weight_decay=1e-4,
                  patience=5, validation_rows=None, min_history=None, static_covariates=None,
                  device="auto", random_state=0, verbose=True, on_epoch=None):
         _store_params(self, locals())

@@ -132,6 +132,14 @@ def test_validate_panel_names_an_unknown_column() -> None:
         validate_panel(panel, allowed_columns=[TARGET, "temperature"], name="X")
 
 
+def test_validate_panel_accepts_any_iterable_of_allowed_columns() -> None:
+    """``allowed_columns`` is typed Iterable: a generator must work as well as a list."""
+    panel = _valid_panel()
+    panel["humidity"] = 1.0
+    with pytest.raises(ValueError, match=r"expected only \['target', 'temperature'\]"):
+        validate_panel(panel, allowed_columns=(c for c in [TARGET, "temperature"]))
+
+
 def test_validate_panel_uses_the_given_name() -> None:
     with pytest.raises(ValueError, match=r"^X series .*'y'"):
         validate_panel(_with_value(np.nan), name="X")

@@ -19,7 +19,7 @@ from forecaster import (
     TransformerForecaster,
 )
 from forecaster.data import SERIES, TARGET, TIME
-from tests.conftest import ESTIMATOR_CLASSES, LENGTHS, make_panel, sine_series, tiny
+from tests.conftest import ESTIMATOR_CLASSES, LENGTHS, sine_series, tiny
 
 H = 4
 FH = list(range(1, H + 1))
@@ -42,24 +42,19 @@ def _weights(model: NeuralForecaster) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def panel() -> pd.DataFrame:
-    return make_panel()
+def fitted_lstm(sine_panel) -> NeuralForecaster:
+    return tiny(LSTMForecaster).fit(sine_panel, fh=FH)
 
 
 @pytest.fixture(scope="module")
-def fitted_lstm(panel) -> NeuralForecaster:
-    return tiny(LSTMForecaster).fit(panel, fh=FH)
-
-
-@pytest.fixture(scope="module")
-def pretrained_lstm(panel) -> NeuralForecaster:
-    return tiny(LSTMForecaster).pretrain(panel, fh=FH)
+def pretrained_lstm(sine_panel) -> NeuralForecaster:
+    return tiny(LSTMForecaster).pretrain(sine_panel, fh=FH)
 
 
 # ---------------------------------------------------------------- forecasts and quantiles
 @pytest.mark.parametrize("cls", ESTIMATOR_CLASSES, ids=lambda c: c.__name__)
-def test_predict_returns_one_row_per_series_and_step(cls, panel) -> None:
-    model = tiny(cls).fit(panel, fh=FH)
+def test_predict_returns_one_row_per_series_and_step(cls, sine_panel) -> None:
+    model = tiny(cls).fit(sine_panel, fh=FH)
     prediction = model.predict()
     pd.testing.assert_index_equal(prediction.index, _expected_index(LENGTHS, FH))
     assert list(prediction.columns) == [TARGET]
@@ -68,20 +63,41 @@ def test_predict_returns_one_row_per_series_and_step(cls, panel) -> None:
     assert prediction[TARGET].abs().max() < 10
 
 
-def test_predict_a_subset_of_steps(panel) -> None:
-    model = tiny(LSTMForecaster).fit(panel, fh=[2, 4])
+def test_predict_on_a_single_dated_series(sine_panel) -> None:
+    y = sine_panel.loc["a"].set_axis(pd.date_range("2024-01-01", periods=LENGTHS["a"], freq="h"))
+    prediction = tiny(LSTMForecaster).fit(y, fh=FH).predict()
+    expected = pd.date_range(y.index[-1] + pd.Timedelta(hours=1), periods=H, freq="h")
+    pd.testing.assert_index_equal(prediction.index, expected, check_names=False)
+    assert np.isfinite(prediction.to_numpy()).all()
+
+
+def test_predict_on_a_hierarchical_panel(sine_panel) -> None:
+    y = pd.concat({"north": sine_panel, "south": sine_panel.loc[["a"]] + 1.0}, names=["region"])
+    prediction = tiny(LSTMForecaster).fit(y, fh=FH).predict()
+    expected = pd.MultiIndex.from_tuples(
+        [("north", key, n - 1 + h) for key, n in LENGTHS.items() for h in FH]
+        + [("south", "a", LENGTHS["a"] - 1 + h) for h in FH],
+        names=["region", SERIES, TIME])
+    pd.testing.assert_index_equal(prediction.index, expected)
+    # the same series forecast the same, wherever it sits in the hierarchy
+    np.testing.assert_allclose(prediction.loc[("north", "a")].to_numpy() + 1.0,
+                               prediction.loc[("south", "a")].to_numpy(), rtol=1e-5)
+
+
+def test_predict_a_subset_of_steps(sine_panel) -> None:
+    model = tiny(LSTMForecaster).fit(sine_panel, fh=[2, 4])
     assert model.horizon_ == 4
     prediction = model.predict()
     pd.testing.assert_index_equal(prediction.index, _expected_index(LENGTHS, [2, 4]))
     # the same as the full-horizon forecast of the same network, at steps 2 and 4
     full = model.forecast_histories(
-        [panel.loc[key, TARGET].to_numpy() for key in LENGTHS])[:, :, model.levels_.index(0.5)]
+        [sine_panel.loc[key, TARGET].to_numpy() for key in LENGTHS])[:, :, model.levels_.index(0.5)]
     np.testing.assert_allclose(prediction[TARGET].to_numpy(), full[:, [1, 3]].ravel(), rtol=1e-6)
 
 
-def test_predict_matches_forecast_histories(fitted_lstm, panel) -> None:
+def test_predict_matches_forecast_histories(fitted_lstm, sine_panel) -> None:
     quantiles = fitted_lstm.forecast_histories(
-        [panel.loc[key, TARGET].to_numpy() for key in LENGTHS])
+        [sine_panel.loc[key, TARGET].to_numpy() for key in LENGTHS])
     assert quantiles.shape == (3, H, len(fitted_lstm.levels_))
     median = quantiles[:, :, fitted_lstm.levels_.index(0.5)].ravel()
     np.testing.assert_allclose(fitted_lstm.predict()[TARGET].to_numpy(), median, rtol=1e-6)
@@ -91,8 +107,8 @@ ALPHA = [0.05, 0.1, 0.2, 0.25, 0.5, 0.6, 0.75, 0.9, 0.95]
 
 
 @pytest.mark.parametrize("loss", ["pinball", "mae"])
-def test_predict_quantiles_are_ordered(loss, panel) -> None:
-    model = tiny(LSTMForecaster, loss=loss).fit(panel, fh=FH)
+def test_predict_quantiles_are_ordered(loss, sine_panel) -> None:
+    model = tiny(LSTMForecaster, loss=loss).fit(sine_panel, fh=FH)
     quantiles = model.predict_quantiles(alpha=ALPHA)
     pd.testing.assert_index_equal(quantiles.index, _expected_index(LENGTHS, FH))
     assert list(quantiles.columns) == [(TARGET, a) for a in ALPHA]
@@ -140,8 +156,9 @@ def _forecast_from(pretrained: NeuralForecaster, context: pd.DataFrame, fh=FH) -
 
 
 @pytest.mark.parametrize("origin", [30, 55, 79])
-def test_forecast_ignores_values_after_the_forecast_origin(pretrained_lstm, panel, origin) -> None:
-    history = panel.loc[["a"]]
+def test_forecast_ignores_values_after_the_forecast_origin(pretrained_lstm, sine_panel,
+                                                           origin) -> None:
+    history = sine_panel.loc[["a"]]
     rng = np.random.default_rng(origin)
     altered = history.copy()
     altered.iloc[origin:, 0] = 1e3 * rng.standard_normal(len(history) - origin)
@@ -159,21 +176,35 @@ def test_forecast_ignores_values_after_the_forecast_origin(pretrained_lstm, pane
     assert not np.allclose(_forecast_from(pretrained_lstm, moved).to_numpy(), before.to_numpy())
 
 
-def test_fit_on_a_context_does_not_change_the_pretrained_network(pretrained_lstm, panel) -> None:
+def test_fit_on_a_context_does_not_change_the_pretrained_network(pretrained_lstm,
+                                                                  sine_panel) -> None:
     weights = _weights(pretrained_lstm)
-    model = copy.deepcopy(pretrained_lstm).fit(panel.loc[["b"]], fh=FH)
+    model = copy.deepcopy(pretrained_lstm).fit(sine_panel.loc[["b"]], fh=FH)
     for name, tensor in _weights(model).items():
         torch.testing.assert_close(tensor, weights[name], rtol=0, atol=0)
 
 
-def test_forecast_histories_ignores_the_target_in_the_horizon_rows(panel) -> None:
+def test_update_moves_the_forecast_origin_and_keeps_the_network(sine_panel) -> None:
+    model = tiny(LSTMForecaster).fit(sine_panel.groupby(level=SERIES).head(40), fh=FH)
+    weights = _weights(model)
+    model.update(sine_panel.groupby(level=SERIES).tail(-40), update_params=True)
+    prediction = model.predict()
+    pd.testing.assert_index_equal(prediction.index, _expected_index(LENGTHS, FH))
+    expected = model.forecast_histories(
+        [sine_panel.loc[key, TARGET].to_numpy() for key in LENGTHS])[:, :, model.levels_.index(0.5)]
+    np.testing.assert_allclose(prediction[TARGET].to_numpy(), expected.ravel(), rtol=1e-6)
+    for name, tensor in _weights(model).items():
+        torch.testing.assert_close(tensor, weights[name], rtol=0, atol=0)
+
+
+def test_forecast_histories_ignores_the_target_in_the_horizon_rows(sine_panel) -> None:
     """With covariates, each history carries horizon_ extra rows for the known-future
     covariates; the target written in those rows lies after the origin and must be ignored."""
-    X = _covariates(panel)
-    model = tiny(TCNForecaster, static_covariates=("static",)).fit(panel, X=X, fh=FH)
+    X = _covariates(sine_panel)
+    model = tiny(TCNForecaster, static_covariates=("static",)).fit(sine_panel, X=X, fh=FH)
     n = LENGTHS["a"]
     history = np.column_stack([
-        np.concatenate([panel.loc["a", TARGET].to_numpy(), np.zeros(H)]),
+        np.concatenate([sine_panel.loc["a", TARGET].to_numpy(), np.zeros(H)]),
         (np.arange(n + H) % 5 == 0).astype(float),
         np.full(n + H, 1.0),
     ])
@@ -185,32 +216,41 @@ def test_forecast_histories_ignores_the_target_in_the_horizon_rows(panel) -> Non
 
 # ---------------------------------------------------------------- learning
 def test_lstm_learns_a_noisy_sine_better_than_seasonal_naive() -> None:
-    """Sines of period 24 with N(0, 0.2^2) noise. The seasonal-naive error y_t - y_{t-24} is
-    the difference of two noise draws, so its MAE is about 0.2 * sqrt(2) * sqrt(2 / pi) = 0.23;
-    a model that has learned the sine can approach the noise floor 0.2 * sqrt(2 / pi) = 0.16."""
+    """Sines of period 24 plus N(0, 0.2^2) noise. The seasonal-naive error y_t - y_{t-24} is the
+    difference of two noise draws, so its MAE is about 0.2 * sqrt(2) * sqrt(2 / pi) = 0.23, and
+    no forecast beats the noise floor 0.2 * sqrt(2 / pi) = 0.16. A model that has learned the
+    sine averages the noise out of its input: it must beat seasonal naive clearly and track the
+    clean sine to within half the noise level (across seeds this setup reaches 0.78-0.79 of
+    the naive MAE and 0.06-0.08 from the clean sine)."""
     period, horizon, noise = 24, 12, 0.2
     rng = np.random.default_rng(0)
 
-    def noisy(n: int, phase: float) -> np.ndarray:
-        return np.sin(2 * np.pi * np.arange(n) / period + phase) + noise * rng.standard_normal(n)
+    def noisy(n: int, phase: float) -> tuple[np.ndarray, np.ndarray]:
+        clean = np.sin(2 * np.pi * np.arange(n) / period + phase)
+        return clean + noise * rng.standard_normal(n), clean
 
-    train = pd.concat([_single(f"s{i}", noisy(300, 0.8 * i)) for i in range(8)])
-    model = LSTMForecaster(hidden_size=16, num_layers=1, segment_len=4, input_len=48,
-                           max_epochs=5, steps_per_epoch=40, batch_size=32, learning_rate=1e-2,
-                           loss="mae", verbose=False, random_state=0)
+    train = pd.concat([_single(f"s{i}", noisy(300, 0.8 * i)[0]) for i in range(8)])
+    model = LSTMForecaster(hidden_size=16, num_layers=1, segment_len=4, input_len=96,
+                           max_epochs=5, steps_per_epoch=120, batch_size=32, learning_rate=1e-2,
+                           verbose=False, random_state=0)
+    # random_state does not seed the network's initial weights yet (see
+    # test_same_random_state_gives_identical_forecasts): seed torch so this test is reproducible
+    torch.manual_seed(0)
     model.fit(train, fh=range(1, horizon + 1))
 
-    test = noisy(600, 2.0)  # a phase the model has not seen
+    test, clean = noisy(600, 2.0)  # a phase the model has not seen
     origins = np.arange(100, len(test) - horizon, 7)
     forecast = model.forecast_histories([test[:o] for o in origins])[
         :, :, model.levels_.index(0.5)]
     actual = np.stack([test[o : o + horizon] for o in origins])
+    truth = np.stack([clean[o : o + horizon] for o in origins])
     naive = np.stack([test[o - period : o - period + horizon] for o in origins])
     mae = np.abs(forecast - actual).mean()
     naive_mae = np.abs(naive - actual).mean()
-    sine_std = np.sqrt(0.5)
-    assert mae < 0.5 * sine_std, f"MAE {mae:.3f} vs half the sine's std {0.5 * sine_std:.3f}"
-    assert mae < 0.95 * naive_mae, f"MAE {mae:.3f} vs seasonal naive {naive_mae:.3f}"
+    assert mae < 0.9 * naive_mae, f"MAE {mae:.3f} vs seasonal naive {naive_mae:.3f}"
+    assert mae < 0.5 * np.sqrt(0.5), f"MAE {mae:.3f} vs half the sine's std"
+    signal_error = np.abs(forecast - truth).mean()
+    assert signal_error < 0.5 * noise, f"{signal_error:.3f} from the clean sine"
 
 
 # ---------------------------------------------------------------- persistence
@@ -231,8 +271,8 @@ def _assert_plain_json(value: Any, where: str = "config") -> None:
     (TCNForecaster, {"loss": "mse"}),
     (TransformerForecaster, {"encoder": "timestep", "positional_encoding": "learned"}),
 ], ids=["lstm-pinball", "tcn-mse", "transformer"])
-def test_save_and_load_model(cls, overrides, panel, tmp_path) -> None:
-    model = tiny(cls, **overrides).fit(panel, fh=FH)
+def test_save_and_load_model(cls, overrides, sine_panel, tmp_path) -> None:
+    model = tiny(cls, **overrides).fit(sine_panel, fh=FH)
     expected = model.predict()
     expected_quantiles = model.predict_quantiles(alpha=[0.1, 0.5, 0.9])
 
@@ -253,7 +293,7 @@ def test_save_and_load_model(cls, overrides, panel, tmp_path) -> None:
     assert loaded.state == "pretrained"
     assert loaded.levels_ == model.levels_ and loaded.horizon_ == H
     assert [vars(r) for r in loaded.history_] == [vars(r) for r in model.history_]
-    loaded.fit(panel, fh=FH)
+    loaded.fit(sine_panel, fh=FH)
     prediction = loaded.predict()
     pd.testing.assert_index_equal(prediction.index, expected.index)
     np.testing.assert_array_equal(prediction.to_numpy(), expected.to_numpy())
@@ -261,8 +301,8 @@ def test_save_and_load_model(cls, overrides, panel, tmp_path) -> None:
                                   expected_quantiles.to_numpy())
 
 
-def test_loaded_model_forecasts_an_unseen_series_like_the_original(panel, tmp_path) -> None:
-    model = tiny(LSTMForecaster).fit(panel, fh=FH)
+def test_loaded_model_forecasts_an_unseen_series_like_the_original(sine_panel, tmp_path) -> None:
+    model = tiny(LSTMForecaster).fit(sine_panel, fh=FH)
     loaded = LSTMForecaster.load_model(model.save_model(tmp_path / "saved"))
     values = sine_series(40, phase=2.0, seed=7)
     prediction = loaded.fit(_single("new", values), fh=FH).predict()
@@ -273,15 +313,20 @@ def test_loaded_model_forecasts_an_unseen_series_like_the_original(panel, tmp_pa
 # ---------------------------------------------------------------- determinism
 @pytest.mark.parametrize("cls", [LSTMForecaster, TransformerForecaster],
                          ids=lambda c: c.__name__)
-def test_same_random_state_gives_identical_forecasts(cls, panel) -> None:
-    first = tiny(cls, random_state=3).fit(panel, fh=FH).predict_quantiles(alpha=[0.1, 0.5, 0.9])
-    second = tiny(cls, random_state=3).fit(panel, fh=FH).predict_quantiles(alpha=[0.1, 0.5, 0.9])
+def test_same_random_state_gives_identical_forecasts(cls, sine_panel) -> None:
+    """random_state alone decides the result, whatever else has drawn from torch's global
+    generator before (other models, other tests)."""
+    alpha = [0.1, 0.5, 0.9]
+    torch.manual_seed(100)
+    first = tiny(cls, random_state=3).fit(sine_panel, fh=FH).predict_quantiles(alpha=alpha)
+    torch.manual_seed(200)
+    second = tiny(cls, random_state=3).fit(sine_panel, fh=FH).predict_quantiles(alpha=alpha)
     np.testing.assert_array_equal(first.to_numpy(), second.to_numpy())
 
 
-def test_different_random_states_give_different_forecasts(panel) -> None:
-    first = tiny(LSTMForecaster, random_state=1).fit(panel, fh=FH).predict()
-    second = tiny(LSTMForecaster, random_state=2).fit(panel, fh=FH).predict()
+def test_different_random_states_give_different_forecasts(sine_panel) -> None:
+    first = tiny(LSTMForecaster, random_state=1).fit(sine_panel, fh=FH).predict()
+    second = tiny(LSTMForecaster, random_state=2).fit(sine_panel, fh=FH).predict()
     assert not np.allclose(first.to_numpy(), second.to_numpy())
 
 
@@ -299,37 +344,40 @@ def test_pretrained_model_forecasts_unseen_series(pretrained_lstm) -> None:
     assert (quantiles[(TARGET, 0.1)] <= quantiles[(TARGET, 0.9)]).all()
 
 
-def test_pretrain_sets_the_trained_attributes_only(panel) -> None:
-    model = tiny(LSTMForecaster).pretrain(panel, fh=FH)
+def test_pretrain_sets_the_trained_attributes_only(sine_panel) -> None:
+    model = tiny(LSTMForecaster).pretrain(sine_panel, fh=FH)
     assert model.state == "pretrained"
     assert model.horizon_ == H
     assert model.levels_ == [0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95]
     with pytest.raises(ValueError, match="fh is required"):
-        tiny(LSTMForecaster).pretrain(panel)
+        tiny(LSTMForecaster).pretrain(sine_panel)
 
 
 @pytest.mark.parametrize("how", ["pretrain", "load_model"])
-def test_pretrained_model_can_be_refit_on_a_new_context(how, panel, tmp_path) -> None:
+def test_pretrained_model_can_be_refit_on_a_new_context(how, sine_panel, tmp_path) -> None:
     """sktime resets a fitted estimator on the next fit, keeping only the attributes named in
     the ``pretrain:fitted_params`` tag; the network's ``min_history_`` must survive that."""
     if how == "pretrain":
-        model = tiny(LSTMForecaster).pretrain(panel, fh=FH)
+        model = tiny(LSTMForecaster).pretrain(sine_panel, fh=FH)
     else:
         model = LSTMForecaster.load_model(
-            tiny(LSTMForecaster).fit(panel, fh=FH).save_model(tmp_path / "saved"))
-    first = model.fit(panel.loc[["a"]], fh=FH).predict()
-    second = model.fit(panel.loc[["b"]], fh=FH).predict()
+            tiny(LSTMForecaster).fit(sine_panel, fh=FH).save_model(tmp_path / "saved"))
+    first = model.fit(sine_panel.loc[["a"]], fh=FH).predict()
+    second = model.fit(sine_panel.loc[["b"]], fh=FH).predict()
     pd.testing.assert_index_equal(second.index, _expected_index({"b": LENGTHS["b"]}, FH))
-    third = model.fit(panel.loc[["a"]], fh=FH).predict()
+    third = model.fit(sine_panel.loc[["a"]], fh=FH).predict()
     pd.testing.assert_frame_equal(first, third)
 
 
-def test_forecasts_do_not_rely_on_remember_data(panel) -> None:
-    """sktime 1.3 stops storing the fit data in ``_y``/``_X`` by default (it warns about it
-    today); the estimator forecasts from that data, so it must keep its own copy."""
-    model = tiny(LSTMForecaster).set_config(remember_data=False).fit(panel, fh=FH)
+@pytest.mark.parametrize("remember_data", [False, True])
+def test_forecasts_do_not_rely_on_remember_data(remember_data, sine_panel) -> None:
+    """sktime 1.3 stops storing the fit data in ``_y``/``_X`` by default; the estimator
+    forecasts from that data, so it must work whichever way the config is set."""
+    model = tiny(LSTMForecaster).set_config(remember_data=remember_data).fit(sine_panel, fh=FH)
     prediction = model.predict()
     pd.testing.assert_index_equal(prediction.index, _expected_index(LENGTHS, FH))
+    model.update(sine_panel.loc[["a"]].iloc[-5:] + 0.0, update_params=False)
+    np.testing.assert_allclose(model.predict().to_numpy(), prediction.to_numpy(), rtol=1e-6)
 
 
 # ---------------------------------------------------------------- bad input
@@ -339,37 +387,37 @@ def _with(panel: pd.DataFrame, key: str, row: int, value: float) -> pd.DataFrame
     return bad
 
 
-def test_nan_in_y_is_rejected(panel) -> None:
-    with pytest.raises(ValueError, match=r"(?i)y passed contained missing data \(nans\)"):
-        tiny(LSTMForecaster).fit(_with(panel, "b", 10, np.nan), fh=FH)
+def test_nan_in_y_is_rejected(sine_panel) -> None:
+    with pytest.raises(ValueError, match=r"missing data \(nans\), but y passed"):
+        tiny(LSTMForecaster).fit(_with(sine_panel, "b", 10, np.nan), fh=FH)
 
 
-def test_inf_in_y_is_rejected_naming_the_series(panel) -> None:
+def test_inf_in_y_is_rejected_naming_the_series(sine_panel) -> None:
     with pytest.raises(ValueError, match=r"y series .*'b'.* non-finite value \(inf\)"):
-        tiny(LSTMForecaster).fit(_with(panel, "b", 10, np.inf), fh=FH)
+        tiny(LSTMForecaster).fit(_with(sine_panel, "b", 10, np.inf), fh=FH)
 
 
-def test_inf_in_the_context_of_a_pretrained_model_is_rejected(pretrained_lstm, panel) -> None:
+def test_inf_in_the_context_of_a_pretrained_model_is_rejected(pretrained_lstm, sine_panel) -> None:
     with pytest.raises(ValueError, match=r"'c'.* non-finite value \(-inf\)"):
-        copy.deepcopy(pretrained_lstm).fit(_with(panel, "c", 3, -np.inf), fh=FH)
+        copy.deepcopy(pretrained_lstm).fit(_with(sine_panel, "c", 3, -np.inf), fh=FH)
 
 
-def test_duplicate_timestamps_are_rejected_naming_the_series(panel) -> None:
-    duplicated = pd.concat([panel, panel.loc[[("b", 7)]]]).sort_index()
+def test_duplicate_timestamps_are_rejected_naming_the_series(sine_panel) -> None:
+    duplicated = pd.concat([sine_panel, sine_panel.loc[[("b", 7)]]]).sort_index()
     with pytest.raises(ValueError, match=r"'b'.* duplicate timestamp 7"):
         tiny(LSTMForecaster).fit(duplicated, fh=FH)
 
 
-def test_too_short_context_is_rejected_naming_the_series(pretrained_lstm, panel) -> None:
-    context = pd.concat([panel.loc[["a"]], _single("tiny", np.array([0.1, 0.2]))])
+def test_too_short_context_is_rejected_naming_the_series(pretrained_lstm, sine_panel) -> None:
+    context = pd.concat([sine_panel.loc[["a"]], _single("tiny", np.array([0.1, 0.2]))])
     with pytest.raises(ValueError, match=r"'tiny'.* has 2 observations; .*needs at least 3"):
         copy.deepcopy(pretrained_lstm).fit(context, fh=FH)
 
 
-def test_too_short_series_at_predict_is_named(panel) -> None:
+def test_too_short_series_at_predict_is_named(sine_panel) -> None:
     """A series too short to forecast is fine for training (it gives no windows), so fit
-    accepts it; predict must then name it by its id, not by its position in the panel."""
-    y = pd.concat([panel, _single("tiny", np.array([0.1, 0.2]))])
+    accepts it; predict must then name it by its id, not by its position in the sine_panel."""
+    y = pd.concat([sine_panel, _single("tiny", np.array([0.1, 0.2]))])
     model = tiny(LSTMForecaster).fit(y, fh=FH)
     with pytest.raises(ValueError, match=r"tiny.* has 2 observations"):
         model.predict()
@@ -380,11 +428,12 @@ def test_forecast_histories_rejects_a_too_short_history(fitted_lstm) -> None:
         fitted_lstm.forecast_histories([np.ones(30), np.ones(2)])
 
 
-def test_fh_beyond_the_trained_horizon_is_rejected(fitted_lstm, pretrained_lstm, panel) -> None:
+def test_fh_beyond_the_trained_horizon_is_rejected(fitted_lstm, pretrained_lstm,
+                                                   sine_panel) -> None:
     with pytest.raises(ValueError, match="forecasting horizon"):  # sktime: fh is fixed in fit
         copy.deepcopy(fitted_lstm).predict(fh=range(1, H + 3))
     with pytest.raises(ValueError, match=f"fh reaches {H + 2} steps ahead; .*trained for {H}"):
-        copy.deepcopy(pretrained_lstm).fit(panel, fh=range(1, H + 3))
+        copy.deepcopy(pretrained_lstm).fit(sine_panel, fh=range(1, H + 3))
 
 
 def test_alpha_outside_the_trained_quantiles_is_rejected(fitted_lstm) -> None:
@@ -404,8 +453,8 @@ def _covariate_rows(index: pd.MultiIndex) -> pd.DataFrame:
                          "static": [STATIC[k] for k in keys]}, index=index)
 
 
-def _covariates(panel: pd.DataFrame) -> pd.DataFrame:
-    return _covariate_rows(panel.index)
+def _covariates(sine_panel: pd.DataFrame) -> pd.DataFrame:
+    return _covariate_rows(sine_panel.index)
 
 
 def _future_covariates(lengths: dict[str, int] = LENGTHS) -> pd.DataFrame:
@@ -413,9 +462,9 @@ def _future_covariates(lengths: dict[str, int] = LENGTHS) -> pd.DataFrame:
 
 
 @pytest.fixture(scope="module")
-def covariate_model(panel) -> NeuralForecaster:
+def covariate_model(sine_panel) -> NeuralForecaster:
     return tiny(LSTMForecaster, static_covariates=("static",)).fit(
-        panel, X=_covariates(panel), fh=FH)
+        sine_panel, X=_covariates(sine_panel), fh=FH)
 
 
 def test_covariate_model_records_its_inputs(covariate_model) -> None:
@@ -459,19 +508,19 @@ def test_inf_in_future_covariates_is_rejected(covariate_model) -> None:
         covariate_model.predict(X=future)
 
 
-def test_static_covariates_need_x(panel) -> None:
+def test_static_covariates_need_x(sine_panel) -> None:
     with pytest.raises(ValueError, match=r"static_covariates \['static'\] are named but X is None"):
-        tiny(LSTMForecaster, static_covariates=("static",)).fit(panel, fh=FH)
-    X = _covariates(panel).drop(columns=["static"])
+        tiny(LSTMForecaster, static_covariates=("static",)).fit(sine_panel, fh=FH)
+    X = _covariates(sine_panel).drop(columns=["static"])
     with pytest.raises(ValueError, match=r"static_covariates \['static'\] are not columns of X"):
-        tiny(LSTMForecaster, static_covariates=("static",)).fit(panel, X=X, fh=FH)
+        tiny(LSTMForecaster, static_covariates=("static",)).fit(sine_panel, X=X, fh=FH)
 
 
-def test_inf_in_training_covariates_is_rejected(panel) -> None:
-    X = _covariates(panel)
+def test_inf_in_training_covariates_is_rejected(sine_panel) -> None:
+    X = _covariates(sine_panel)
     X.loc[("c", 4), "promo"] = np.inf
     with pytest.raises(ValueError, match=r"X series .*'c'.* non-finite value \(inf\)"):
-        tiny(LSTMForecaster).fit(panel, X=X, fh=FH)
+        tiny(LSTMForecaster).fit(sine_panel, X=X, fh=FH)
 
 
 # ---------------------------------------------------------------- attention maps
@@ -479,9 +528,9 @@ def test_inf_in_training_covariates_is_rejected(panel) -> None:
     ({}, (12 - 4) // 2 + 1),
     ({"encoder": "timestep", "positional_encoding": "learned"}, 12),
 ], ids=["patch", "timestep"])
-def test_transformer_attention_maps(overrides, tokens, panel) -> None:
-    model = tiny(TransformerForecaster, **overrides).fit(panel, fh=FH)
-    maps = model.attention_maps(panel.loc["a", TARGET].to_numpy())
+def test_transformer_attention_maps(overrides, tokens, sine_panel) -> None:
+    model = tiny(TransformerForecaster, **overrides).fit(sine_panel, fh=FH)
+    maps = model.attention_maps(sine_panel.loc["a", TARGET].to_numpy())
     assert set(maps) == {"encoder_layers.0.self_attention", "decoder_layers.0.self_attention",
                          "decoder_layers.0.cross_attention"}
     assert maps["encoder_layers.0.self_attention"].shape == (2, tokens, tokens)

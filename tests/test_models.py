@@ -27,7 +27,10 @@ RNN_CONFIGS = [
 CONFIGS = [
     *RNN_CONFIGS,
     ("rnn", {"cell": "gru", "segment_len": 5, "hidden_size": 8}),  # 12 % 5: oldest steps dropped
+    ("rnn", {"cell": "lstm", "segment_len": 4, "hidden_size": 8, "highway": False}),
     ("tcn", {"channels": 8, "num_layers": 3, "kernel_size": 3}),
+    ("tcn", {"channels": 8, "num_layers": 3, "kernel_size": 3, "highway": False}),
+    ("tcn", {"channels": 8, "num_layers": 2, "kernel_size": 3, "segment_len": 4}),
     *[
         ("transformer", {"encoder": encoder, "positional_encoding": encoding, "d_model": 8,
                          "n_heads": 2, "encoder_layers": 1, "decoder_layers": 2, "patch_len": 4,
@@ -35,6 +38,8 @@ CONFIGS = [
         for encoder in ("patch", "timestep")
         for encoding in ("sinusoidal", "learned")
     ],
+    ("transformer", {"encoder": "patch", "d_model": 8, "n_heads": 2, "encoder_layers": 1,
+                     "patch_len": 4, "patch_stride": 2, "highway": False}),
 ]
 
 
@@ -42,7 +47,8 @@ def _config_id(config: tuple[str, dict[str, Any]]) -> str:
     family, kwargs = config
     return "-".join([family, *(f"{v}" for k, v in kwargs.items()
                                if k in ("cell", "decoder", "segment_len", "encoder",
-                                        "positional_encoding"))])
+                                        "positional_encoding"))]
+                    + (["no-highway"] if kwargs.get("highway") is False else []))
 
 
 def _build(family: str, kwargs: dict[str, Any], covariates: int, seed: int = 0) -> torch.nn.Module:
@@ -125,16 +131,21 @@ def test_tcn_convolutions_are_causal(t) -> None:
 
 
 def test_tcn_receptive_field_covers_the_window() -> None:
-    """With dilations 1, 2, 4 and kernel 3 the last step sees 1 + 2 * 2 * 7 = 29 steps."""
+    """With dilations 1, 2, 4 and kernel 3 the last step sees 1 + 2 * 2 * 7 = 29 steps: the
+    convolutions' last output reads the oldest of 29 inputs (the linear highway aside)."""
     torch.manual_seed(0)
     model = TCNModel(input_len=29, horizon=H, n_quantiles=Q, past_features=2, future_features=0,
                      channels=8, num_layers=3, kernel_size=3).eval()
+    captured: list[torch.Tensor] = []
+    model.blocks.register_forward_hook(lambda module, inputs, output: captured.append(output))
     past = torch.randn(1, 29, 2)
     future = torch.zeros(1, H, 0)
     changed = past.clone()
     changed[:, 0] += 5.0  # the oldest step
     with torch.no_grad():
-        assert not torch.allclose(model(past, future), model(changed, future))
+        model(past, future)
+        model(changed, future)
+    assert not torch.allclose(captured[0][:, :, -1], captured[1][:, :, -1])
 
 
 # ---------------------------------------------------------------- transformer attention
@@ -207,6 +218,8 @@ def test_sinusoidal_positions_follow_the_paper() -> None:
         ("rnn", {"decoder": "attention"}, "decoder must be"),
         ("rnn", {"segment_len": L + 1}, "segment_len must be in"),
         ("rnn", {"segment_len": 0}, "segment_len must be in"),
+        ("tcn", {"segment_len": L + 1}, "segment_len must be in"),
+        ("tcn", {"segment_len": 0}, "segment_len must be in"),
         ("transformer", {"encoder": "conv"}, "encoder must be"),
         ("transformer", {"patch_len": L + 1}, "exceeds input_len"),
         ("transformer", {"d_model": 10, "n_heads": 4, "patch_len": 4}, "divisible"),
@@ -214,10 +227,13 @@ def test_sinusoidal_positions_follow_the_paper() -> None:
          "positional_encoding must be"),
     ],
 )
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors:UserWarning")
 def test_invalid_model_settings_raise(family, kwargs, message) -> None:
+    """Rejected when the model is built or, at the latest, on its first forward pass."""
     with pytest.raises(ValueError, match=message):
-        build_model(family, input_len=L, horizon=H, n_quantiles=Q, past_features=2,
-                    future_features=0, **kwargs)
+        model = build_model(family, input_len=L, horizon=H, n_quantiles=Q, past_features=2,
+                            future_features=0, **kwargs)
+        model(*_inputs(covariates=0))
 
 
 def test_build_model_rejects_an_unknown_family() -> None:

@@ -90,7 +90,7 @@ def test_instance_normalisation_and_unscale() -> None:
     origins = np.array([8, 15, 26, 3])
     ids = np.array([0, 0, 0, 1])
     w = panel.windows(ids, origins, L, H)
-    for i, (s, t) in enumerate(zip(ids, origins)):
+    for i, (s, t) in enumerate(zip(ids, origins, strict=True)):
         observed = w.past[i, :, 1] == 1
         scaled = w.past[i, observed, 0]
         np.testing.assert_allclose(scaled.mean(), 0.0, atol=1e-5)
@@ -100,7 +100,7 @@ def test_instance_normalisation_and_unscale() -> None:
                                    rtol=1e-5, atol=1e-4)
     # unscale inverts the scaling of the target, in original units
     restored = w.unscale(w.target)  # (B, H)
-    for i, (s, t) in enumerate(zip(ids[:3], origins[:3])):
+    for i, (s, t) in enumerate(zip(ids[:3], origins[:3], strict=True)):
         np.testing.assert_allclose(restored[i], series[s][t : t + H, 0], rtol=1e-5, atol=1e-4)
     # and broadcasts over a trailing quantile axis
     quantiles = np.stack([w.target, w.target + 1.0], axis=-1)  # (B, H, 2)

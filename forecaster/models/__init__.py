@@ -16,7 +16,7 @@ FAMILIES: dict[str, type[nn.Module]] = {
 
 
 def build_model(family: str, **kwargs: object) -> nn.Module:
-    """A model of the named family, from the JSON-able keyword arguments saved beside its weights."""
+    """A model of the named family from the JSON-able keyword arguments saved with its weights."""
     if family not in FAMILIES:
         raise ValueError(f"unknown model family {family!r}; expected one of {sorted(FAMILIES)}")
     return FAMILIES[family](**kwargs)

@@ -1,12 +1,13 @@
 """Recurrent forecasters: an Elman RNN, LSTM or GRU encoder and a direct multi-horizon decoder.
 
-    past (B, L, F_past) --segments--> (B, L / S, S * F_past) --encoder--> state --decoder--> (B, H, Q)
+    past (B, L, F_past) --segments--> (B, L / S, S * F_past) --encoder--> state
+        --decoder--> (B, H, Q)
 
 The encoder steps over segments of ``segment_len`` time steps rather than single steps (as in
 SegRNN, Lin et al. 2023): a day of hourly data per step makes the recurrence 24 times shorter,
 which is what makes these models fast on a CPU and keeps gradients alive over long inputs.
 ``segment_len=1`` is the classic step-by-step RNN. A linear highway from the input target to
-the output (see heads.Highway) carries the seasonal level; the network learns the rest.
+the output (see layers.Highway) carries the seasonal level; the network learns the rest.
 
 The decoder is either an MLP head on the encoder's last hidden state (fast, the default) or a
 seq2seq RNN that starts from the encoder state and reads the known-future covariates step by
@@ -18,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from forecaster.models.heads import DirectHead, Highway
+from forecaster.models.layers import DirectHead, Highway, Segments
 
 CELLS = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}
 
@@ -44,9 +45,8 @@ class RNNModel(nn.Module):
             raise ValueError(f"cell must be one of {sorted(CELLS)}, got {cell!r}")
         if decoder not in ("mlp", "seq2seq"):
             raise ValueError(f"decoder must be 'mlp' or 'seq2seq', got {decoder!r}")
-        if not 1 <= segment_len <= input_len:
-            raise ValueError(f"segment_len must be in [1, input_len={input_len}], got {segment_len}")
-        self.decoder_kind, self.segment_len = decoder, segment_len
+        self.decoder_kind = decoder
+        self.segments = Segments(segment_len, input_len)
         self.highway = Highway(input_len, horizon) if highway else None
         rnn = CELLS[cell]
         layer_dropout = dropout if num_layers > 1 else 0.0
@@ -63,10 +63,8 @@ class RNNModel(nn.Module):
             self.head = nn.Linear(hidden_size, n_quantiles)
 
     def forward(self, past: torch.Tensor, future: torch.Tensor) -> torch.Tensor:
-        S = self.segment_len
-        trimmed = past[:, past.shape[1] % S :]  # drop the oldest steps that fill no segment
-        segments = trimmed.unfold(1, S, S).flatten(2)  # (B, L / S, F_past * S)
-        out, state = self.encoder(segments)  # out (B, L/S, hidden); state (layers, B, hidden)
+        x = self.segments(past)  # (B, L / S, S * F_past)
+        out, state = self.encoder(x)  # out (B, L / S, hidden); state (layers, B, hidden)
         if self.decoder_kind == "mlp":
             y = self.head(out[:, -1], future)  # (B, H, Q)
         else:

@@ -1,10 +1,13 @@
 """Temporal convolutional network: dilated causal convolutions in residual blocks.
 
-    past (B, L, F_past) -> (B, C, L) -> [residual block, dilation 2**i] x num_layers
+    past (B, L, F_past) -> segments (B, L / S, S * F_past) -> (B, S * F_past, L / S)
+        -> [residual block, dilation 2**i] x num_layers
         -> last time step (B, C) -> DirectHead -> (B, H, Q), plus a linear highway
 
 Block i doubles the dilation, so the receptive field 1 + 2 (k - 1) (2**n - 1) grows
-exponentially with depth; padding only on the left keeps every output causal.
+exponentially with depth; padding only on the left keeps every output causal. With
+``segment_len`` S > 1 the convolutions run over segments of S steps (as the RNN's encoder
+does), which divides their cost by S on long inputs.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from forecaster.models.heads import DirectHead, Highway
+from forecaster.models.layers import DirectHead, Highway, Segments
 
 
 class CausalConv1d(nn.Conv1d):
@@ -52,19 +55,22 @@ class TCNModel(nn.Module):
         num_layers: int = 6,
         kernel_size: int = 3,
         dropout: float = 0.0,
+        segment_len: int = 1,
         highway: bool = True,
     ):
         super().__init__()
+        self.segments = Segments(segment_len, input_len)
         self.highway = Highway(input_len, horizon) if highway else None
+        widths = [segment_len * past_features] + [channels] * num_layers
         self.blocks = nn.Sequential(*[
-            ResidualBlock(past_features if i == 0 else channels, channels, kernel_size, 2**i,
-                          dropout)
+            ResidualBlock(widths[i], channels, kernel_size, dilation=2**i, dropout=dropout)
             for i in range(num_layers)
         ])
         self.head = DirectHead(channels, horizon, future_features, n_quantiles, 2 * channels,
                                dropout)
 
     def forward(self, past: torch.Tensor, future: torch.Tensor) -> torch.Tensor:
-        h = self.blocks(past.transpose(1, 2))  # (B, C, L)
+        x = self.segments(past).transpose(1, 2)  # (B, S * F_past, L / S)
+        h = self.blocks(x)  # (B, C, L / S)
         y = self.head(h[:, :, -1], future)  # the last step sees the whole receptive field
         return y if self.highway is None else y + self.highway(past)

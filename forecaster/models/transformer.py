@@ -3,7 +3,7 @@
     past (B, L, F_past) --tokens--> (B, N, d) + positions --encoder x n--> memory (B, N, d)
     future (B, H, F_future) --> queries (B, H, d) + positions
         --decoder x n (masked self-attention, cross-attention to memory)--> (B, H, d) --> (B, H, Q)
-    plus a linear highway from the input target to the output (see heads.Highway)
+    plus a linear highway from the input target to the output (see layers.Highway)
 
 Tokens are either one per time step (N = L) or, with ``encoder="patch"``, one per patch of
 ``patch_len`` steps taken every ``patch_stride`` steps as in PatchTST, which shortens long inputs
@@ -19,7 +19,7 @@ import math
 import torch
 from torch import nn
 
-from forecaster.models.heads import Highway
+from forecaster.models.layers import Highway
 
 
 class MultiHeadAttention(nn.Module):

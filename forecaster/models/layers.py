@@ -1,9 +1,27 @@
-"""The direct multi-horizon head shared by the model families."""
+"""Pieces shared by the model families: input segments, the direct head and the highway."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+
+class Segments(nn.Module):
+    """Non-overlapping segments of S steps, newest last: (B, L, F) -> (B, L // S, S * F).
+
+    The oldest L % S steps, which fill no whole segment, are dropped, so the last segment always
+    ends at the forecast origin.
+    """
+
+    def __init__(self, length: int, input_len: int):
+        super().__init__()
+        if not 1 <= length <= input_len:
+            raise ValueError(f"segment_len must be in [1, input_len={input_len}], got {length}")
+        self.length = length
+
+    def forward(self, past: torch.Tensor) -> torch.Tensor:
+        S = self.length
+        return past[:, past.shape[1] % S :].unfold(1, S, S).flatten(2)
 
 
 class DirectHead(nn.Module):
