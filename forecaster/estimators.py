@@ -241,8 +241,12 @@ class NeuralForecaster(BaseForecaster):
             validate_panel(X, 1, [*self.covariates_, *self.static_covariates_], name="X")
         indexes, histories, keys = [], [], []
         for key, series in series_groups(y):
-            future_index = fh.to_absolute_index(series.index[[-1]])
-            full_future = ForecastingHorizon(range(1, self.horizon_ + 1), freq=fh.freq)
+            # per series: ragged panels end at different times; sktime cannot infer a
+            # frequency from a multi-index, the series' own index can
+            freq = fh.freq or getattr(series.index, "freq", None) or _infer_freq(series.index)
+            future_index = ForecastingHorizon(steps, freq=freq).to_absolute_index(
+                series.index[[-1]])
+            full_future = ForecastingHorizon(range(1, self.horizon_ + 1), freq=freq)
             rows = [series.iloc[:, :1].to_numpy(np.float32)]
             if self.covariates_ or self.static_covariates_:
                 future_rows = full_future.to_absolute_index(series.index[[-1]])
@@ -359,6 +363,11 @@ class NeuralForecaster(BaseForecaster):
     @classmethod
     def _tiny_variants(cls) -> list[dict[str, Any]]:
         return [{}]
+
+
+def _infer_freq(index: pd.Index) -> str | None:
+    """The frequency of a datetime index, if it has a regular one."""
+    return pd.infer_freq(index) if isinstance(index, pd.DatetimeIndex) and len(index) > 2 else None
 
 
 def _append(old: pd.DataFrame, new: pd.DataFrame | None) -> pd.DataFrame:

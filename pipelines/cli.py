@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -20,6 +21,62 @@ def _bench(args: argparse.Namespace) -> None:
     print(table.to_markdown(floatfmt=".3f"))
 
 
+def _quiet_mlflow() -> None:
+    """Keep the console for our progress bars and table: MLflow's own chatter (registration
+    notices, artifact download bars) goes below WARNING."""
+    import logging
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+
+
+def _train(args: argparse.Namespace) -> None:
+    from pipelines.config import load_config
+    from pipelines.race import format_leaderboard, run_race
+
+    config = load_config(args.config)  # fails here, naming the key, before anything trains
+    _quiet_mlflow()
+    result = run_race(config, progress=not args.no_progress)
+    print(format_leaderboard(result))
+
+
+def _models(args: argparse.Namespace) -> None:
+    import mlflow
+
+    from pipelines.config import TrackingConfig, TrackingEnvironment
+    from pipelines.registry import list_versions
+
+    _quiet_mlflow()
+    tracking = TrackingConfig().model_copy(
+        update=TrackingEnvironment().model_dump(exclude_none=True))
+    uri = args.tracking_uri or tracking.tracking_uri
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+        # listing must not create an empty store where there was none
+        raise FileNotFoundError(f"no tracking store at {uri} (run `forecaster train` first, "
+                                "or pass --tracking-uri)")
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(tracking.registry_uri or uri)
+    table = list_versions(args.name)
+    if table.empty:
+        print("no registered models" + (f" named {args.name!r}" if args.name else ""))
+        return
+    print(table.to_markdown(index=False, floatfmt=".4f"))
+
+
+def _schedule(args: argparse.Namespace) -> None:
+    import logging
+
+    from pipelines.schedule import schedule_command
+
+    # a long-running service: its log is its only account of what it did
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    schedule_command(args.config, args.cron, timezone=args.timezone,
+                     metrics_port=args.metrics_port, metrics_addr=args.metrics_addr,
+                     pushgateway=args.pushgateway, push_job=args.push_job,
+                     run_at_start=args.run_at_start)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="forecaster", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -31,6 +88,41 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--models", nargs="+", help="subset of model names (default: all)")
     bench.add_argument("--horizons", nargs="+", type=int, help="ETTh1 horizons (default 96 336)")
     bench.set_defaults(run=_bench)
+
+    train = commands.add_parser(
+        "train", help="run one race now: backtest, track, register, promote the best")
+    train.add_argument("config", type=Path, help="race config (YAML), e.g. configs/quick.yaml")
+    train.add_argument("--no-progress", action="store_true", help="no progress bars")
+    train.set_defaults(run=_train)
+
+    models = commands.add_parser(
+        "models", help="list registered versions, their metrics, champion and challenger")
+    models.add_argument("--name", help="registered model name (default: every model)")
+    models.add_argument("--tracking-uri",
+                        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else "
+                             "sqlite:///mlflow.db in the working directory)")
+    models.set_defaults(run=_models)
+
+    schedule = commands.add_parser(
+        "schedule", help="retrain on a cron schedule (long-running), with Prometheus metrics")
+    schedule.add_argument("config", type=Path, help="race config (YAML), read again at each run")
+    schedule.add_argument("--cron", default="0 3 * * *",
+                          help='five-field crontab expression (default: "0 3 * * *")')
+    schedule.add_argument("--timezone", default="UTC", help="time zone of --cron (default UTC)")
+    schedule.add_argument("--metrics-port", type=int, default=9101,
+                          help="port of the /metrics endpoint (default 9101)")
+    schedule.add_argument("--metrics-addr", default="0.0.0.0",
+                          help="address the /metrics endpoint binds (default 0.0.0.0)")
+    schedule.add_argument("--pushgateway", default=os.environ.get("PUSHGATEWAY_URL"),
+                          help="Prometheus Pushgateway to push the metrics to after each run, "
+                               "e.g. pushgateway:9091 (default: $PUSHGATEWAY_URL, else none)")
+    schedule.add_argument("--push-job", default="forecaster_training",
+                          help="job name of the pushed metrics")
+    schedule.add_argument("--run-at-start", nargs="?", const="always", default="never",
+                          choices=["always", "never", "if-no-champion"],
+                          help="train once at start: bare flag = always; if-no-champion trains "
+                               "only while the registry has no champion (default: never)")
+    schedule.set_defaults(run=_schedule)
     return parser
 
 

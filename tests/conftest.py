@@ -3,6 +3,15 @@ a second on a CPU."""
 
 from __future__ import annotations
 
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -74,9 +83,10 @@ def make_panel(lengths: dict[str, int] | None = None, seed: int = 0) -> pd.DataF
     return pd.concat(frames).set_index([SERIES, TIME])
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def sine_panel() -> pd.DataFrame:
-    """Three noisy sines (period 12) of lengths 80, 64 and 48, ids "a", "b", "c"."""
+    """Three noisy sines (period 12) of lengths 80, 64 and 48, ids "a", "b", "c". Shared by
+    every test: copy it before changing it."""
     return make_panel()
 
 
@@ -92,7 +102,105 @@ def pytest_configure(config: pytest.Config) -> None:
     # the tiny test networks are far faster on one thread: with several, torch's thread pool
     # spins against whatever else shares the CPU (10x slower on a busy 2-core machine)
     torch.set_num_threads(1)
-    # sktime 1.2 warns on every fit that the default of ``remember_data`` will change in 1.3;
-    # test_estimators.py::test_forecasts_do_not_rely_on_remember_data covers what that means
-    config.addinivalue_line(
-        "filterwarnings", "ignore:The default of config ``remember_data``:FutureWarning")
+
+
+# --- a real MLflow tracking server on PostgreSQL, for the pipeline tests -----------------------
+
+POSTGRES_DSN = {"host": "127.0.0.1", "port": 5432, "user": "postgres"}
+MLFLOW_START_TIMEOUT_S = 180  # a fresh database runs every MLflow migration on a busy CPU
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _postgres_admin() -> Any:
+    """An autocommit connection to the ``postgres`` database (CREATE/DROP DATABASE need one),
+    or a skip when PostgreSQL is not reachable; in CI (CI=true) a failure instead, as .ci/run
+    starts PostgreSQL and a silent skip would hide the pipeline tests."""
+    import psycopg2
+
+    try:
+        connection = psycopg2.connect(dbname="postgres", connect_timeout=5, **POSTGRES_DSN)
+    except psycopg2.OperationalError as error:
+        where = f"{POSTGRES_DSN['host']}:{POSTGRES_DSN['port']}"
+        message = (f"PostgreSQL not reachable as user {POSTGRES_DSN['user']} on {where} "
+                   f"({str(error).strip()}); start it (see .ci/run) to run the MLflow server "
+                   "tests")
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    connection.autocommit = True
+    return connection
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """URI of a fresh ``mlflow server`` backed by a new PostgreSQL database, with artifacts
+    proxied through the server (clients upload and download over HTTP only). The database is
+    dropped and the server stopped at the end of the session."""
+    admin = _postgres_admin()
+    database = f"forecaster_test_{uuid.uuid4().hex[:12]}"
+    with admin.cursor() as cursor:
+        cursor.execute(f'CREATE DATABASE "{database}"')
+    root = tmp_path_factory.mktemp("mlflow_server")
+    port = _free_port()
+    uri = f"http://127.0.0.1:{port}"
+    log_path = root / "server.log"
+    command = [
+        sys.executable, "-m", "mlflow", "server",
+        # +psycopg2: SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3, which is not
+        # installed; psycopg2-binary is
+        "--backend-store-uri", "postgresql+psycopg2://{user}@{host}:{port}/".format(
+            **POSTGRES_DSN) + database,
+        "--artifacts-destination", str(root / "artifacts"),
+        "--host", "127.0.0.1", "--port", str(port),
+        "--workers", "1",  # one process: the machine's CPUs are shared
+    ]
+    # no job runner: it starts seven huey consumer processes (GenAI evaluation jobs, trace
+    # roll-ups) that nothing here uses, on a machine with two shared CPUs
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    with open(log_path, "wb") as log:
+        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                  cwd=root, start_new_session=True)
+    try:
+        _wait_for_health(server, uri, log_path)
+        yield uri
+    finally:
+        _stop(server)
+        with admin.cursor() as cursor:
+            # FORCE (PostgreSQL 13+): ends connections a killed server may have left behind
+            cursor.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+        admin.close()
+
+
+def _wait_for_health(server: subprocess.Popen[bytes], uri: str, log_path: Path) -> None:
+    deadline = time.monotonic() + MLFLOW_START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"mlflow server exited with {server.returncode}:\n"
+                               + log_path.read_text(errors="replace")[-4000:])
+        try:
+            with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:  # refused, reset or timed out while it starts
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"mlflow server not healthy after {MLFLOW_START_TIMEOUT_S} s:\n"
+                       + log_path.read_text(errors="replace")[-4000:])
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM the server's process group (uvicorn runs workers as children), then SIGKILL."""
+    if process.poll() is not None:
+        return
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()

@@ -1,0 +1,134 @@
+"""Candidate configs -> sktime estimators: our five neural forecasters and three baselines.
+
+The race treats every candidate as an sktime forecaster; this module knows which classes may be
+raced, which constructor parameters they take, the defaults the pipeline adds, and how long a
+training window each needs.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from sktime.forecasting.base import BaseForecaster
+from sktime.forecasting.ets import AutoETS
+from sktime.forecasting.naive import NaiveForecaster
+from sktime.forecasting.theta import ThetaForecaster
+
+from forecaster import (
+    GRUForecaster,
+    LSTMForecaster,
+    NeuralForecaster,
+    RNNForecaster,
+    TCNForecaster,
+    TransformerForecaster,
+)
+from forecaster.trainer import EpochRecord
+from pipelines.warning_capture import without_sktime_notice
+
+if TYPE_CHECKING:
+    from pipelines.config import CandidateConfig, RaceConfig
+
+NEURAL_MODELS: dict[str, type[NeuralForecaster]] = {
+    cls.__name__: cls
+    for cls in (RNNForecaster, LSTMForecaster, GRUForecaster, TCNForecaster,
+                TransformerForecaster)
+}
+BASELINE_MODELS: dict[str, type[BaseForecaster]] = {
+    "NaiveForecaster": NaiveForecaster,
+    "ThetaForecaster": ThetaForecaster,
+    "AutoETS": AutoETS,
+}
+MODELS: dict[str, type[BaseForecaster]] = {**NEURAL_MODELS, **BASELINE_MODELS}
+
+# set by the pipeline itself, never from a config
+RESERVED_PARAMS = {"on_epoch"}
+
+EpochCallback = Callable[[EpochRecord], None]
+
+
+def default_candidate_name(model: str) -> str:
+    """``LSTMForecaster`` -> ``lstm``, ``AutoETS`` -> ``autoets``."""
+    return model.removesuffix("Forecaster").lower()
+
+
+def constructor_params(model: str) -> list[str]:
+    signature = inspect.signature(MODELS[model].__init__)
+    return [name for name in signature.parameters if name != "self"]
+
+
+def check_params(model: str, params: Mapping[str, Any]) -> None:
+    """Raise ValueError naming parameters ``model``'s constructor does not take."""
+    valid = set(constructor_params(model)) - RESERVED_PARAMS
+    unknown = sorted(set(params) - valid)
+    if unknown:
+        raise ValueError(f"unknown parameter(s) {unknown} for {model}; valid: {sorted(valid)}")
+
+
+def is_neural(estimator: BaseForecaster | str) -> bool:
+    if isinstance(estimator, str):
+        return estimator in NEURAL_MODELS
+    return isinstance(estimator, NeuralForecaster)
+
+
+def estimator_params(candidate: CandidateConfig, config: RaceConfig) -> dict[str, Any]:
+    """The constructor arguments: the config's, plus the defaults the pipeline chooses."""
+    params = dict(candidate.params)
+    if is_neural(candidate.model):
+        # our own progress bar reports epochs; the networks forecast every level the race
+        # scores, so that intervals are read off exactly rather than interpolated
+        params.setdefault("verbose", False)
+        params.setdefault("quantiles", tuple(config.forecast_levels))
+    else:
+        params.setdefault("sp", config.season_length)
+        if candidate.model == "AutoETS" and params.get("auto"):
+            # sktime 1.2 passes a keyword statsmodels 0.15 rejects when it simulates the
+            # intervals of multiplicative models; additive models have exact intervals
+            params.setdefault("additive_only", True)
+    return params
+
+
+def build_estimator(candidate: CandidateConfig, config: RaceConfig,
+                    on_epoch: EpochCallback | None = None) -> BaseForecaster:
+    """A fresh, unfitted estimator for ``candidate``; ``on_epoch`` receives the learning curve
+    of neural models (baselines have none)."""
+    params = estimator_params(candidate, config)
+    if is_neural(candidate.model):
+        params["on_epoch"] = on_epoch
+    return MODELS[candidate.model](**params)
+
+
+def min_train_length(candidate: CandidateConfig, config: RaceConfig) -> int:
+    """The fewest observations per series ``candidate`` can be trained on (a lower bound)."""
+    with without_sktime_notice():
+        estimator = build_estimator(candidate, config)
+    params = estimator.get_params(deep=False)
+    if is_neural(estimator):
+        # the window sampler needs history, one horizon to learn from and the validation rows
+        min_history = params["min_history"] or max(1, params["input_len"] // 4)
+        validation = params["validation_rows"] or config.horizon
+        return min_history + config.horizon + validation
+    sp = params.get("sp") or 1
+    if candidate.model == "NaiveForecaster":
+        return max(sp, params.get("window_length") or 1)
+    # seasonal decomposition (Theta) and seasonal ETS need two full seasons
+    return max(2 * sp, 4)
+
+
+def interval_problem(candidate: CandidateConfig, config: RaceConfig) -> str | None:
+    """Why ``candidate`` cannot forecast the scored interval, if it cannot."""
+    quantiles = candidate.params.get("quantiles")
+    if not is_neural(candidate.model) or quantiles is None:
+        return None
+    low, high = config.interval_levels
+    if min(quantiles) > low or max(quantiles) < high:
+        return (f"quantiles {list(quantiles)} must reach {low} and {high} to forecast the "
+                f"{config.selection.interval_coverage:.0%} interval that is scored")
+    return None
+
+
+def loggable_params(estimator: BaseForecaster) -> dict[str, str]:
+    """Constructor parameters as MLflow params (strings, the callback left out)."""
+    return {name: str(value) for name, value in estimator.get_params(deep=False).items()
+            if name not in RESERVED_PARAMS}

@@ -1,0 +1,320 @@
+"""The race configuration: a typed YAML file, validated before anything trains.
+
+A race reads one data set, backtests every candidate on the same folds, and registers the
+winner. Everything it needs is in :class:`RaceConfig`; :func:`load_config` reads it from YAML.
+Every mistake is reported with the key it concerns (``candidates.1.model: unknown model
+'Prophet' ...``): schema errors (unknown keys, wrong types, unknown models or parameters) when
+the file is read, and data-dependent ones (a missing column, a horizon the series are too short
+for) by :func:`pipelines.race.prepare_race`, before the first model trains.
+
+Tracking settings come from the ``tracking`` section with environment overrides: the usual
+MLflow variables (``MLFLOW_TRACKING_URI``, ``MLFLOW_REGISTRY_URI``, ``MLFLOW_EXPERIMENT_NAME``,
+``MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING``, ``MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL``) and
+``MLFLOW_ARTIFACT_LOCATION`` win over the file, so one config serves a laptop (the embedded
+SQLite store) and a server alike.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import pandas as pd
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveInt,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from pipelines.candidates import (
+    MODELS,
+    check_params,
+    default_candidate_name,
+    interval_problem,
+)
+
+DEFAULT_QUANTILES = (0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95)
+
+# seasonal period implied by a pandas frequency, used when season_length is not given
+SEASONALITY = {"h": 24, "min": 60, "D": 7, "B": 5, "W": 52, "MS": 12, "ME": 12, "M": 12,
+               "QS": 4, "QE": 4, "Q": 4}
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names each offending key."""
+
+    def __init__(self, problems: list[str] | str):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        super().__init__("invalid race config:\n  " + "\n  ".join(self.problems))
+
+
+class StrictModel(BaseModel):
+    # a misspelt key is an error, never silently ignored
+    model_config = ConfigDict(extra="forbid")
+
+
+class ColumnMapping(StrictModel):
+    """Which columns of a CSV or Parquet file hold the series id, the time and the target."""
+
+    series_id: str = "series_id"
+    timestamp: str = "timestamp"
+    target: str = "target"
+
+
+class DataConfig(StrictModel):
+    """A file (``path`` plus ``columns``) or a bundled loader (``loader`` plus ``data_dir``).
+
+    ``max_series`` keeps the first series (in file order) and ``last_n`` the last observations
+    of each: slices for quick runs. Relative paths are relative to the config file.
+    """
+
+    loader: Literal["m4_hourly", "etth1"] | None = None
+    data_dir: Path | None = None
+    variables: list[str] | None = None  # etth1: the columns to forecast, each its own series
+    path: Path | None = None
+    columns: ColumnMapping = Field(default_factory=ColumnMapping)
+    max_series: PositiveInt | None = None
+    last_n: PositiveInt | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataConfig:
+        if (self.loader is None) == (self.path is None):
+            raise ValueError("give either `path` (a CSV or Parquet file) or `loader` "
+                             "(m4_hourly or etth1), not both")
+        if self.loader is not None and self.data_dir is None:
+            raise ValueError(f"`data_dir` is required with loader {self.loader!r}")
+        if self.path is not None and self.path.suffix.lower() not in (".csv", ".parquet",
+                                                                      ".pq"):
+            raise ValueError(f"path {str(self.path)!r}: expected a .csv or .parquet file")
+        if self.loader is not None and self.columns != ColumnMapping():
+            raise ValueError("`columns` applies to `path` sources only")
+        if self.variables is not None and self.loader != "etth1":
+            raise ValueError("`variables` applies to the etth1 loader only")
+        return self
+
+
+class CandidateConfig(StrictModel):
+    """One model in the race: a class name from :data:`pipelines.candidates.MODELS` and its
+    constructor parameters. ``name`` defaults to the model's short name and must be unique."""
+
+    name: str | None = None
+    model: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, model: str) -> str:
+        if model not in MODELS:
+            raise ValueError(f"unknown model {model!r}; choose one of {sorted(MODELS)}")
+        return model
+
+    @field_validator("params")
+    @classmethod
+    def _known_params(cls, params: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        model = info.data.get("model")
+        if model is not None:  # an unknown model is reported on its own key
+            check_params(model, params)
+        return params
+
+    @model_validator(mode="after")
+    def _default_name(self) -> CandidateConfig:
+        if self.name is None:
+            self.name = default_candidate_name(self.model)
+        return self
+
+
+class BacktestConfig(StrictModel):
+    """sktime's ExpandingWindowSplitter or SlidingWindowSplitter with ``folds`` folds.
+
+    ``step`` (default: the horizon) separates fold cutoffs; ``window`` is the initial training
+    window (expanding) or the training window (sliding), by default the largest that leaves
+    room for all folds, so that the last fold forecasts the last ``horizon`` observations.
+    """
+
+    splitter: Literal["expanding", "sliding"] = "expanding"
+    folds: PositiveInt = 3
+    step: PositiveInt | None = None
+    window: PositiveInt | None = None
+
+
+class SelectionConfig(StrictModel):
+    """How the winner is chosen and when it replaces the champion.
+
+    Lower is better for every metric. The winner is promoted when its score is below
+    ``champion score * (1 - promotion_margin)`` on the same folds.
+    """
+
+    metric: Literal["mase", "smape", "mae"] = "mase"
+    promotion_margin: float = Field(default=0.0, ge=0.0, lt=1.0)
+    interval_coverage: float = Field(default=0.9, gt=0.0, lt=1.0)
+
+
+class RegistryConfig(StrictModel):
+    model_name: str = Field(min_length=1)
+
+
+class TrackingConfig(StrictModel):
+    """Where runs and models go. The default needs no server: SQLite and a local folder, both
+    in the working directory. Environment variables override these (see the module doc)."""
+
+    tracking_uri: str = "sqlite:///mlflow.db"
+    registry_uri: str | None = None  # default: the tracking URI
+    experiment_name: str | None = None  # default: the race name
+    # a folder or URI for the experiments the race creates; by default a folder "mlartifacts"
+    # in the working directory, or the server's own artifact store for http(s) tracking URIs
+    artifact_location: str | None = None
+    enable_system_metrics_logging: bool = True
+    system_metrics_sampling_interval: float = Field(default=5.0, gt=0)
+
+
+class TrackingEnvironment(BaseSettings):
+    """The environment's say on tracking: each variable set here replaces the config value."""
+
+    model_config = SettingsConfigDict(env_prefix="MLFLOW_", extra="ignore")
+
+    tracking_uri: str | None = None
+    registry_uri: str | None = None
+    experiment_name: str | None = None
+    artifact_location: str | None = None
+    enable_system_metrics_logging: bool | None = None
+    system_metrics_sampling_interval: float | None = None
+
+
+class RaceConfig(StrictModel):
+    """A whole race: data, forecasting task, candidates, backtest, selection, registry."""
+
+    name: str = Field(min_length=1)
+    data: DataConfig
+    frequency: str = "h"
+    horizon: PositiveInt
+    season_length: PositiveInt | None = None  # default: from the frequency (h -> 24)
+    quantiles: list[float] = Field(default_factory=lambda: list(DEFAULT_QUANTILES))
+    candidates: list[CandidateConfig] = Field(min_length=1)
+    backtest: BacktestConfig = Field(default_factory=BacktestConfig)
+    selection: SelectionConfig = Field(default_factory=SelectionConfig)
+    registry: RegistryConfig
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    plot_series: int = Field(default=4, ge=0)  # series drawn in each forecast plot
+
+    @field_validator("frequency")
+    @classmethod
+    def _pandas_frequency(cls, frequency: str) -> str:
+        try:
+            pd.tseries.frequencies.to_offset(frequency)
+        except ValueError as error:
+            raise ValueError(f"{frequency!r} is not a pandas frequency: {error}") from None
+        return frequency
+
+    @field_validator("quantiles")
+    @classmethod
+    def _levels(cls, quantiles: list[float]) -> list[float]:
+        if not quantiles or any(not 0 < q < 1 for q in quantiles):
+            raise ValueError("quantile levels must lie strictly between 0 and 1")
+        return sorted({*quantiles, 0.5})
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RaceConfig:
+        if self.season_length is None:
+            offset = pd.tseries.frequencies.to_offset(self.frequency)
+            # rule codes carry an anchor ("W-SUN", "QE-DEC"); a multiple ("15min") has none
+            code = offset.rule_code.split("-")[0]
+            self.season_length = SEASONALITY.get(code, 1) if offset.n == 1 else 1
+        names = [c.name for c in self.candidates]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"candidates: names must be unique; repeated: {duplicates} "
+                             "(set `name` on each)")
+        for i, candidate in enumerate(self.candidates):
+            if problem := interval_problem(candidate, self):
+                raise ValueError(f"candidates.{i}.params.quantiles: {problem}")
+        return self
+
+    @model_validator(mode="after")
+    def _environment_overrides(self) -> RaceConfig:
+        overrides = TrackingEnvironment().model_dump(exclude_none=True)
+        if overrides:
+            try:
+                self.tracking = TrackingConfig.model_validate(
+                    {**self.tracking.model_dump(), **overrides})
+            except ValidationError as error:
+                variables = ", ".join(f"MLFLOW_{'.'.join(map(str, e['loc'])).upper()}: "
+                                      f"{e['msg']}" for e in error.errors())
+                raise ValueError(f"tracking (from the environment): {variables}") from None
+        return self
+
+    # names the scheduler reads (pipelines/schedule.py)
+    @property
+    def tracking_uri(self) -> str:
+        return self.tracking.tracking_uri
+
+    @property
+    def registered_model(self) -> str:
+        return self.registry.model_name
+
+    @property
+    def experiment_name(self) -> str:
+        return self.tracking.experiment_name or self.name
+
+    @property
+    def interval_levels(self) -> tuple[float, float]:
+        """The quantile levels bounding the scored prediction interval."""
+        coverage = self.selection.interval_coverage
+        return round((1 - coverage) / 2, 10), round((1 + coverage) / 2, 10)
+
+    @property
+    def forecast_levels(self) -> list[float]:
+        """Every quantile level a forecast carries: the configured ones and the interval's."""
+        return sorted({*self.quantiles, *self.interval_levels})
+
+
+def _location(loc: tuple[int | str, ...]) -> str:
+    return ".".join(str(part) for part in loc)
+
+
+def describe(error: ValidationError) -> list[str]:
+    """One line per pydantic error: ``key.path: message``."""
+    lines = []
+    for item in error.errors():
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown key"
+        # checks across sections raise at the top level and name their key themselves
+        location = _location(item["loc"])
+        lines.append(f"{location}: {message}" if location else message)
+    return lines
+
+
+def parse_config(raw: dict[str, Any], base_dir: Path | None = None) -> RaceConfig:
+    """Validate a config mapping; relative data paths are taken from ``base_dir``."""
+    if not isinstance(raw, dict):
+        raise ConfigError("the config must be a mapping of keys to values")
+    data = raw.get("data")
+    if base_dir is not None and isinstance(data, dict):
+        data = dict(data)
+        for key in ("path", "data_dir"):
+            if isinstance(data.get(key), str) and not Path(data[key]).is_absolute():
+                data[key] = str((base_dir / data[key]).resolve())
+        raw = {**raw, "data": data}
+    try:
+        return RaceConfig.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(describe(error)) from None
+
+
+def load_config(path: str | Path) -> RaceConfig:
+    """Read and validate a race config from YAML (relative data paths: from the file's folder)."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {str(path)!r} not found") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    return parse_config(raw or {}, base_dir=path.resolve().parent)

@@ -1,0 +1,499 @@
+"""The race: backtest every candidate the same way, track it all in MLflow, register every
+model, and move ``@champion`` only to a winner that beats the current champion.
+
+One parent MLflow run per race and a nested run per candidate. Order of work::
+
+    prepare    load data, plan the folds: every config error surfaces here, before training
+    candidates per candidate: backtest on the folds, refit on all data, log the pyfunc model,
+               check it reproduces the estimator, register it as a new version with its metrics
+    champion   load the current @champion and re-score it on the same folds
+    decide     the best valid candidate against the champion, by the promotion margin
+    tag        every version of the race as complete, the winner with the decision
+    alias      last of all: @champion or @challenger on the winner
+
+An error from a candidate's own model code (a fit that raises) fails that candidate only: its
+nested run is marked FAILED and the race goes on without it. An error from MLflow or the
+registry fails the race; aliases are then untouched, and running again starts over cleanly.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import traceback
+from dataclasses import dataclass, field
+
+import mlflow
+import numpy as np
+import pandas as pd
+import yaml
+from sktime.forecasting.base import BaseForecaster, ForecastingHorizon
+from tqdm.auto import tqdm
+
+from forecaster import TransformerForecaster
+from forecaster.data import SERIES, TARGET, panel_to_long
+from forecaster.trainer import EpochRecord
+from pipelines import registry
+from pipelines.backtest import (
+    METRICS,
+    BacktestPlan,
+    BacktestResult,
+    Fold,
+    plan_backtest,
+    run_backtest,
+)
+from pipelines.candidates import build_estimator, is_neural, loggable_params, min_train_length
+from pipelines.config import CandidateConfig, RaceConfig
+from pipelines.forecasts import forecast_frame, forecast_problems, future_index, horizon_of
+from pipelines.pyfunc_model import forecast_history, log_forecaster, model_levels
+from pipelines.sources import RaceData, load_race_data, source_description
+from pipelines.tracking import (
+    attention_figure,
+    configure_tracking,
+    epoch_logger,
+    flatten,
+    forecast_figure,
+    log_warnings,
+    provenance_tags,
+    system_metrics_interval,
+)
+from pipelines.warning_capture import recorded_warnings, without_sktime_notice
+
+logger = logging.getLogger(__name__)
+
+INPUT_EXAMPLE_SERIES, INPUT_EXAMPLE_ROWS = 2, 500
+
+
+@dataclass(frozen=True)
+class PreparedRace:
+    """A config checked against its data: the data and the folds every candidate shares."""
+
+    config: RaceConfig
+    data: RaceData
+    plan: BacktestPlan
+    fh: ForecastingHorizon
+
+
+@dataclass
+class CandidateOutcome:
+    name: str
+    model: str
+    run_id: str
+    status: str = "ok"  # ok | failed
+    scores: dict[str, float] = field(default_factory=lambda: dict.fromkeys(METRICS, math.nan))
+    problems: list[str] = field(default_factory=list)
+    error: str | None = None
+    train_seconds: float = math.nan
+    backtest_seconds: float = math.nan
+    version: int | None = None
+    estimator: BaseForecaster | None = None  # refitted on all the data
+    forecast: pd.DataFrame | None = None  # the estimator's forecast past the data
+    example: pd.DataFrame | None = None  # the logged model's input example ...
+    example_forecast: pd.DataFrame | None = None  # ... and its forecast
+
+    @property
+    def valid(self) -> bool:
+        return self.status == "ok" and not self.problems and all(
+            math.isfinite(v) for v in self.scores.values())
+
+
+@dataclass
+class RaceResult:
+    """What a race did. ``champion_version`` and ``champion_score`` describe the champion after
+    the race (the winner if promoted), scored on this race's folds."""
+
+    leaderboard: pd.DataFrame  # one row per candidate, best first
+    winner: str | None  # the best valid candidate
+    winner_version: int | None
+    winner_score: float | None
+    promoted: bool
+    reason: str
+    champion_version: int | None
+    champion_score: float | None
+    previous_champion_version: int | None
+    previous_champion_score: float | None
+    challenger_version: int | None
+    metric: str
+    model_name: str
+    run_id: str
+    experiment_id: str
+    versions: dict[str, int] = field(default_factory=dict)  # candidate -> registered version
+    # the refitted estimators, in memory (what each registered version was made from)
+    estimators: dict[str, BaseForecaster] = field(default_factory=dict, repr=False)
+
+
+class _Progress:
+    """A candidate's progress bar: one step per fold, the refit, and logging; neural models
+    advance within a step epoch by epoch."""
+
+    def __init__(self, name: str, folds: int, epochs: int | None, enabled: bool):
+        self.bar = tqdm(total=folds + 2, desc=f"{name:<14}", unit="step", leave=True,
+                        disable=not enabled, bar_format="{desc} {bar} {n:.1f}/{total} "
+                        "[{elapsed}<{remaining}]{postfix}")
+        self.epochs, self.done = epochs, 0
+
+    def epoch(self, record: EpochRecord) -> None:
+        if self.epochs:
+            self.bar.update(1 / self.epochs)
+            self.bar.set_postfix_str(f"train {record.train_loss:.3f} val {record.val_loss:.3f}")
+
+    def step(self, note: str | None = None) -> None:
+        self.done += 1
+        self.bar.update(self.done - self.bar.n)  # snaps early-stopped epochs to the step
+        if note:
+            self.bar.set_postfix_str(note)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def prepare_race(config: RaceConfig) -> PreparedRace:
+    """Load the data and plan the folds; raises ConfigError (naming the key) or ValueError."""
+    data = load_race_data(config.data)
+    needs = {c.name: min_train_length(c, config) for c in config.candidates}
+    hungriest = max(needs, key=lambda name: needs[name])
+    plan = plan_backtest(config, data, needs[hungriest], f"candidate {hungriest!r}")
+    return PreparedRace(config, data, plan,
+                        horizon_of(config.horizon, data.datetime_index, config.frequency))
+
+
+def run_race(config: RaceConfig, *, progress: bool = True) -> RaceResult:
+    """Run one race now and return what happened (see the module doc for the steps)."""
+    with without_sktime_notice(), \
+            system_metrics_interval(config.tracking.system_metrics_sampling_interval):
+        prepared = prepare_race(config)  # before MLflow is touched: a bad config changes nothing
+        experiment_id = configure_tracking(config)
+        tracking = config.tracking
+        tags = {"race": config.name, "registered_model": config.registry.model_name,
+                "data_source": source_description(config.data),
+                **provenance_tags(prepared.data.fingerprint)}
+        with mlflow.start_run(experiment_id=experiment_id, run_name=config.name, tags=tags,
+                              log_system_metrics=tracking.enable_system_metrics_logging
+                              ) as parent:
+            _log_race_settings(prepared)
+            outcomes = [_race_candidate(prepared, candidate, tags, experiment_id,
+                                        parent.info.run_id, progress)
+                        for candidate in config.candidates]
+            result = _decide_and_alias(prepared, outcomes, parent.info.run_id, experiment_id)
+    logger.info("race %s: winner %s (v%s), %s: %s", config.name, result.winner,
+                result.winner_version, "promoted" if result.promoted else "not promoted",
+                result.reason)
+    return result
+
+
+def _log_race_settings(prepared: PreparedRace) -> None:
+    config, data, plan = prepared.config, prepared.data, prepared.plan
+    mlflow.log_params({
+        **_race_params(prepared),
+        "candidates": ",".join(c.name or c.model for c in config.candidates),
+        "selection.metric": config.selection.metric,
+        "selection.promotion_margin": str(config.selection.promotion_margin),
+        "data.series": str(len(data.lengths)),
+        "data.observations": str(len(data.long)),
+    })
+    mlflow.log_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False),
+                    "race_config.yaml")
+    mlflow.log_text("\n".join(f"fold {f.number}: train {len(f.y_train)} rows, test "
+                              f"{len(f.y_test)} rows" for f in plan.folds), "folds.txt")
+
+
+def _race_params(prepared: PreparedRace) -> dict[str, str]:
+    config, plan = prepared.config, prepared.plan
+    return {"horizon": str(config.horizon), "frequency": config.frequency,
+            "season_length": str(config.season_length),
+            **flatten({"backtest": {"splitter": config.backtest.splitter,
+                                    "folds": len(plan.folds), "window": plan.window,
+                                    "step": plan.step}})}
+
+
+# ---------------------------------------------------------------------------- one candidate
+def _race_candidate(prepared: PreparedRace, candidate: CandidateConfig, tags: dict[str, str],
+                    experiment_id: str, parent_id: str, progress: bool) -> CandidateOutcome:
+    """Backtest, refit, log, check and register one candidate in its own nested run."""
+    config = prepared.config
+    assert candidate.name is not None
+    probe = build_estimator(candidate, config)  # for its parameters; never fitted
+    run = mlflow.start_run(experiment_id=experiment_id, run_name=candidate.name, nested=True,
+                           log_system_metrics=config.tracking.enable_system_metrics_logging,
+                           tags={**tags, "candidate": candidate.name, "model": candidate.model})
+    outcome = CandidateOutcome(candidate.name, candidate.model, run.info.run_id)
+    bar = _Progress(candidate.name, len(prepared.plan.folds),
+                    probe.get_params().get("max_epochs") if is_neural(probe) else None,
+                    progress)
+    status = "FAILED"
+    try:
+        mlflow.log_params({**_race_params(prepared),
+                           **{f"model.{k}": v for k, v in loggable_params(probe).items()},
+                           "model.class": candidate.model})
+        try:
+            with recorded_warnings() as caught:
+                _backtest_and_refit(prepared, candidate, outcome, bar)
+            count = log_warnings(caught, "warnings.txt")
+            mlflow.log_metric("warnings", count)
+        except Exception as error:  # the candidate's model failed: the race goes on
+            outcome.status, outcome.error = "failed", f"{type(error).__name__}: {error}"
+            mlflow.log_text(traceback.format_exc(), "error.txt")
+            mlflow.set_tag("error", outcome.error[:500])
+            logger.warning("candidate %s failed: %s", candidate.name, outcome.error)
+            return outcome
+        _log_and_register(prepared, candidate, outcome, tags, parent_id)
+        bar.step(f"{config.selection.metric} {outcome.scores[config.selection.metric]:.4f}"
+                 + ("" if outcome.valid else " (invalid)"))
+        status = "FINISHED"
+        return outcome
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:  # a failed candidate returns with status FAILED; an MLflow error propagates
+        bar.close()
+        mlflow.end_run(status)
+
+
+def _backtest_and_refit(prepared: PreparedRace, candidate: CandidateConfig,
+                        outcome: CandidateOutcome, bar: _Progress) -> None:
+    """The candidate's model work: the folds, the forecast plot, the refit on all data."""
+    config, data, run_id = prepared.config, prepared.data, outcome.run_id
+
+    def forecast(fold: Fold) -> pd.DataFrame:
+        estimator = build_estimator(candidate, config, on_epoch=epoch_logger(
+            run_id, f"fold_{fold.number}/", then=bar.epoch))
+        estimator.fit(fold.y_train, fh=prepared.fh)
+        return forecast_frame(estimator, model_levels(estimator, config.forecast_levels))
+
+    def scored(fold: Fold, scores: dict[str, float]) -> None:
+        mlflow.log_metrics({f"fold_{fold.number}/{m}": v for m, v in scores.items()})
+        bar.step(f"fold {fold.number} {config.selection.metric} "
+                 f"{scores[config.selection.metric]:.4f}")
+
+    backtest = run_backtest(forecast, prepared.plan.folds, config, on_fold=scored)
+    outcome.scores, outcome.problems = backtest.scores, list(backtest.problems)
+    outcome.backtest_seconds = backtest.seconds
+    mlflow.log_metrics({**backtest.scores, "backtest_seconds": backtest.seconds})
+    _log_forecast_plot(prepared, backtest)
+
+    final = build_estimator(candidate, config, on_epoch=epoch_logger(run_id, then=bar.epoch))
+    started = time.perf_counter()
+    final.fit(data.panel, fh=prepared.fh)
+    outcome.train_seconds = time.perf_counter() - started
+    outcome.estimator = final
+    mlflow.log_metric("train_seconds", outcome.train_seconds)
+    # what the estimator itself forecasts, past the data and from the input example: the
+    # logged model is checked against the first, and its signature built from the second
+    levels = model_levels(final, config.forecast_levels)
+    outcome.forecast = forecast_frame(final, levels)
+    outcome.problems += [f"final model: {p}" for p in forecast_problems(
+        outcome.forecast, future_index(data.long, config.horizon, config.frequency))]
+    outcome.example = _input_example(prepared)
+    outcome.example_forecast = forecast_history(final, outcome.example, config.horizon, levels,
+                                                config.frequency)
+    if isinstance(final, TransformerForecaster):
+        first = data.panel.index.get_level_values(0)[0]
+        history = data.panel.xs(first, level=0)[TARGET].to_numpy(np.float32)
+        mlflow.log_figure(attention_figure(final.attention_maps(history),
+                                           f"{candidate.name}: attention, series {first}"),
+                          "attention.png")
+    bar.step("refit")
+
+
+def _log_forecast_plot(prepared: PreparedRace, backtest: BacktestResult) -> None:
+    config, fold = prepared.config, prepared.plan.folds[-1]
+    if backtest.last_forecast is None or config.plot_series == 0:
+        return
+    series = list(backtest.last_forecast[SERIES].drop_duplicates()[: config.plot_series])
+    figure = forecast_figure(fold.y_train, backtest.last_forecast,
+                             config.selection.interval_coverage, actual=fold.y_test,
+                             series=series, title=f"last fold (fold {fold.number})")
+    mlflow.log_figure(figure, "forecasts.png")
+
+
+def _log_and_register(prepared: PreparedRace, candidate: CandidateConfig,
+                      outcome: CandidateOutcome, tags: dict[str, str], parent_id: str) -> None:
+    """Log the refitted model, check it, and register it with its metrics as tags."""
+    config, data = prepared.config, prepared.data
+    assert outcome.estimator is not None and outcome.forecast is not None
+    assert outcome.example is not None and outcome.example_forecast is not None
+    info = log_forecaster(outcome.estimator, horizon=config.horizon,
+                          levels=config.forecast_levels, frequency=config.frequency,
+                          input_example=outcome.example,
+                          example_output=outcome.example_forecast)
+    outcome.problems += _reproduction_problems(info.model_uri, data.long, outcome.forecast,
+                                               config.horizon)
+    if outcome.problems:
+        mlflow.log_text("\n".join(outcome.problems), "problems.txt")
+    version = registry.register_version(info, config.registry.model_name, {
+        registry.TAG_CANDIDATE: candidate.name,
+        registry.TAG_MODEL_CLASS: candidate.model,
+        registry.TAG_RACE: parent_id,
+        registry.TAG_VALID: str(outcome.valid).lower(),
+        registry.TAG_PROBLEMS: "; ".join(outcome.problems)[:5000],
+        **{m: f"{outcome.scores[m]:.6g}" for m in METRICS},
+        "selection_metric": config.selection.metric,
+        "horizon": config.horizon,
+        "frequency": config.frequency,
+        "train_seconds": f"{outcome.train_seconds:.3f}",
+        **{k: v for k, v in tags.items() if k not in ("race", "registered_model")},
+    })
+    outcome.version = int(version.version)
+    mlflow.set_tags({"registered_version": version.version, "valid": str(outcome.valid)})
+
+
+def _input_example(prepared: PreparedRace) -> pd.DataFrame:
+    """The last rows of the first series: enough history for any candidate, small to store."""
+    long = prepared.data.long
+    keep = long[SERIES].drop_duplicates().iloc[:INPUT_EXAMPLE_SERIES]
+    rows = min(prepared.plan.window, INPUT_EXAMPLE_ROWS)
+    example = long[long[SERIES].isin(keep)].groupby(SERIES, sort=False).tail(rows)
+    return example.reset_index(drop=True)
+
+
+def _reproduction_problems(model_uri: str, history: pd.DataFrame, expected: pd.DataFrame,
+                           horizon: int) -> list[str]:
+    """The logged model, loaded back, must forecast exactly what the estimator forecasts."""
+    try:
+        loaded = mlflow.pyfunc.load_model(model_uri)
+        got = loaded.predict(history, params={"horizon": horizon})
+    except Exception as error:  # noqa: BLE001 - any failure means the model cannot be served
+        return [f"the logged model failed to forecast: {type(error).__name__}: {error}"]
+    try:
+        pd.testing.assert_frame_equal(got.reset_index(drop=True),
+                                      expected.reset_index(drop=True), check_exact=True,
+                                      check_dtype=False, check_index_type=False)
+    except AssertionError as error:
+        return [f"the logged model's forecasts differ from the estimator's: {error}"]
+    return []
+
+
+# ---------------------------------------------------------------------------- the decision
+def _rescore_champion(prepared: PreparedRace, version: int
+                      ) -> tuple[BacktestResult | None, str | None]:
+    """The champion's scores on this race's folds, or why it could not forecast them.
+
+    A champion that cannot be loaded fails the race (a registry or storage problem must not
+    promote anyone); one that loads but cannot forecast the current folds scores nothing.
+    """
+    config = prepared.config
+    model = mlflow.pyfunc.load_model(f"models:/{config.registry.model_name}/{version}")
+
+    def forecast(fold: Fold) -> pd.DataFrame:
+        return model.predict(panel_to_long(fold.y_train), params={"horizon": config.horizon})
+
+    try:
+        with recorded_warnings():  # the champion's fits warn as they did in its own race
+            result = run_backtest(forecast, prepared.plan.folds, config)
+    except Exception as error:  # noqa: BLE001 - recorded as the reason of the decision
+        return None, f"{type(error).__name__}: {error}"
+    if not result.valid:
+        return result, "; ".join(result.problems) or "non-finite scores"
+    return result, None
+
+
+def _decide_and_alias(prepared: PreparedRace, outcomes: list[CandidateOutcome], run_id: str,
+                      experiment_id: str) -> RaceResult:
+    config = prepared.config
+    name, metric = config.registry.model_name, config.selection.metric
+    leaderboard = _leaderboard(outcomes, metric)
+    valid = [o for o in outcomes if o.valid and o.version is not None]
+    winner = min(valid, key=lambda o: o.scores[metric]) if valid else None
+
+    champion = registry.champion_version(name)
+    champion_score, champion_error = None, None
+    if champion is not None:
+        rescored, champion_error = _rescore_champion(prepared, champion)
+        if rescored is not None and champion_error is None:
+            champion_score = rescored.scores[metric]
+            mlflow.log_metrics({f"champion/{m}": v for m, v in rescored.scores.items()})
+        mlflow.set_tag("champion_version", str(champion))
+
+    decision = registry.decide(metric, winner.scores[metric] if winner else None, champion,
+                               champion_score, config.selection.promotion_margin,
+                               champion_error)
+    # every version is registered: mark them complete and record the decision on the winner
+    for rank, version in enumerate(leaderboard["version"], start=1):
+        if not pd.isna(version):
+            registry.tag_version(name, int(version), {
+                registry.TAG_RANK: rank, registry.TAG_COMPLETE: "true"})
+    if winner is not None:
+        assert winner.version is not None
+        registry.tag_version(name, winner.version, {
+            registry.TAG_DECISION: "promoted" if decision.promoted else "challenger",
+            registry.TAG_REASON: decision.reason,
+            registry.TAG_SCORE: f"{winner.scores[metric]:.6g}",
+            registry.TAG_CHAMPION_SCORE: "" if champion_score is None else f"{champion_score:.6g}",
+            registry.TAG_CHAMPION_VERSION: "" if champion is None else str(champion),
+        })
+        mlflow.log_metrics({f"winner/{m}": v for m, v in winner.scores.items()})
+    mlflow.set_tags({"winner": winner.name if winner else "", "promoted": str(decision.promoted),
+                     "decision_reason": decision.reason})
+    mlflow.log_text(leaderboard.to_markdown(floatfmt=".4f"), "leaderboard.md")
+
+    # the very last step: one alias moves, after every version is fully registered and tagged
+    challenger = None
+    if winner is not None and winner.version is not None:
+        if decision.promoted:
+            registry.set_alias(name, registry.CHAMPION, winner.version)
+        else:
+            registry.set_alias(name, registry.CHALLENGER, winner.version)
+            challenger = winner.version
+
+    promoted = decision.promoted and winner is not None
+    return RaceResult(
+        leaderboard=leaderboard,
+        winner=winner.name if winner else None,
+        winner_version=winner.version if winner else None,
+        winner_score=winner.scores[metric] if winner else None,
+        promoted=promoted,
+        reason=decision.reason,
+        champion_version=winner.version if promoted and winner else champion,
+        champion_score=winner.scores[metric] if promoted and winner else champion_score,
+        previous_champion_version=champion,
+        previous_champion_score=champion_score,
+        challenger_version=challenger,
+        metric=metric,
+        model_name=name,
+        run_id=run_id,
+        experiment_id=experiment_id,
+        versions={o.name: o.version for o in outcomes if o.version is not None},
+        estimators={o.name: o.estimator for o in outcomes if o.estimator is not None},
+    )
+
+
+def _leaderboard(outcomes: list[CandidateOutcome], metric: str) -> pd.DataFrame:
+    """Candidates best first: valid ones by the metric, then invalid, then failed."""
+    rows = [{
+        "candidate": o.name, "model": o.model, **o.scores,
+        "valid": o.valid, "status": o.status, "version": o.version,
+        "train_seconds": o.train_seconds, "backtest_seconds": o.backtest_seconds,
+        "note": o.error or "; ".join(o.problems),
+    } for o in outcomes]
+    table = pd.DataFrame(rows)
+    table["_order"] = [0 if o.valid else 1 if o.status == "ok" else 2 for o in outcomes]
+    table = table.sort_values(["_order", metric], na_position="last", kind="stable")
+    table = table.drop(columns="_order").set_index("candidate")
+    table["version"] = table["version"].astype("Int64")  # missing for failed candidates
+    return table
+
+
+def format_leaderboard(result: RaceResult) -> str:
+    """The leaderboard as a table, the winner marked, and the decision with its reason."""
+    table = result.leaderboard.copy()
+    table.insert(0, "", ["★" if name == result.winner else "" for name in table.index])
+    table["version"] = [f"v{v}" if not pd.isna(v) else "-" for v in table["version"]]
+    table["note"] = table["note"].str.slice(0, 60)
+    lines = [table.to_markdown(floatfmt=".4f"), ""]
+    if result.previous_champion_version is not None:
+        score = ("could not be scored" if result.previous_champion_score is None
+                 else f"{result.metric} {result.previous_champion_score:.4f}")
+        lines.append(f"champion before the race: v{result.previous_champion_version} "
+                     f"(re-scored on the same folds: {score})")
+    if result.winner is None:
+        lines.append(f"no winner: {result.reason}")
+    elif result.promoted:
+        lines.append(f"winner: {result.winner} (v{result.winner_version}, {result.metric} "
+                     f"{result.winner_score:.4f}) -> promoted to @champion: {result.reason}")
+    else:
+        lines.append(f"winner: {result.winner} (v{result.winner_version}, {result.metric} "
+                     f"{result.winner_score:.4f}) -> not promoted, now @challenger: "
+                     f"{result.reason}")
+    return "\n".join(lines)
+

@@ -1,0 +1,201 @@
+"""MLflow logging helpers: store setup, learning curves, plots, provenance tags.
+
+The race decides what to log; this module knows how. Figures are built on
+``matplotlib.figure.Figure`` rather than pyplot, so no global figure state or GUI backend is
+involved.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from mlflow.entities import Metric
+from mlflow.exceptions import MlflowException
+
+from forecaster.data import SERIES, TARGET, TIME
+from forecaster.trainer import EpochRecord
+from pipelines.config import RaceConfig, TrackingConfig
+from pipelines.forecasts import POINT, quantile_column, quantile_levels
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_ARTIFACT_FOLDER = "mlartifacts"
+INTERVAL_VARIABLE = "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"
+
+# tags on runs and model versions
+TAG_FINGERPRINT = "data_fingerprint"
+TAG_COMMIT = "git_commit"
+TAG_DIRTY = "git_dirty"
+
+
+def artifact_uri(tracking: TrackingConfig) -> str | None:
+    """Where a new experiment stores artifacts; None lets a tracking server decide."""
+    location = tracking.artifact_location
+    if location is None:
+        if tracking.tracking_uri.startswith(("http://", "https://")):
+            return None
+        location = DEFAULT_ARTIFACT_FOLDER
+    if "://" in location or location.startswith("mlflow-artifacts:"):
+        return location
+    return Path(location).resolve().as_uri()
+
+
+def configure_tracking(config: RaceConfig) -> str:
+    """Point MLflow at the configured stores and return the race's experiment id (created,
+    with its artifact location, on first use)."""
+    tracking = config.tracking
+    mlflow.set_tracking_uri(tracking.tracking_uri)
+    mlflow.set_registry_uri(tracking.registry_uri or tracking.tracking_uri)
+    name = config.experiment_name
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is not None:
+        experiment_id = experiment.experiment_id
+    else:
+        try:
+            experiment_id = mlflow.create_experiment(name,
+                                                     artifact_location=artifact_uri(tracking))
+        except MlflowException:
+            # another process created it between our lookup and our create
+            experiment = mlflow.get_experiment_by_name(name)
+            if experiment is None:
+                raise
+            experiment_id = experiment.experiment_id
+    # runs are started with this id explicitly: mlflow.set_experiment would also set it in the
+    # process environment, for whatever runs next in a long-lived process
+    return experiment_id
+
+
+@contextmanager
+def system_metrics_interval(seconds: float) -> Iterator[None]:
+    """MLflow's system-metrics sampling interval for the runs started inside.
+
+    MLflow reads it from an environment variable (that is all its setter does), so it is set
+    for the race only and restored after, lest one race's value outlive it in a long-lived
+    process such as the scheduler.
+    """
+    previous = os.environ.get(INTERVAL_VARIABLE)
+    mlflow.set_system_metrics_sampling_interval(seconds)
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(INTERVAL_VARIABLE, None)
+        else:
+            os.environ[INTERVAL_VARIABLE] = previous
+
+
+def git_commit() -> tuple[str, bool]:
+    """The checkout's commit and whether tracked files differ from it ("unknown" outside git)."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
+                                text=True, check=True, timeout=10).stdout.strip()
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                                cwd=REPO, capture_output=True, text=True, check=True,
+                                timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "unknown", False
+    return commit, bool(status.strip())
+
+
+def provenance_tags(fingerprint: str) -> dict[str, str]:
+    commit, dirty = git_commit()
+    return {TAG_FINGERPRINT: fingerprint, TAG_COMMIT: commit, TAG_DIRTY: str(dirty).lower()}
+
+
+def flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested settings as flat MLflow params: ``{"backtest": {"folds": 3}}`` ->
+    ``{"backtest.folds": "3"}``."""
+    flat: dict[str, str] = {}
+    for key, value in mapping.items():
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = str(value)
+    return flat
+
+
+def epoch_logger(run_id: str, prefix: str = "",
+                 then: Callable[[EpochRecord], None] | None = None
+                 ) -> Callable[[EpochRecord], None]:
+    """An ``on_epoch`` callback logging the learning curve (step = epoch) to ``run_id``."""
+    client = mlflow.MlflowClient()
+
+    def log(record: EpochRecord) -> None:
+        client.log_batch(run_id, metrics=[
+            Metric(f"{prefix}{name}", float(value), int(time.time() * 1000), record.epoch)
+            for name, value in (("train_loss", record.train_loss),
+                                ("val_loss", record.val_loss),
+                                ("epoch_seconds", record.seconds))])
+        if then is not None:
+            then(record)
+
+    return log
+
+
+def log_warnings(caught: Iterable[warnings.WarningMessage], artifact: str) -> int:
+    """Log the distinct warnings a step raised as a text artifact; returns how many there were."""
+    caught = list(caught)
+    if caught:
+        counts: dict[str, int] = {}
+        for w in caught:
+            line = f"{w.category.__name__}: {w.message}"
+            counts[line] = counts.get(line, 0) + 1
+        mlflow.log_text("\n".join(f"{n} x {line}" for line, n in counts.items()), artifact)
+    return len(caught)
+
+
+def forecast_figure(history: pd.DataFrame, forecast: pd.DataFrame, coverage: float,
+                    actual: pd.DataFrame | None = None, series: list[str] | None = None,
+                    context: int | None = None, title: str = "") -> Figure:
+    """Forecasts against actuals: the end of each series' history, what happened next (when
+    known), the median forecast and its central ``coverage`` interval."""
+    ids = series if series is not None else list(forecast[SERIES].drop_duplicates())
+    horizon = int(forecast.groupby(SERIES).size().max())
+    context = context or 3 * horizon
+    low, high = (1 - coverage) / 2, (1 + coverage) / 2
+    levels = quantile_levels(forecast)
+    figure = Figure(figsize=(10, 2.4 * max(len(ids), 1)), layout="constrained")
+    axes = figure.subplots(max(len(ids), 1), 1, squeeze=False)[:, 0]
+    for ax, key in zip(axes, ids, strict=False):
+        past = history.xs(key, level=0)[TARGET].iloc[-context:]
+        ax.plot(past.index, past.to_numpy(), color="0.3", lw=1, label="history")
+        if actual is not None:
+            truth = actual.xs(key, level=0)[TARGET]
+            ax.plot(truth.index, truth.to_numpy(), color="black", lw=1.2, label="actual")
+        rows = forecast[forecast[SERIES] == key]
+        ax.plot(rows[TIME], rows[POINT], color="tab:blue", lw=1.2, label="forecast")
+        bounds = [np.array([np.interp(level, levels, r) for r in
+                            rows[[quantile_column(q) for q in levels]].to_numpy()])
+                  for level in (low, high)]
+        ax.fill_between(rows[TIME], bounds[0], bounds[1], color="tab:blue", alpha=0.2,
+                        label=f"{coverage:.0%} interval")
+        ax.set_title(str(key), fontsize=9, loc="left")
+    axes[0].legend(loc="upper left", fontsize=8, ncols=4)
+    if title:
+        figure.suptitle(title)
+    return figure
+
+
+def attention_figure(maps: Mapping[str, np.ndarray], title: str = "") -> Figure:
+    """One heat-map per attention module, averaged over heads (queries down, keys across)."""
+    figure = Figure(figsize=(4.2 * max(len(maps), 1), 4), layout="constrained")
+    axes = figure.subplots(1, max(len(maps), 1), squeeze=False)[0]
+    for ax, (name, weights) in zip(axes, maps.items(), strict=False):
+        image = ax.imshow(np.asarray(weights).mean(axis=0), aspect="auto", cmap="viridis")
+        ax.set_title(f"{name}\n(mean of {np.asarray(weights).shape[0]} heads)", fontsize=8)
+        ax.set_xlabel("key")
+        ax.set_ylabel("query")
+        figure.colorbar(image, ax=ax, shrink=0.8)
+    if title:
+        figure.suptitle(title)
+    return figure
