@@ -6,6 +6,7 @@ standard protocol of its data set, and timed; the result is one table.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -86,6 +87,7 @@ def bench_m4_hourly(data_dir: str | Path, models: list[str] | None = None) -> pd
         y_pred = M4_MODELS[name]().fit(y_train, fh=fh).predict()
         seconds = time.perf_counter() - started
         rows.append({"model": name, **m4_scores(y_test, y_pred, y_train), "seconds": seconds})
+        tqdm.write(str(rows[-1]), file=sys.stderr)
     return pd.DataFrame(rows).set_index("model")
 
 
@@ -107,4 +109,5 @@ def bench_etth1(path: str | Path, horizons: tuple[int, ...] = (96, 336),
         seconds = time.perf_counter() - started
         rows.append({"model": name, "setting": setting, "horizon": horizon,
                      **ett_test_scores(model, splits, columns), "seconds": seconds})
+        tqdm.write(str(rows[-1]), file=sys.stderr)  # the table comes at the end of long runs
     return pd.DataFrame(rows).set_index(["setting", "horizon", "model"])
