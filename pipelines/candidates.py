@@ -16,25 +16,14 @@ from sktime.forecasting.ets import AutoETS
 from sktime.forecasting.naive import NaiveForecaster
 from sktime.forecasting.theta import ThetaForecaster
 
-from forecaster import (
-    GRUForecaster,
-    LSTMForecaster,
-    NeuralForecaster,
-    RNNForecaster,
-    TCNForecaster,
-    TransformerForecaster,
-)
+from forecaster.estimators import ESTIMATORS, NeuralForecaster
 from forecaster.trainer import EpochRecord
 from pipelines.warning_capture import without_sktime_notice
 
 if TYPE_CHECKING:
     from pipelines.config import CandidateConfig, RaceConfig
 
-NEURAL_MODELS: dict[str, type[NeuralForecaster]] = {
-    cls.__name__: cls
-    for cls in (RNNForecaster, LSTMForecaster, GRUForecaster, TCNForecaster,
-                TransformerForecaster)
-}
+NEURAL_MODELS: dict[str, type[NeuralForecaster]] = {cls.__name__: cls for cls in ESTIMATORS}
 BASELINE_MODELS: dict[str, type[BaseForecaster]] = {
     "NaiveForecaster": NaiveForecaster,
     "ThetaForecaster": ThetaForecaster,
