@@ -34,7 +34,7 @@ from forecaster.trainer import (
     predict_scaled,
     train,
 )
-from forecaster.windows import Panel, WindowSampler
+from forecaster.windows import Panel, Windows, WindowSampler
 
 DEFAULT_QUANTILES = (0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95)
 WEIGHTS_FILE, CONFIG_FILE = "weights.pt", "config.json"
@@ -203,6 +203,17 @@ class NeuralForecaster(BaseForecaster):
         This is the whole inference path: no pandas, one forward pass for all series. ``ids``
         name the series in error messages.
         """
+        windows = self._forecast_windows(histories, ids)
+        device = choose_device(self.device)
+        scaled = predict_scaled(self.network_.to(device), windows, device)  # (N, H, outputs)
+        if self.residual_quantiles_ is not None:
+            scaled = scaled + np.asarray(self.residual_quantiles_, np.float32)[None]
+        # sorting rearranges crossed quantiles into valid ones (Chernozhukov et al., 2010)
+        return np.sort(windows.unscale(scaled), axis=-1)
+
+    def _forecast_windows(self, histories: list[np.ndarray], ids: list[object] | None = None
+                          ) -> Windows:
+        """One window per history at its forecast origin, as ``forecast_histories`` reads them."""
         has_future = bool(self.covariates_ or self.static_covariates_)
         arrays = []
         for i, history in enumerate(histories):
@@ -222,13 +233,7 @@ class NeuralForecaster(BaseForecaster):
         panel = Panel([a[:, : 1 + len(self.covariates_)] for a in arrays],
                       None if statics is None else np.stack(statics))
         origins = panel.lengths - self.horizon_
-        windows = panel.windows(np.arange(len(panel)), origins, self.input_len, self.horizon_)
-        device = choose_device(self.device)
-        scaled = predict_scaled(self.network_.to(device), windows, device)  # (N, H, outputs)
-        if self.residual_quantiles_ is not None:
-            scaled = scaled + np.asarray(self.residual_quantiles_, np.float32)[None]
-        # sorting rearranges crossed quantiles into valid ones (Chernozhukov et al., 2010)
-        return np.sort(windows.unscale(scaled), axis=-1)
+        return panel.windows(np.arange(len(panel)), origins, self.input_len, self.horizon_)
 
     def _forecast(self, fh: ForecastingHorizon, X: pd.DataFrame | None
                   ) -> tuple[pd.Index, np.ndarray]:
@@ -536,14 +541,7 @@ class TransformerForecaster(NeuralForecaster):
         as ``forecast_histories`` would read it: encoder self-attention over input tokens,
         decoder self-attention over horizon steps and cross-attention from steps to tokens."""
         self.check_is_fitted()
-        history = np.asarray(history, dtype=np.float32).reshape(len(history), -1)
-        if not (self.covariates_ or self.static_covariates_):
-            history = np.concatenate([history, np.zeros((self.horizon_, 1), np.float32)])
-        panel = Panel([history[:, : 1 + len(self.covariates_)]],
-                      history[None, 0, 1 + len(self.covariates_):]
-                      if self.static_covariates_ else None)
-        windows = panel.windows(np.array([0]), panel.lengths - self.horizon_, self.input_len,
-                                self.horizon_)
+        windows = self._forecast_windows([history])
         past, future = model_inputs(windows, torch.device("cpu"))
         maps = self.network_.cpu().attention_maps(past, future)
         return {name: weights[0].numpy() for name, weights in maps.items()}
