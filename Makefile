@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench-m4 bench-etth1 clean
+.PHONY: demo test lint bench-m4 bench-etth1 bench-serving clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -14,22 +14,26 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
-demo: $(STAMP)  ## race tiny models on 8 M4 Hourly series into ./mlflow.db, print the leaderboard
+demo: $(STAMP)  ## race tiny models into ./mlflow.db, then serve the champion on :3000 (Ctrl-C stops)
 	# one thread: the tiny networks are fastest so, and the machine may have two cores
 	OMP_NUM_THREADS=1 $(BIN)/forecaster train configs/quick.yaml
+	OMP_NUM_THREADS=1 $(BIN)/forecaster serve --port 3000 --first-forecast configs/quick.yaml
 
 test: $(STAMP)  ## lint, then the whole test suite (slow end-to-end tests included)
-	$(BIN)/ruff check forecaster pipelines serving tests
+	$(BIN)/ruff check forecaster pipelines serving tests benchmarks deploy
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)
-	$(BIN)/ruff check forecaster pipelines serving tests
+	$(BIN)/ruff check forecaster pipelines serving tests benchmarks deploy
 
 bench-m4: $(STAMP)
 	$(BIN)/forecaster bench m4-hourly
 
 bench-etth1: $(STAMP)
 	$(BIN)/forecaster bench etth1
+
+bench-serving: $(STAMP)  ## the service against batching off and mlflow models serve
+	$(BIN)/python -m benchmarks.serving
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -205,7 +205,11 @@ class NeuralForecaster(BaseForecaster):
         """
         windows = self._forecast_windows(histories, ids)
         device = choose_device(self.device)
-        scaled = predict_scaled(self.network_.to(device), windows, device)  # (N, H, outputs)
+        if next(self.network_.parameters()).device != device:
+            # moving only when needed: Module.to rebuilds an LSTM's flat weights, which a
+            # forecast running concurrently in another thread may be reading
+            self.network_.to(device)
+        scaled = predict_scaled(self.network_, windows, device)  # (N, H, outputs)
         if self.residual_quantiles_ is not None:
             scaled = scaled + np.asarray(self.residual_quantiles_, np.float32)[None]
         # sorting rearranges crossed quantiles into valid ones (Chernozhukov et al., 2010)

@@ -77,6 +77,19 @@ def _schedule(args: argparse.Namespace) -> None:
                      run_at_start=args.run_at_start)
 
 
+def _serve(args: argparse.Namespace) -> None:
+    from serving.serve_command import serve
+
+    serve(args.host, args.port, config=args.config, first_forecast=args.first_forecast)
+
+
+def _export_bento(args: argparse.Namespace) -> None:
+    from serving.export import export_bento
+
+    _quiet_mlflow()
+    print(export_bento(args.name, args.alias, args.tracking_uri))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="forecaster", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -123,6 +136,27 @@ def build_parser() -> argparse.ArgumentParser:
                           help="train once at start: bare flag = always; if-no-champion trains "
                                "only while the registry has no champion (default: never)")
     schedule.set_defaults(run=_schedule)
+
+    serve = commands.add_parser(
+        "serve", help="serve the registry's champion over HTTP (BentoML), following its alias")
+    serve.add_argument("--host", default="0.0.0.0", help="address to bind (default 0.0.0.0)")
+    serve.add_argument("--port", type=int, default=3000, help="port (default 3000)")
+    serve.add_argument("--config", type=Path,
+                       help="serving config (YAML); the environment overrides it "
+                            "(FORECASTER_*, MLFLOW_TRACKING_URI)")
+    serve.add_argument("--first-forecast", type=Path, metavar="RACE_CONFIG",
+                       help="once ready, forecast the first series of this race config's data "
+                            "and print it with the curl command that does the same")
+    serve.set_defaults(run=_serve)
+
+    export = commands.add_parser(
+        "export-bento", help="pin the current champion in a Bento that does not follow the "
+                             "registry")
+    export.add_argument("--name", help="registered model (default: the serving config's)")
+    export.add_argument("--alias", help="alias to pin (default: the serving config's)")
+    export.add_argument("--tracking-uri", help="MLflow tracking URI (default: the serving "
+                                               "config's, e.g. $MLFLOW_TRACKING_URI)")
+    export.set_defaults(run=_export_bento)
     return parser
 
 

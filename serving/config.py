@@ -1,0 +1,83 @@
+"""The service's settings: typed, with defaults that serve the demo race's champion.
+
+Values come, highest priority first, from the environment (``FORECASTER_<FIELD>``, plus the
+MLflow variables ``MLFLOW_TRACKING_URI`` and ``MLFLOW_REGISTRY_URI``), then from the YAML file
+named by ``FORECASTER_SERVING_CONFIG`` (``forecaster serve --config``), then the defaults here.
+BentoML reads the batching and worker settings when it imports the service, so they are fixed
+for the life of a server; everything else is read when the service starts.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import AliasChoices, Field, ValidationError
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from pipelines.config import describe
+
+CONFIG_FILE_VARIABLE = "FORECASTER_SERVING_CONFIG"
+
+
+class ServingConfig(BaseSettings):
+    """Where the model comes from, how requests are batched, and the service's limits."""
+
+    model_config = SettingsConfigDict(env_prefix="FORECASTER_", extra="forbid",
+                                      populate_by_name=True)
+
+    tracking_uri: str = Field(default="sqlite:///mlflow.db", validation_alias=AliasChoices(
+        "tracking_uri", "MLFLOW_TRACKING_URI"))
+    registry_uri: str | None = Field(default=None, validation_alias=AliasChoices(
+        "registry_uri", "MLFLOW_REGISTRY_URI"))
+    model_name: str = Field(default="m4-hourly-quick", min_length=1)
+    model_alias: str = Field(default="champion", min_length=1)
+    # a BentoML model-store tag to serve instead of following the alias (set by export-bento)
+    bento_model: str | None = None
+    poll_seconds: float = Field(default=30.0, gt=0, description="how often the alias is read")
+    # adaptive batching: a forward pass takes at most max_batch_size series; a request waits
+    # at most max_latency_ms in the queue before BentoML's dispatcher sheds it with a 503
+    batching: bool = True
+    max_batch_size: int = Field(default=256, ge=2)
+    max_latency_ms: int = Field(default=1000, gt=0)
+    workers: int = Field(default=1, ge=1)
+    threads: int = Field(default=1, ge=1, description="torch threads per worker")
+    max_series_per_request: int = Field(default=1000, ge=1)
+    max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+    access_log: bool = False  # one log line per request costs more CPU than a forward pass
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings],
+                                   init_settings: PydanticBaseSettingsSource,
+                                   env_settings: PydanticBaseSettingsSource,
+                                   dotenv_settings: PydanticBaseSettingsSource,
+                                   file_secret_settings: PydanticBaseSettingsSource,
+                                   ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # the environment beats the file, which arrives as init values
+        return env_settings, init_settings
+
+    @property
+    def model_uri(self) -> str:
+        return f"models:/{self.model_name}@{self.model_alias}"
+
+
+def load_serving_config(path: str | Path | None = None) -> ServingConfig:
+    """The settings from ``path`` (default: ``$FORECASTER_SERVING_CONFIG``, else none) and the
+    environment; a ValueError names each bad key."""
+    path = path or os.environ.get(CONFIG_FILE_VARIABLE)
+    values: dict[str, Any] = {}
+    if path:
+        try:
+            values = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise ValueError(f"serving config {str(path)!r} not found") from None
+        except yaml.YAMLError as error:
+            raise ValueError(f"{path}: not valid YAML: {error}") from None
+        if not isinstance(values, dict):
+            raise ValueError(f"{path}: the serving config must be a mapping of keys to values")
+    try:
+        return ServingConfig(**values)
+    except ValidationError as error:
+        raise ValueError("invalid serving config:\n  " + "\n  ".join(describe(error))) from None

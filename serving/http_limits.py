@@ -1,0 +1,54 @@
+"""An ASGI middleware that refuses request bodies over a size limit with a 413."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+
+class BodySizeLimit:
+    def __init__(self, app: ASGIApp, max_bytes: int, on_reject: Callable[[], None] | None = None):
+        self.app, self.max_bytes, self.on_reject = app, max_bytes, on_reject
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None:
+            if int(length) > self.max_bytes:
+                await self._reject(scope, receive, send)
+                return
+            await self.app(scope, receive, send)  # the server holds the body to its length
+            return
+        # a chunked body has no declared length: read it up to the limit, then replay it
+        messages: list[Message] = []
+        size = 0
+        while True:
+            message = await receive()
+            messages.append(message)
+            if message["type"] != "http.request":
+                break
+            size += len(message.get("body", b""))
+            if size > self.max_bytes:
+                await self._reject(scope, receive, send)
+                return
+            if not message.get("more_body", False):
+                break
+
+        async def replay() -> Message:
+            return messages.pop(0) if messages else await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.on_reject is not None:
+            self.on_reject()
+        response = JSONResponse({"error": f"request body over the limit of {self.max_bytes} "
+                                          "bytes", "detail": [{"loc": ["body"],
+                                                               "msg": "too large",
+                                                               "type": "body_too_large"}]},
+                                status_code=413)
+        await response(scope, receive, send)

@@ -1,0 +1,144 @@
+"""The request path as plain functions, tested without a server.
+
+    prepare   a parsed request checked against the served model -> PreparedRequest
+    forward   the series of many requests in one model call     -> forecasts per request
+    render    a request's forecasts                             -> response JSON
+
+A ``RequestError`` names the field and the problem; the HTTP layer turns it into a 400.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import pydantic_core
+
+from serving.model import Forecasts, ServedModel
+from serving.schemas import ForecastRequest
+
+# one series of a request, as the batching dispatcher queues it
+Item = tuple[ServedModel, np.ndarray]
+
+
+class RequestError(ValueError):
+    """A request the served model cannot answer; ``loc`` is the offending field's path."""
+
+    def __init__(self, loc: tuple[str | int, ...], reason: str, message: str):
+        super().__init__(message)
+        self.loc, self.reason, self.message = loc, reason, message
+
+    def body(self) -> dict:
+        return {"error": f"{'.'.join(map(str, self.loc))}: {self.message}",
+                "detail": [{"loc": list(self.loc), "msg": self.message, "type": self.reason}]}
+
+
+@dataclass(frozen=True)
+class PreparedRequest:
+    model: ServedModel
+    ids: list[str]
+    histories: list[np.ndarray]
+    horizon: int
+    levels: list[float]  # requested levels, as the model spells them
+    columns: list[int]  # their positions in the model's output (after the point forecast)
+    timestamps: list[list[str] | None]
+
+    def items(self) -> list[Item]:
+        return [(self.model, history) for history in self.histories]
+
+
+def prepare(request: ForecastRequest, model: ServedModel, max_series: int) -> PreparedRequest:
+    """Check a parsed request against the model; raise RequestError naming the field."""
+    info = model.info
+    if len(request.series) > max_series:
+        raise RequestError(("series",), "too_many_series",
+                           f"{len(request.series)} series; at most {max_series} per request")
+    if request.horizon > info.horizon:
+        raise RequestError(("horizon",), "horizon_too_large",
+                           f"horizon {request.horizon} exceeds the {info.horizon} steps model "
+                           f"{info.name} v{info.version} was trained for")
+    levels, columns = _levels(request.quantiles, info.quantiles)
+    histories = []
+    for i, series in enumerate(request.series):
+        if len(series.values) < info.min_history:
+            raise RequestError(("series", i, "values"), "history_too_short",
+                               f"series {series.id!r} has {len(series.values)} values; the "
+                               f"model needs at least {info.min_history}")
+        histories.append(np.asarray(series.values, dtype=np.float32))
+    timestamps = [_future_times(s.start, s.freq, len(s.values), request.horizon)
+                  if s.start is not None else None for s in request.series]
+    return PreparedRequest(model, [s.id for s in request.series], histories, request.horizon,
+                           levels, columns, timestamps)
+
+
+def forward(jobs: Sequence[Sequence[Item]],
+            observe: Callable[[ServedModel, int, float], None] | None = None
+            ) -> list[Forecasts]:
+    """Forecasts for the queued series of many requests: one model call per distinct model
+    (during a swap, requests checked against the old model finish on it). ``observe`` receives
+    (model, series, seconds) of each call."""
+    flat = [item for job in jobs for item in job]
+    results: list = [None] * len(flat)
+    by_model: dict[int, list[int]] = {}
+    for position, (model, _) in enumerate(flat):
+        by_model.setdefault(id(model), []).append(position)
+    for positions in by_model.values():
+        model = flat[positions[0]][0]
+        start = time.perf_counter()
+        forecasts = model.predict([flat[p][1] for p in positions])
+        if observe is not None:
+            observe(model, len(positions), time.perf_counter() - start)
+        for position, forecast in zip(positions, forecasts, strict=True):
+            results[position] = forecast
+    out, offset = [], 0
+    for job in jobs:
+        out.append(results[offset:offset + len(job)])
+        offset += len(job)
+    return out
+
+
+def render(prepared: PreparedRequest, forecasts: Forecasts) -> bytes:
+    """The response JSON; a series the model could not forecast raises RequestError."""
+    info, horizon = prepared.model.info, prepared.horizon
+    keys = [f"{level:g}" for level in prepared.levels]
+    entries = []
+    for i, (series_id, forecast) in enumerate(zip(prepared.ids, forecasts, strict=True)):
+        if isinstance(forecast, Exception):
+            raise RequestError(("series", i, "values"), "model_failed",
+                               f"series {series_id!r} could not be forecast: {forecast}")
+        values = forecast[:horizon].T  # (1 + levels, horizon)
+        entry = {"id": series_id, "mean": values[0].tolist(),
+                 "quantiles": {key: values[1 + c].tolist()
+                               for key, c in zip(keys, prepared.columns, strict=True)}}
+        if prepared.timestamps[i] is not None:
+            entry["timestamps"] = prepared.timestamps[i]
+        entries.append(entry)
+    body = {"model": {"name": info.name, "version": info.version, "alias": info.alias},
+            "forecasts": entries}
+    return pydantic_core.to_json(body)
+
+
+def _levels(requested: list[float] | None, available: list[float]
+            ) -> tuple[list[float], list[int]]:
+    if requested is None:
+        return list(available), list(range(len(available)))
+    levels, columns = [], []
+    for i, level in enumerate(requested):
+        matches = [j for j, a in enumerate(available) if math.isclose(a, level, abs_tol=1e-9)]
+        if not matches:
+            raise RequestError(("quantiles", i), "unknown_quantile",
+                               f"level {level:g} is not among the model's levels "
+                               f"{[float(f'{a:g}') for a in available]}")
+        levels.append(available[matches[0]])
+        columns.append(matches[0])
+    return levels, columns
+
+
+def _future_times(start: object, freq: str | None, observed: int, horizon: int) -> list[str]:
+    offset = pd.tseries.frequencies.to_offset(freq)
+    first = pd.Timestamp(start) + observed * offset
+    return [t.isoformat() for t in pd.date_range(first, periods=horizon, freq=offset)]

@@ -1,0 +1,34 @@
+"""The service's own Prometheus metrics, exposed on BentoML's /metrics beside its built-ins.
+
+``bentoml serve`` sets PROMETHEUS_MULTIPROC_DIR before its workers import this module, so each
+worker writes its samples to files there and /metrics sums them over workers: counters and
+histograms add up, and the served-version gauge reports the most recent value of a live worker.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+SERIES_FORECAST = Counter(
+    "forecaster_series_forecast", "Series forecast, by the model version that answered",
+    ["model_version"])
+BATCH_SIZE = Histogram(
+    "forecaster_inference_batch_size", "Series per model forward pass",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024))
+FORWARD_SECONDS = Histogram(
+    "forecaster_forward_seconds", "Wall time of one model forward pass",
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5))
+VALIDATION_FAILURES = Counter(
+    "forecaster_validation_failures", "Requests refused as invalid, by reason", ["reason"])
+MODEL_LOADS = Counter(
+    "forecaster_model_loads", "Model loads by outcome: loaded (first), swapped, failed",
+    ["outcome"])
+SERVED_VERSION = Gauge(
+    "forecaster_served_model_version", "Registry version of the model being served",
+    ["model_name", "alias"], multiprocess_mode="livemostrecent")
+
+
+def observe_forward(model_version: int, series: int, seconds: float) -> None:
+    BATCH_SIZE.observe(series)
+    FORWARD_SECONDS.observe(seconds)
+    SERIES_FORECAST.labels(model_version=str(model_version)).inc(series)

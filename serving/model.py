@@ -1,0 +1,197 @@
+"""The served model: a registry version loaded, checked and warmed up, behind one numeric call.
+
+``ServedModel.predict`` maps raw histories to forecasts (series, horizon, 1 + levels): the
+point forecast, then the model's quantiles in ascending order. A neural champion answers all
+series in one forward pass (``NeuralForecaster.forecast_histories``); an sktime baseline is a
+local model and is refitted on each history, as the pyfunc model does.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+
+from forecaster import NeuralForecaster
+from forecaster.data import SERIES, TARGET, TIME
+from pipelines.forecasts import POINT, quantile_column
+from pipelines.pyfunc_model import NEURAL, ForecasterModel, forecast_history
+from pipelines.registry import METRIC_TAGS, TAG_CANDIDATE, TAG_MODEL_CLASS
+from serving.schemas import ModelInfo
+
+logger = logging.getLogger(__name__)
+
+# a baseline needs a few points to fit at all; its own fit reports anything stricter
+BASELINE_MIN_HISTORY = 2
+# warm-up batch sizes: the first forward at a new size allocates, later ones reuse
+WARMUP_BATCHES = (1, 8, 64)
+
+Forecasts = list[np.ndarray | Exception]  # per series: (horizon, 1 + levels), or its error
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    info: ModelInfo
+    predict: Callable[[list[np.ndarray]], Forecasts]
+
+    @property
+    def version(self) -> int:
+        return self.info.version
+
+
+def resolve_alias(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
+    """The version ``name@alias`` points at, or None while the model or alias does not exist."""
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException as error:
+        # a missing model is RESOURCE_DOES_NOT_EXIST, a missing alias INVALID_PARAMETER_VALUE
+        if error.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return None
+        raise
+
+
+@dataclass(frozen=True)
+class VersionMeta:
+    """What the service reports about a registered version (see ``ModelInfo``)."""
+
+    name: str
+    version: int
+    tags: dict[str, str]
+    run_id: str | None
+    trained_at: datetime | None
+
+    @classmethod
+    def of(cls, client: MlflowClient, version: ModelVersion) -> VersionMeta:
+        return cls(version.name, int(version.version), dict(version.tags), version.run_id,
+                   _trained_at(client, version))
+
+
+def load_version(client: MlflowClient, version: ModelVersion, alias: str,
+                 warmup_batch: int = max(WARMUP_BATCHES)) -> ServedModel:
+    """Load a registered version from the registry, check that it forecasts, warm it up."""
+    pyfunc = mlflow.pyfunc.load_model(f"models:/{version.name}/{version.version}")
+    return served_model(pyfunc, VersionMeta.of(client, version), alias, warmup_batch)
+
+
+def served_model(pyfunc: mlflow.pyfunc.PyFuncModel, meta: VersionMeta, alias: str,
+                 warmup_batch: int = max(WARMUP_BATCHES)) -> ServedModel:
+    """A loaded pyfunc model, checked and warmed up; ValueError when this API cannot serve it
+    (a model with covariates, a forecast of the wrong shape)."""
+    wrapper = pyfunc.unwrap_python_model()
+    # a model from code runs pipelines/pyfunc_model.py as its own module: compare by name
+    if type(wrapper).__name__ != ForecasterModel.__name__:
+        raise ValueError(f"{meta.name} v{meta.version} is not a forecaster pyfunc model")
+    if wrapper.kind == NEURAL:
+        estimator: NeuralForecaster = wrapper.estimator
+        if estimator.covariates_ or estimator.static_covariates_:
+            raise ValueError("models trained with covariates need them in the request, which "
+                             "this API does not take")
+        levels, min_history = list(estimator.levels_), int(estimator.min_history_)
+        predict, batches = _neural_predict(estimator), (*WARMUP_BATCHES, warmup_batch)
+    else:
+        # one check suffices: a local model refits per series, nothing to warm up
+        levels, min_history = sorted(wrapper.levels), BASELINE_MIN_HISTORY
+        predict, batches = _baseline_predict(wrapper), (1,)
+    tags = meta.tags
+    model = ServedModel(
+        info=ModelInfo(
+            name=meta.name, version=meta.version, alias=alias,
+            model_class=tags.get(TAG_MODEL_CLASS, type(wrapper.estimator).__name__),
+            candidate=tags.get(TAG_CANDIDATE, ""), horizon=wrapper.horizon, quantiles=levels,
+            min_history=min_history, frequency=wrapper.frequency,
+            trained_at=meta.trained_at, run_id=meta.run_id,
+            metrics={m: float(tags[m]) for m in METRIC_TAGS if _is_number(tags.get(m))},
+            loaded_at=datetime.now(timezone.utc)),
+        predict=predict)
+    check_and_warm_up(model, sorted({min(b, warmup_batch) for b in batches}))
+    return model
+
+
+def load_bento_model(tag: str, warmup_batch: int = max(WARMUP_BATCHES)) -> ServedModel:
+    """A model that ``forecaster export-bento`` put in the BentoML model store."""
+    import bentoml
+
+    stored = bentoml.models.get(tag)
+    meta = stored.info.metadata
+    trained_at = datetime.fromisoformat(meta["trained_at"]) if meta.get("trained_at") else None
+    return served_model(bentoml.mlflow.load_model(stored),
+                        VersionMeta(meta["name"], int(meta["version"]), meta["tags"],
+                                    meta.get("run_id"), trained_at),
+                        meta["alias"], warmup_batch)
+
+
+def check_and_warm_up(model: ServedModel, batch_sizes: list[int]) -> None:
+    """Forecast a synthetic history at these batch sizes; an error or a wrong shape raises."""
+    info = model.info
+    length = max(info.min_history, 2 * info.horizon, 48)
+    steps = np.arange(length, dtype=np.float32)
+    history = 10 + np.sin(2 * np.pi * steps / 24) + 0.01 * steps
+    expected = (info.horizon, 1 + len(info.quantiles))
+    for size in batch_sizes:
+        forecasts = model.predict([history] * size)
+        for forecast in forecasts:
+            if isinstance(forecast, Exception):
+                raise ValueError(f"the model failed on a synthetic history: {forecast}")
+            if forecast.shape != expected or not np.isfinite(forecast).all():
+                raise ValueError(f"the model's forecast has shape {forecast.shape} or non-finite "
+                                 f"values; expected finite values of shape {expected}")
+        if len(forecasts) != size:
+            raise ValueError(f"{len(forecasts)} forecasts for {size} histories")
+
+
+def _neural_predict(estimator: NeuralForecaster) -> Callable[[list[np.ndarray]], Forecasts]:
+    median = estimator.levels_.index(0.5)
+
+    def predict(histories: list[np.ndarray]) -> Forecasts:
+        quantiles = estimator.forecast_histories(histories)  # (N, H, levels), one forward
+        return list(np.concatenate([quantiles[..., median:median + 1], quantiles], axis=-1))
+
+    return predict
+
+
+def _baseline_predict(wrapper: ForecasterModel) -> Callable[[list[np.ndarray]], Forecasts]:
+    levels = sorted(wrapper.levels)
+    columns = [POINT, *map(quantile_column, levels)]
+
+    def predict(histories: list[np.ndarray]) -> Forecasts:
+        results: Forecasts = []
+        for history in histories:  # local models: one fit per series, each may fail alone
+            frame = pd.DataFrame({SERIES: "series", TIME: np.arange(len(history)),
+                                  TARGET: history})
+            try:
+                forecast = forecast_history(wrapper.estimator, frame, wrapper.horizon, levels,
+                                            wrapper.frequency)
+                results.append(forecast[columns].to_numpy(np.float64))
+            except Exception as error:  # noqa: BLE001 - reported for this series only
+                results.append(error)
+        return results
+
+    return predict
+
+
+def _trained_at(client: MlflowClient, version: ModelVersion) -> datetime | None:
+    """When the version's run finished (its registration time if the run is gone)."""
+    millis = version.creation_timestamp
+    if version.run_id:
+        try:
+            millis = client.get_run(version.run_id).info.end_time or millis
+        except MlflowException:
+            logger.warning("run %s of %s v%s is gone", version.run_id, version.name,
+                           version.version)
+    return datetime.fromtimestamp(millis / 1000, tz=timezone.utc) if millis else None
+
+
+def _is_number(value: str | None) -> bool:
+    try:
+        return value is not None and math.isfinite(float(value))
+    except ValueError:
+        return False

@@ -1,0 +1,131 @@
+"""The HTTP API's request and response bodies (pydantic): what the OpenAPI schema publishes.
+
+Checks that need no model live here (finite numbers, non-empty series, unique ids, a positive
+horizon); checks against the served model (its horizon, quantile levels and minimum history)
+are in :mod:`serving.inference`.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from datetime import datetime
+from typing import Annotated
+
+import pandas as pd
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
+
+# JSON has no NaN or infinity, but Python's parsers accept the literals; refuse them here
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+
+
+def _strictly_inside(level: float) -> float:
+    if level in (0.0, 1.0):
+        raise ValueError("a quantile level lies strictly between 0 and 1")
+    return level
+
+
+# BentoML publishes OpenAPI 3.0, whose exclusive bounds are flags, not numbers: the bounds
+# here are inclusive in the schema and the endpoints are refused by the validator
+QuantileLevel = Annotated[float, Field(ge=0, le=1), AfterValidator(_strictly_inside)]
+
+
+class Series(BaseModel):
+    """One series' history, oldest value first."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(min_length=1, max_length=256, description="the series' name, echoed back")
+    values: list[FiniteFloat] = Field(min_length=1, description="the history, oldest first")
+    start: datetime | None = Field(default=None, description="time of the first value")
+    freq: str | None = Field(default=None, description="pandas frequency, e.g. 'h' or '15min'")
+
+    @field_validator("freq")
+    @classmethod
+    def _pandas_frequency(cls, freq: str | None) -> str | None:
+        if freq is not None:
+            try:
+                pd.tseries.frequencies.to_offset(freq)
+            except ValueError:
+                raise ValueError(f"{freq!r} is not a pandas frequency (e.g. 'h', 'D', "
+                                 "'15min')") from None
+        return freq
+
+    @model_validator(mode="after")
+    def _start_with_freq(self) -> Series:
+        if (self.start is None) != (self.freq is None):
+            raise ValueError("give both `start` and `freq` for timestamps, or neither")
+        return self
+
+
+class ForecastRequest(BaseModel):
+    """Histories to forecast, how far ahead, and which quantile levels."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    series: list[Series] = Field(min_length=1, description="one or more series")
+    horizon: int = Field(ge=1, description="steps ahead, at most the model's horizon")
+    quantiles: list[QuantileLevel] | None = Field(
+        default=None, description="levels among the model's (GET /model); default: all")
+
+    @field_validator("series")
+    @classmethod
+    def _unique_ids(cls, series: list[Series]) -> list[Series]:
+        counts = Counter(s.id for s in series)
+        repeated = sorted(name for name, count in counts.items() if count > 1)
+        if repeated:
+            raise ValueError(f"series ids must be unique; repeated: {repeated}")
+        return series
+
+
+class ModelRef(BaseModel):
+    name: str
+    version: int
+    alias: str
+
+
+class SeriesForecast(BaseModel):
+    id: str
+    mean: list[float] = Field(description="point forecast (the median for quantile models)")
+    quantiles: dict[str, list[float]] = Field(description="level -> values")
+    timestamps: list[datetime] | None = None
+
+
+class ForecastResponse(BaseModel):
+    model: ModelRef
+    forecasts: list[SeriesForecast]
+
+
+class ModelInfo(BaseModel):
+    """The served model: registry coordinates, what it can forecast, how it scored."""
+
+    name: str
+    version: int
+    alias: str
+    model_class: str
+    candidate: str
+    horizon: int
+    quantiles: list[float]
+    min_history: int
+    frequency: str
+    trained_at: datetime | None
+    run_id: str | None
+    metrics: dict[str, float] = Field(description="backtest metrics recorded at registration")
+    loaded_at: datetime
+
+
+class ErrorDetail(BaseModel):
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+class ErrorResponse(BaseModel):
+    error: str
+    detail: list[ErrorDetail] = Field(default_factory=list)

