@@ -1,15 +1,16 @@
 """Serving benchmark: throughput and latency of POST /forecast against its peers.
 
-    python benchmarks/serving.py [--repeats 3] [--seconds 10] [--clients 64]
+    python -m benchmarks.serving [--repeats 3] [--seconds 10] [--clients 64]
 
-Trains the benchmark model once (benchmarks/serving_lstm.yaml: an LSTM with hidden size 128,
-two layers, input length 96, horizon 48) into its own MLflow store, then, in each repeat,
-starts each server on loopback and drives it with closed-loop clients that each post one
-series: the service with adaptive batching on, the same with batching off, and
-``mlflow models serve -w 2`` of the same registered version. The load generator shares the
-machine's cores with the server under test, for every peer alike. Prints medians over the
-repeats, the ratio to mlflow measured in the same repeats, and the ratio to the bare forward
-pass at batch 64 (the floor: what the model alone could answer).
+Trains the benchmark models once (benchmarks/serving_lstm.yaml: LSTMs with hidden size 128,
+two layers, input length 96, horizon 48; one reads its input step by step, one in 24-step
+segments) into their own MLflow store. In each repeat it starts every server on loopback and
+drives it with closed-loop clients that each post one series: the service (two workers) with
+adaptive batching on and off, and, for the step-by-step LSTM, ``mlflow models serve -w 2`` of
+the same registered version. The load generator shares the machine's cores with the server
+under test, for every peer alike. Prints medians over the repeats, the ratios to mlflow and to
+batching off measured in the same repeats, and the ratio to the bare forward pass at batch 64
+(what the model alone could answer).
 """
 
 from __future__ import annotations
@@ -29,16 +30,21 @@ import pandas as pd
 from mlflow import MlflowClient
 from tqdm.auto import tqdm
 
-from benchmarks.load import run_load
+from benchmarks.load import LoadResult, run_load
 from forecaster.datasets import load_m4_hourly
+from pipelines import registry
 from pipelines.config import load_config
 from pipelines.race import run_race
 from serving.first_forecast import wait_until_ready
-from serving.model import load_version, resolve_alias
+from serving.model import load_version
 
 ROOT = Path(__file__).resolve().parents[1]
 RACE = ROOT / "benchmarks" / "serving_lstm.yaml"
 INPUT, HORIZON = 96, 48
+MODELS = ("lstm-step", "lstm-segmented")  # candidate names in RACE, served by alias
+# (model, server); mlflow only for the model the issue's reference timings describe
+PEERS = [("lstm-step", "batching on"), ("lstm-step", "batching off"), ("lstm-step", "mlflow"),
+         ("lstm-segmented", "batching on"), ("lstm-segmented", "batching off")]
 
 
 def free_port() -> int:
@@ -47,34 +53,33 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def prepare_store(store: Path) -> tuple[dict[str, str], int]:
-    """The benchmark registry (trained on first use) and the champion's version."""
+def prepare_store(store: Path) -> tuple[dict[str, str], str, dict[str, int]]:
+    """The benchmark registry (trained on first use): environment, model name, and the
+    version of each model, which also holds an alias named after it."""
     store.mkdir(parents=True, exist_ok=True)
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{store / 'mlflow.db'}",
            "MLFLOW_ARTIFACT_LOCATION": str(store / "mlartifacts")}
     os.environ.update(env)
     config = load_config(RACE)
-    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
-    version = resolve_alias(client, config.registered_model, "champion")
-    if version is None:
-        run_race(config, progress=True)
-        version = resolve_alias(client, config.registered_model, "champion")
-    return env, int(version.version)
+    name = config.registered_model
+    if set(registry.aliases(name)) < set(MODELS):
+        result = run_race(config, progress=True)
+        for model in MODELS:
+            registry.set_alias(name, model, result.versions[model])
+    return env, name, {model: registry.aliases(name)[model] for model in MODELS}
 
 
-def bare_forward(version: int) -> dict[int, float]:
-    """Median seconds of the served model's forward pass at batch sizes 1 and 64."""
+def bare_forward(name: str, version: int, history: np.ndarray) -> dict[int, float]:
+    """Median seconds of the model's forward pass at batch sizes 1 and 64."""
     import torch
 
     torch.set_num_threads(1)
     client = MlflowClient()
-    model = load_version(client, client.get_model_version(RACE_MODEL, str(version)),
-                         "champion")
-    history = example_history()
+    model = load_version(client, client.get_model_version(name, str(version)), "bench")
     times = {}
     for batch in (1, 64):
         samples = []
-        for _ in range(50):
+        for _ in range(30):
             start = time.perf_counter()
             model.predict([history] * batch)
             samples.append(time.perf_counter() - start)
@@ -101,22 +106,24 @@ def mlflow_body(history: np.ndarray) -> bytes:
                        "params": {"horizon": HORIZON}}).encode()
 
 
-def start_server(kind: str, port: int, env: dict[str, str], version: int) -> subprocess.Popen:
+def start_server(server: str, port: int, env: dict[str, str], name: str, model: str,
+                 version: int, log: Path) -> subprocess.Popen:
     full_env = {**os.environ, **env, "OMP_NUM_THREADS": "1",
                 # mlflow models serve runs `uvicorn` from PATH: this environment's
                 "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    if kind == "mlflow":
+    if server == "mlflow":
         command = [sys.executable, "-m", "mlflow", "models", "serve", "-m",
-                   f"models:/{RACE_MODEL}/{version}", "-w", "2", "-p", str(port),
+                   f"models:/{name}/{version}", "-w", "2", "-p", str(port),
                    "--env-manager", "local"]
     else:
         # two workers, like mlflow's best configuration: one per core
-        full_env |= {"FORECASTER_MODEL_NAME": RACE_MODEL, "FORECASTER_WORKERS": "2",
-                     "FORECASTER_BATCHING": str(kind == "batching on").lower()}
+        full_env |= {"FORECASTER_MODEL_NAME": name, "FORECASTER_MODEL_ALIAS": model,
+                     "FORECASTER_WORKERS": "2",
+                     "FORECASTER_BATCHING": str(server == "batching on").lower()}
         command = [sys.executable, "-m", "pipelines.cli", "serve", "--host", "127.0.0.1",
                    "--port", str(port)]
-    return subprocess.Popen(command, env=full_env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    with log.open("wb") as output:
+        return subprocess.Popen(command, env=full_env, stdout=output, stderr=subprocess.STDOUT)
 
 
 def wait_for_mlflow(url: str, timeout: float = 180) -> None:
@@ -131,10 +138,6 @@ def wait_for_mlflow(url: str, timeout: float = 180) -> None:
     raise TimeoutError(f"mlflow models serve at {url} did not start")
 
 
-RACE_MODEL = load_config(RACE).registered_model
-PEERS = ("batching on", "batching off", "mlflow")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
@@ -143,60 +146,68 @@ def main() -> None:
     parser.add_argument("--store", type=Path, default=Path("/tmp/forecaster-serving-bench"))
     args = parser.parse_args()
 
-    env, version = prepare_store(args.store)
-    floor = bare_forward(version)
+    env, name, versions = prepare_store(args.store)
     history = example_history()
-    bodies = {"batching on": service_body(history), "batching off": service_body(history),
-              "mlflow": mlflow_body(history)}
-    results: dict[tuple[str, int], list] = {}
-    runs = [(r, peer) for r in range(args.repeats) for peer in PEERS]
-    for _, peer in tqdm(runs, desc="serving benchmark"):
+    floors = {model: bare_forward(name, versions[model], history) for model in MODELS}
+    logs = args.store / "logs"
+    logs.mkdir(exist_ok=True)
+    results: dict[tuple[str, str, int], list[LoadResult]] = {}
+    runs = [(r, *peer) for r in range(args.repeats) for peer in PEERS]
+    for repeat, model, server in tqdm(runs, desc="serving benchmark"):
         port = free_port()
-        server = start_server(peer, port, env, version)
+        log = logs / f"{model}-{server.replace(' ', '-')}-{repeat}.log"
+        process = start_server(server, port, env, name, model, versions[model], log)
         url = f"http://127.0.0.1:{port}"
         try:
-            if peer == "mlflow":
+            if server == "mlflow":
                 wait_for_mlflow(url)
-                endpoint = f"{url}/invocations"
+                endpoint, body = f"{url}/invocations", mlflow_body(history)
             else:
-                wait_until_ready(url, timeout=180, alive=lambda s=server: s.poll() is None)
-                endpoint = f"{url}/forecast"
+                wait_until_ready(url, timeout=180, alive=lambda p=process: p.poll() is None)
+                endpoint, body = f"{url}/forecast", service_body(history)
             for clients in (args.clients, 1):
-                result = run_load(endpoint, bodies[peer], clients, args.seconds)
-                results.setdefault((peer, clients), []).append(result)
-                tqdm.write(f"{peer:>12} {clients:>3} clients: {result.throughput:7.1f} "
-                           f"series/s, p50 {result.percentile(50):6.1f} ms, p99 "
-                           f"{result.percentile(99):6.1f} ms, failures {dict(result.failures)}")
+                result = run_load(endpoint, body, clients, args.seconds)
+                results.setdefault((model, server, clients), []).append(result)
+                tqdm.write(f"{model:>14} {server:>12} {clients:>3} clients: "
+                           f"{result.throughput:7.1f} series/s, p50 "
+                           f"{result.percentile(50):6.1f} ms, p99 {result.percentile(99):6.1f} "
+                           f"ms, failures {dict(result.failures)}")
         finally:
-            server.terminate()
-            server.wait(30)
-    print(table(results, floor, args.clients, args.repeats))
+            process.terminate()
+            process.wait(30)
+    print(table(results, floors, args.clients, args.repeats))
 
 
-def table(results: dict, floor: dict[int, float], clients: int, repeats: int) -> str:
-    floor_rate = 64 / floor[64]
-    mlflow_rate = np.median([r.throughput for r in results[("mlflow", clients)]])
+def table(results: dict[tuple[str, str, int], list[LoadResult]],
+          floors: dict[str, dict[int, float]], clients: int, repeats: int) -> str:
+    def rate(model: str, server: str, n: int) -> float:
+        runs = results.get((model, server, n))
+        return float(np.median([r.throughput for r in runs])) if runs else np.nan
+
     rows = []
-    for (peer, n), runs in sorted(results.items(), key=lambda kv: (-kv[0][1], kv[0][0])):
-        rate = float(np.median([r.throughput for r in runs]))
+    for (model, server, n), runs in sorted(results.items(),
+                                           key=lambda kv: (kv[0][0] != MODELS[0], -kv[0][2])):
+        throughput = rate(model, server, n)
         rows.append({
-            "server": peer, "clients": n, "series/s": rate,
+            "model": model, "server": server, "clients": n, "series/s": throughput,
             "p50 ms": np.median([r.percentile(50) for r in runs]),
             "p95 ms": np.median([r.percentile(95) for r in runs]),
             "p99 ms": np.median([r.percentile(99) for r in runs]),
-            "errors": int(sum(r.errors for r in runs)),
-            "x mlflow": rate / mlflow_rate if n == clients else np.nan,
-            "x floor": rate / floor_rate,
+            "failed": int(sum(r.errors for r in runs)),
+            "x mlflow": throughput / rate(model, "mlflow", n) if n == clients else np.nan,
+            "x off": throughput / rate(model, "batching off", n),
+            "x floor": throughput / (64 / floors[model][64]),
         })
-    rows.append({"server": "bare forward pass", "clients": 64, "series/s": floor_rate,
-                 "p50 ms": floor[64] * 1000, "x floor": 1.0})
-    rows.append({"server": "bare forward pass", "clients": 1, "series/s": 1 / floor[1],
-                 "p50 ms": floor[1] * 1000})
-    frame = pd.DataFrame(rows)
-    note = (f"medians over {repeats} repeats; clients post one series each; "
-            f"x mlflow: throughput / mlflow models serve -w 2 at {clients} clients, same "
-            "repeats; x floor: throughput / bare forward pass at batch 64")
-    return frame.to_markdown(index=False, floatfmt=".1f") + "\n\n" + note
+    for model, floor in floors.items():
+        rows.append({"model": model, "server": "bare forward pass", "clients": 64,
+                     "series/s": 64 / floor[64], "p50 ms": floor[64] * 1000, "x floor": 1.0})
+        rows.append({"model": model, "server": "bare forward pass", "clients": 1,
+                     "series/s": 1 / floor[1], "p50 ms": floor[1] * 1000})
+    note = (f"medians over {repeats} repeats of {clients} and 1 closed-loop clients posting one "
+            "series each; x mlflow and x off: throughput over that of mlflow models serve -w 2 "
+            "and of batching off, same model, clients and repeats; x floor: throughput over the "
+            "bare forward pass at batch 64 (64 / its time)")
+    return pd.DataFrame(rows).to_markdown(index=False, floatfmt=".1f") + "\n\n" + note
 
 
 if __name__ == "__main__":

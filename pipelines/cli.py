@@ -36,7 +36,12 @@ def _train(args: argparse.Namespace) -> None:
 
     config = load_config(args.config)  # fails here, naming the key, before anything trains
     _quiet_mlflow()
-    result = run_race(config, progress=not args.no_progress)
+    if args.pushgateway:
+        from pipelines.schedule import train_once
+
+        result = train_once(args.config, args.pushgateway, args.push_job)
+    else:
+        result = run_race(config, progress=not args.no_progress)
     print(format_leaderboard(result))
 
 
@@ -106,6 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
         "train", help="run one race now: backtest, track, register, promote the best")
     train.add_argument("config", type=Path, help="race config (YAML), e.g. configs/quick.yaml")
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
+    train.add_argument("--pushgateway", default=os.environ.get("PUSHGATEWAY_URL"),
+                       help="push the training metrics of `forecaster schedule` to this "
+                            "Pushgateway when the race ends, e.g. for a CronJob "
+                            "(default: $PUSHGATEWAY_URL, else none)")
+    train.add_argument("--push-job", default="forecaster_training",
+                       help="job name of the pushed metrics")
     train.set_defaults(run=_train)
 
     models = commands.add_parser(

@@ -49,6 +49,7 @@ from prometheus_client import (
     Counter,
     Gauge,
     push_to_gateway,
+    pushadd_to_gateway,
     start_http_server,
 )
 
@@ -343,6 +344,39 @@ def registry_has_champion(registry_uri: str, model_name: str, alias: str = "cham
     # the aliases of the registered model rather than get_model_version_by_alias: a missing
     # alias is then a plain lookup, not an error to tell apart from a failed request
     return alias in model.aliases
+
+
+def train_once(config_path: Path, pushgateway: str, push_job: str = PUSH_JOB) -> Any:
+    """One race now, with the scheduler's metrics pushed to ``pushgateway`` when it ends:
+    for a Kubernetes CronJob, whose pod is gone before Prometheus could scrape it. Returns the
+    race's result; a failed race is counted, pushed, then raised.
+
+    Each run is a new process, so the timestamp of the outcome that did not happen was never
+    set: it is left out, and the push adds to the job's group instead of replacing it, so a
+    failed run keeps the last success of an earlier run on the gateway.
+    """
+    outcome: dict[str, Any] = {}
+
+    def job() -> Any:
+        try:
+            outcome["result"] = race_job(config_path)()
+        except Exception as error:
+            outcome["error"] = error
+            raise
+        return outcome["result"]
+
+    # the cron trigger is never started: run_once is the whole job
+    scheduler = TrainingScheduler(job, cron_trigger("0 3 * * *"))
+    succeeded = scheduler.run_once()
+    metrics = scheduler.metrics
+    metrics.registry.unregister(metrics.last_failure if succeeded else metrics.last_success)
+    try:
+        pushadd_to_gateway(pushgateway, job=push_job, registry=metrics.registry, timeout=10)
+    except Exception:
+        logger.exception("pushing metrics to %s failed", pushgateway)
+    if not succeeded:
+        raise outcome["error"]
+    return outcome["result"]
 
 
 def schedule_command(config_path: Path, cron: str, *, timezone: str = "UTC",

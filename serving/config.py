@@ -43,10 +43,13 @@ class ServingConfig(BaseSettings):
     max_batch_size: int = Field(default=256, ge=2)
     max_latency_ms: int = Field(default=1000, gt=0)
     workers: int = Field(default=1, ge=1)
-    threads: int = Field(default=1, ge=1, description="torch threads per worker")
+    threads: int = Field(default=1, ge=1, description="torch threads per forward pass")
     max_series_per_request: int = Field(default=1000, ge=1)
     max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
     access_log: bool = False  # one log line per request costs more CPU than a forward pass
+    # an OpenTelemetry span per /forecast request (exported per BentoML's tracing settings)
+    # costs about 15% of the request's CPU (py-spy), so it is opt-in
+    trace_requests: bool = False
 
     @classmethod
     def settings_customise_sources(cls, settings_cls: type[BaseSettings],

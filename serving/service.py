@@ -70,6 +70,7 @@ async def model_info(_: Request) -> Response:
     workers=CONFIG.workers,
     traffic={"timeout": 60},
     logging={"access": {"enabled": CONFIG.access_log}},
+    tracing={} if CONFIG.trace_requests else {"excluded_urls": ["/forecast"]},
 )
 class Forecaster:
     def __init__(self) -> None:
@@ -88,6 +89,9 @@ class Forecaster:
         # concurrent requests share forward passes (serving.batching explains the set-up)
         self._batched = batched(_forward, CONFIG.max_batch_size, CONFIG.max_latency_ms,
                                 _overloaded) if CONFIG.batching else None
+        # without batching, one forward pass at a time per worker, as BentoML runs a
+        # non-batchable API (its `threads` setting, default 1); batching has one batch in flight
+        self._unbatched = anyio.CapacityLimiter(1)
 
     def __is_ready__(self) -> bool:
         return self.watcher.current is not None
@@ -111,8 +115,8 @@ class Forecaster:
             if self._batched is not None:
                 forecasts = await self._batched(items)
             else:
-                forecasts = await anyio.to_thread.run_sync(_forward, [items])
-                forecasts = forecasts[0]
+                forecasts = (await anyio.to_thread.run_sync(_forward, [items],
+                                                             limiter=self._unbatched))[0]
             body = render(prepared, forecasts)
         except RequestError as error:
             metrics.VALIDATION_FAILURES.labels(reason=error.reason).inc()

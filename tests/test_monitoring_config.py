@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+
+from tests.monitoring_support import require_binaries
 
 REPO = Path(__file__).parents[1]
 PROMETHEUS_DIR = REPO / "deploy" / "prometheus"
@@ -139,53 +139,10 @@ def test_metric_names_extraction() -> None:
 # --- promtool ---------------------------------------------------------------------------------
 
 
-def _find_promtool() -> str | None:
-    found = shutil.which("promtool")
-    if found is None and os.access("/usr/bin/promtool", os.X_OK):
-        found = "/usr/bin/promtool"
-    return found
-
-
-def _install_promtool() -> str:
-    """apt-get install Debian's prometheus package (which has promtool); returns what went
-    wrong, or "" on success."""
-    if shutil.which("apt-get") is None:
-        return "apt-get not found (not a Debian-based system)"
-    sudo: list[str] = []
-    if os.geteuid() != 0:
-        if shutil.which("sudo") is None:
-            return "not root and sudo not found"
-        sudo = ["sudo", "-n"]  # -n: fail rather than wait for a password
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for command in (["apt-get", "update", "-qq"],
-                    # no recommends: promtool is all that is needed, not node-exporter & co
-                    ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "prometheus"]):
-        try:
-            result = subprocess.run(sudo + command, capture_output=True, text=True, env=env,
-                                    timeout=900)
-        except subprocess.TimeoutExpired:
-            return f"`{' '.join(sudo + command)}` timed out"
-        if result.returncode != 0:
-            return (f"`{' '.join(sudo + command)}` exited with {result.returncode}:\n"
-                    + (result.stdout + result.stderr)[-2000:])
-    return ""
-
-
 @pytest.fixture(scope="session")
 def promtool() -> str:
-    """Path of promtool, installed with apt-get when missing. A failure, never a skip: in CI
-    (CI=true) as anywhere, missing promtool must not hide these checks."""
-    found = _find_promtool()
-    if found is None:
-        problem = _install_promtool()
-        found = _find_promtool()
-        if found is None:
-            ci = " (CI=true)" if os.environ.get("CI", "").lower() == "true" else ""
-            pytest.fail(f"promtool not found and could not be installed{ci}: "
-                        f"{problem or 'apt-get succeeded but promtool is not on PATH'}. Install "
-                        "it with `sudo apt-get install prometheus` (Debian/Ubuntu) or put "
-                        "promtool from a Prometheus release on PATH.")
-    return found
+    """Path of promtool, installed with apt-get when missing; a failure, never a skip."""
+    return require_binaries({"promtool": "prometheus"})["promtool"]
 
 
 def run_promtool(promtool: str, *args: str | Path) -> subprocess.CompletedProcess[str]:

@@ -24,12 +24,14 @@ from apscheduler.triggers.base import BaseTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 from prometheus_client.parser import text_string_to_metric_families
 
+from pipelines import schedule as schedule_module
 from pipelines.schedule import (
     RunAtStart,
     TrainingMetrics,
     TrainingScheduler,
     cron_trigger,
     start_metrics_server,
+    train_once,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -265,6 +267,29 @@ def test_metrics_are_pushed_after_each_run(
     assert 'forecaster_training_runs_total{outcome="success"} 1.0' in pushed
     assert 'forecaster_training_runs_total{outcome="failure"} 1.0' in pushed
     assert "forecaster_champion_version 2.0" in pushed
+
+
+@pytest.mark.parametrize("succeeds", [True, False])
+def test_train_once_pushes_for_a_cronjob(
+        fake_pushgateway: tuple[str, list[tuple[str, str, bytes]]],
+        monkeypatch: pytest.MonkeyPatch, succeeds: bool) -> None:
+    gateway, requests = fake_pushgateway
+    monkeypatch.setattr(schedule_module, "race_job",
+                        lambda path: champion(3, 0.4) if succeeds else boom)
+    if succeeds:
+        assert train_once(Path("race.yaml"), gateway, "cronjob").champion_version == 3
+    else:
+        with pytest.raises(RuntimeError):
+            train_once(Path("race.yaml"), gateway, "cronjob")
+    [(method, path, body)] = requests
+    assert (method, path) == ("POST", "/metrics/job/cronjob")  # adds to the group
+    pushed = body.decode()
+    outcome = "success" if succeeds else "failure"
+    assert f'forecaster_training_runs_total{{outcome="{outcome}"}} 1.0' in pushed
+    assert ("forecaster_champion_version 3.0" in pushed) == succeeds
+    # the timestamp of what did not happen is not pushed: it would hide an earlier success
+    assert ("last_success_timestamp" in pushed) == succeeds
+    assert ("last_failure_timestamp" in pushed) != succeeds
 
 
 def test_a_failing_push_is_logged_and_training_goes_on(

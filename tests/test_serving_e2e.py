@@ -7,10 +7,7 @@ posting, and schemathesis fuzzing against the service's OpenAPI schema finds no 
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -26,12 +23,10 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 
-from forecaster.data import SERIES, TARGET
 from pipelines import registry
-from pipelines.race import RaceResult, run_race
-from pipelines.sources import load_race_data
-from serving.first_forecast import wait_until_ready
-from tests.pipeline_support import LSTM, clean_mlflow_environment, race_config
+from pipelines.race import RaceResult
+from tests.pipeline_support import LSTM, clean_mlflow_environment
+from tests.serving_support import call, race, running_service, series_of
 
 pytestmark = pytest.mark.slow
 MODEL = "test-forecaster"
@@ -47,62 +42,15 @@ class Served:
     log: Path
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Iterator[Served]:
     store = tmp_path_factory.mktemp("serving-e2e")
     second = {**LSTM, "name": "lstm-b", "params": {**LSTM["params"], "random_state": 1}}
-    with clean_mlflow_environment():
-        config = race_config(store, data_dir, [LSTM, second])
-        race = run_race(config, progress=False)
-        panel = load_race_data(config.data).panel
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "FORECASTER_"))}
-    env |= {"MLFLOW_TRACKING_URI": config.tracking_uri, "FORECASTER_MODEL_NAME": MODEL,
-            "FORECASTER_POLL_SECONDS": "1", "FORECASTER_WORKERS": "2",
-            "FORECASTER_MAX_BODY_BYTES": str(MAX_BODY), "OMP_NUM_THREADS": "1"}
+    config, race_result, panel = race(store, data_dir, [LSTM, second])
     log = store / "serve.log"
-    with log.open("wb") as output:
-        server = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "serve", "--host",
-                                   "127.0.0.1", "--port", str(port)], env=env, stdout=output,
-                                  stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_ready(url, timeout=180, alive=lambda: server.poll() is None)
-        yield Served(url, race, config.tracking_uri, panel, log)
-    except TimeoutError:
-        pytest.fail(f"the service did not get ready:\n{log.read_text()[-3000:]}")
-    finally:
-        os.killpg(server.pid, 15)
-        server.wait(30)
-
-
-def call(url: str, body: bytes | dict | None = None, method: str | None = None
-         ) -> tuple[int, dict | str]:
-    data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, method=method,
-                                     headers={"content-type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            status, text = response.status, response.read().decode()
-    except urllib.error.HTTPError as error:
-        status, text = error.code, error.read().decode()
-    try:
-        return status, json.loads(text)
-    except json.JSONDecodeError:
-        return status, text
-
-
-def series_of(panel: pd.DataFrame) -> list[dict]:
-    return [{"id": str(key), "values": group[TARGET].tolist()}
-            for key, group in panel.reset_index().groupby(SERIES)]
+    with running_service(config, log, poll_seconds="1", workers="2",
+                         max_body_bytes=str(MAX_BODY)) as url:
+        yield Served(url, race_result, config.tracking_uri, panel, log)
 
 
 def test_forecasts_equal_the_estimators_predict(served: Served) -> None:
