@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -37,7 +38,7 @@ def serve(host: str, port: int, config: Path | None = None,
         wait_until_ready(url, alive=lambda: server.poll() is None)
         print(f"\nfirst forecast of {settings.model_name}@{settings.model_alias}:\n"
               f"{curl_command(url, body)}\n", flush=True)
-        print(post_forecast(url, body), flush=True)
+        print(json.dumps(post_forecast(url, body)), flush=True)
         print(f"\nserving on {url} (Swagger UI at {url}/); Ctrl-C stops", flush=True)
         server.wait()
     except KeyboardInterrupt:
