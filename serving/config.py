@@ -20,6 +20,8 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from pipelines.config import describe
 
 CONFIG_FILE_VARIABLE = "FORECASTER_SERVING_CONFIG"
+# written into a Bento's sources by `forecaster export-bento`: the model that Bento serves
+PINNED_MODEL_FILE = Path(__file__).resolve().parents[1] / "pinned_model.txt"
 
 
 class ServingConfig(BaseSettings):
@@ -80,6 +82,8 @@ def load_serving_config(path: str | Path | None = None) -> ServingConfig:
             raise ValueError(f"{path}: not valid YAML: {error}") from None
         if not isinstance(values, dict):
             raise ValueError(f"{path}: the serving config must be a mapping of keys to values")
+    if PINNED_MODEL_FILE.is_file():  # running from an exported Bento
+        values.setdefault("bento_model", PINNED_MODEL_FILE.read_text().strip())
     try:
         return ServingConfig(**values)
     except ValidationError as error:

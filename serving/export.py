@@ -1,22 +1,27 @@
 """``forecaster export-bento``: an immutable deployment of today's champion.
 
 The champion's MLflow model goes into the BentoML model store (with its registry coordinates
-as metadata), and a Bento is built whose service serves that stored model
-(``FORECASTER_BENTO_MODEL``) instead of following the registry alias.
+as metadata), and a Bento is built whose service serves that stored model instead of following
+the registry alias: the Bento's sources carry its tag (``serving.config.PINNED_MODEL_FILE``),
+and its image sets ``FORECASTER_BENTO_MODEL`` too.
 """
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from pathlib import Path
 
 import bentoml
 import mlflow
+from bentoml._internal.bento.build_config import BentoEnvSchema  # the type build() takes
 from mlflow import MlflowClient
 
-from serving.config import load_serving_config
+from serving.config import PINNED_MODEL_FILE, load_serving_config
 from serving.model import VersionMeta, resolve_alias
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+SOURCES = ("forecaster", "pipelines", "serving")
 BENTO_MODEL_VARIABLE = "FORECASTER_BENTO_MODEL"
 
 
@@ -40,17 +45,26 @@ def export_bento(name: str | None = None, alias: str | None = None,
         metadata={"name": meta.name, "version": meta.version, "alias": alias,
                   "tags": meta.tags, "run_id": meta.run_id,
                   "trained_at": meta.trained_at.isoformat() if meta.trained_at else None})
-    bento = bentoml.bentos.build(
-        "serving.service:Forecaster",
-        name=_bento_name(name),
-        labels={"registered_model": name, "version": str(version.version)},
-        include=["serving/**/*.py", "pipelines/**/*.py", "forecaster/**/*.py",
-                 "pyproject.toml", "constraints.txt"],
-        python={"requirements_txt": "constraints.txt"},
-        envs=[{"name": BENTO_MODEL_VARIABLE, "value": str(model.tag)}],
-        models=[str(model.tag)],
-        build_ctx=str(PROJECT_ROOT),
-    )
+    with tempfile.TemporaryDirectory() as build_dir:
+        # a build context of its own: the sources plus the file naming the pinned model
+        context = Path(build_dir)
+        for package in SOURCES:
+            shutil.copytree(PROJECT_ROOT / package, context / package,
+                            ignore=shutil.ignore_patterns("__pycache__"))
+        for filename in ("pyproject.toml", "constraints.txt"):
+            shutil.copy(PROJECT_ROOT / filename, context / filename)
+        (context / PINNED_MODEL_FILE.name).write_text(str(model.tag))
+        bento = bentoml.bentos.build(
+            "serving.service:Forecaster",
+            name=_bento_name(name),
+            labels={"registered_model": name, "version": str(version.version)},
+            include=[f"{package}/**/*.py" for package in SOURCES]
+            + ["pyproject.toml", "constraints.txt", PINNED_MODEL_FILE.name],
+            python={"requirements_txt": "constraints.txt"},
+            envs=[BentoEnvSchema(name=BENTO_MODEL_VARIABLE, value=str(model.tag))],
+            models=[str(model.tag)],
+            build_ctx=str(context),
+        )
     return (f"model {model.tag} (from {name} v{version.version}, @{alias})\n"
             f"bento {bento.tag}: serve it with `bentoml serve {bento.tag}`, "
             f"or build an image with `bentoml containerize {bento.tag}`")

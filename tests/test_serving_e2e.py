@@ -7,7 +7,10 @@ posting, and schemathesis fuzzing against the service's OpenAPI schema finds no 
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -21,6 +24,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import schemathesis
+import yaml
 from hypothesis import HealthCheck, given, settings
 
 from pipelines import registry
@@ -186,6 +190,24 @@ def test_a_promotion_is_served_without_restart_or_errors(served: Served) -> None
     text = urllib.request.urlopen(f"{served.url}/metrics").read().decode()
     assert metric(text, "forecaster_model_loads_total", outcome="swapped") == 2
     assert metric(text, "forecaster_served_model_version", model_name=MODEL) == new
+
+
+def test_export_bento_pins_the_champion(served: Served, tmp_path: Path) -> None:
+    home = tmp_path / "bentoml"
+    env = {**os.environ, "BENTOML_HOME": str(home), "MLFLOW_TRACKING_URI": served.tracking_uri}
+    done = subprocess.run([sys.executable, "-m", "pipelines.cli", "export-bento", "--name",
+                           MODEL], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    [bento] = (home / "bentos" / MODEL).glob("*/bento.yaml")
+    manifest = yaml.safe_load(bento.read_text())
+    [stored] = manifest["models"]
+    pinned = (bento.parent / "src" / "pinned_model.txt").read_text()
+    assert pinned == stored["tag"]
+    model_dir = home / "models" / Path(*pinned.split(":"))
+    metadata = yaml.safe_load((model_dir / "model.yaml").read_text())["metadata"]
+    assert (metadata["name"], metadata["version"]) == (MODEL, served.race.champion_version)
+    assert {"name": "FORECASTER_BENTO_MODEL", "value": pinned} in \
+        [{k: e[k] for k in ("name", "value")} for e in manifest["envs"]]
 
 
 def test_fuzzing_finds_no_server_error(served: Served) -> None:
