@@ -205,7 +205,8 @@ def test_export_bento_pins_the_champion(served: Served, tmp_path: Path) -> None:
     assert pinned == stored["tag"]
     model_dir = home / "models" / Path(*pinned.split(":"))
     metadata = yaml.safe_load((model_dir / "model.yaml").read_text())["metadata"]
-    assert (metadata["name"], metadata["version"]) == (MODEL, served.race.champion_version)
+    champion = call(f"{served.url}/model")[1]["version"]  # promoted by an earlier test
+    assert (metadata["name"], metadata["version"]) == (MODEL, champion)
     assert {"name": "FORECASTER_BENTO_MODEL", "value": pinned} in \
         [{k: e[k] for k in ("name", "value")} for e in manifest["envs"]]
 
