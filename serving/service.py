@@ -35,7 +35,7 @@ from serving.http_limits import BodySizeLimit
 from serving.inference import Item, RequestError, forward, prepare, render
 from serving.model import Forecasts, ServedModel, load_bento_model, load_version
 from serving.model_watcher import ModelWatcher, PinnedModel
-from serving.schemas import ForecastRequest, ForecastResponse, ModelInfo, Series
+from serving.schemas import ForecastRequest, ForecastResponse, Series
 
 logger = logging.getLogger(__name__)
 CONFIG = load_serving_config()
@@ -156,5 +156,3 @@ def _no_model(service: Forecaster | None) -> Response:
     return JSONResponse({"error": f"no model is loaded yet ({why or 'loading'}); "
                                   "see GET /readyz", "detail": []}, status_code=503)
 
-
-__all__ = ["Forecaster", "ModelInfo"]
