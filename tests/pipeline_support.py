@@ -3,6 +3,7 @@ temporary folder, and an environment free of MLflow variables."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,12 +35,22 @@ NAIVE = {"name": "naive", "model": "NaiveForecaster", "params": {"strategy": "la
 def clean_mlflow_environment() -> Iterator[None]:
     """No MLFLOW_* variable of the machine running the tests may redirect a test's store, and
     the process-wide URIs a race sets are put back afterwards."""
+    saved = {name: os.environ.get(name) for name in MLFLOW_VARIABLES}
     with pytest.MonkeyPatch.context() as patch:
         for name in MLFLOW_VARIABLES:
             patch.delenv(name, raising=False)
         patch.setattr(tracking_utils, "_tracking_uri", tracking_utils._tracking_uri)
         patch.setattr(registry_utils, "_registry_uri", registry_utils._registry_uri)
-        yield
+        try:
+            yield
+        finally:
+            # mlflow.set_tracking_uri and set_registry_uri also export MLFLOW_*_URI to the
+            # environment, which the monkeypatch does not undo for variables absent before
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
 
 
 def race_config(store: Path, data_dir: Path, candidates: list[dict[str, Any]],

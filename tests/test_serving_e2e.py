@@ -194,7 +194,8 @@ def test_a_promotion_is_served_without_restart_or_errors(served: Served) -> None
 
 def test_export_bento_pins_the_champion(served: Served, tmp_path: Path) -> None:
     home = tmp_path / "bentoml"
-    env = {**os.environ, "BENTOML_HOME": str(home), "MLFLOW_TRACKING_URI": served.tracking_uri}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "FORECASTER_"))}
+    env |= {"BENTOML_HOME": str(home), "MLFLOW_TRACKING_URI": served.tracking_uri}
     done = subprocess.run([sys.executable, "-m", "pipelines.cli", "export-bento", "--name",
                            MODEL], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
