@@ -225,6 +225,21 @@ def test_concurrent_requests_share_batches_and_single_ones_are_not_held() -> Non
     assert alone < 0.02 + 0.015  # one forward pass and a tick, no learned hold-back
 
 
+def test_a_request_larger_than_a_batch_is_split_and_reassembled() -> None:
+    sizes = []
+
+    def double(jobs):
+        sizes.append(sum(len(job) for job in jobs))
+        return [[2 * x for x in job] for job in jobs]
+
+    async def one_big_request() -> list:
+        call = batched(double, max_batch_size=4, max_latency_ms=5000, on_overload=lambda: None)
+        return await call(list(range(10)))
+
+    assert asyncio.run(one_big_request()) == [2 * x for x in range(10)]
+    assert sizes == [4, 4, 2]
+
+
 # ---------------------------------------------------------------- limits and config
 def test_bodies_over_the_limit_get_413() -> None:
     async def echo(request: Request) -> JSONResponse:
