@@ -22,7 +22,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +34,7 @@ from forecaster.datasets import load_m4_hourly
 from pipelines import registry
 from pipelines.config import load_config
 from pipelines.race import run_race
-from serving.first_forecast import wait_until_ready
+from serving.first_forecast import wait_for_ok, wait_until_ready
 from serving.model import load_version
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,18 +125,6 @@ def start_server(server: str, port: int, env: dict[str, str], name: str, model: 
         return subprocess.Popen(command, env=full_env, stdout=output, stderr=subprocess.STDOUT)
 
 
-def wait_for_mlflow(url: str, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"{url}/ping", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    raise TimeoutError(f"mlflow models serve at {url} did not start")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
@@ -160,7 +147,7 @@ def main() -> None:
         url = f"http://127.0.0.1:{port}"
         try:
             if server == "mlflow":
-                wait_for_mlflow(url)
+                wait_for_ok(f"{url}/ping", timeout=180, alive=lambda p=process: p.poll() is None)
                 endpoint, body = f"{url}/invocations", mlflow_body(history)
             else:
                 wait_until_ready(url, timeout=180, alive=lambda p=process: p.poll() is None)

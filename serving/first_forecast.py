@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import shlex
 import time
-import urllib.error
 import urllib.request
+from collections.abc import Callable
 
 import pandas as pd
 
@@ -25,18 +25,28 @@ def example_request(long: pd.DataFrame, horizon: int, frequency: str) -> dict:
     return {"series": [series], "horizon": horizon, "quantiles": [0.1, 0.5, 0.9]}
 
 
-def wait_until_ready(url: str, timeout: float = 300.0, alive: callable = lambda: True) -> None:
-    """Poll ``url``/readyz until it answers 200; TimeoutError after ``timeout`` seconds."""
+def wait_for_ok(url: str, timeout: float = 300.0, alive: Callable[[], bool] = lambda: True,
+                interval: float = 0.5) -> None:
+    """Poll ``url`` until it answers 200. TimeoutError after ``timeout`` seconds, or as soon
+    as ``alive`` says the process that should answer has gone."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and alive():
+    while time.monotonic() < deadline:
+        if not alive():
+            raise TimeoutError(f"the process behind {url} exited before it answered")
         try:
-            with urllib.request.urlopen(f"{url}/readyz", timeout=2) as response:
+            with urllib.request.urlopen(url, timeout=2) as response:
                 if response.status == 200:
                     return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
+        except OSError:  # refused, reset, timed out or not 200 yet while it starts
             pass
-        time.sleep(0.5)
-    raise TimeoutError(f"{url} was not ready within {timeout:.0f} s")
+        time.sleep(interval)
+    raise TimeoutError(f"{url} did not answer within {timeout:.0f} s")
+
+
+def wait_until_ready(url: str, timeout: float = 300.0, alive: Callable[[], bool] = lambda: True
+                     ) -> None:
+    """Poll the service at ``url`` until its /readyz answers 200 (see ``wait_for_ok``)."""
+    wait_for_ok(f"{url}/readyz", timeout, alive)
 
 
 def post_forecast(url: str, body: dict) -> dict:

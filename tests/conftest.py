@@ -8,8 +8,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +27,7 @@ from forecaster import (
     TransformerForecaster,
 )
 from forecaster.data import SERIES, TARGET, TIME
+from serving.first_forecast import wait_for_ok
 
 # ../shared/data relative to the repository root (tests/ -> repo root -> its parent)
 DATA_DIR = Path(__file__).parents[1].parent / "shared" / "data"
@@ -178,20 +177,14 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 def _wait_for_health(server: subprocess.Popen[bytes], uri: str, log_path: Path) -> None:
-    deadline = time.monotonic() + MLFLOW_START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise RuntimeError(f"mlflow server exited with {server.returncode}:\n"
-                               + log_path.read_text(errors="replace")[-4000:])
-        try:
-            with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:  # refused, reset or timed out while it starts
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"mlflow server not healthy after {MLFLOW_START_TIMEOUT_S} s:\n"
-                       + log_path.read_text(errors="replace")[-4000:])
+    try:
+        wait_for_ok(f"{uri}/health", MLFLOW_START_TIMEOUT_S,
+                    alive=lambda: server.poll() is None)
+    except TimeoutError:
+        why = (f"exited with {server.returncode}" if server.poll() is not None
+               else f"not healthy after {MLFLOW_START_TIMEOUT_S} s")
+        raise RuntimeError(f"mlflow server {why}:\n"
+                           + log_path.read_text(errors="replace")[-4000:]) from None
 
 
 def _stop(process: subprocess.Popen[bytes]) -> None:

@@ -30,6 +30,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from serving.first_forecast import wait_for_ok
 from tests.conftest import _free_port
 from tests.monitoring_support import require_binaries
 from tests.pipeline_support import LSTM, SNAIVE, clean_mlflow_environment, race_config
@@ -98,16 +99,10 @@ def prometheus_config(tmp: Path, ports: dict[str, int]) -> Path:
 def wait_for(url: str, process: Callable[[], int | None], log: Path) -> None:
     """Until ``url`` answers 200; a failure with the log if the process exits or time runs
     out."""
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline and process() is None:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:  # refused or reset while it starts
-            pass
-        time.sleep(0.2)
-    pytest.fail(f"{url} did not answer:\n{log.read_text(errors='replace')[-3000:]}")
+    try:
+        wait_for_ok(url, START_TIMEOUT_S, alive=lambda: process() is None, interval=0.2)
+    except TimeoutError as error:
+        pytest.fail(f"{error}:\n{log.read_text(errors='replace')[-3000:]}")
 
 
 @pytest.fixture(scope="module")
