@@ -147,7 +147,7 @@ def list_versions(name: str | None = None) -> pd.DataFrame:
                 "aliases": ",".join(sorted(held.get(number, []))),
                 "candidate": tags.get(TAG_CANDIDATE, ""),
                 "class": tags.get(TAG_MODEL_CLASS, ""),
-                **{metric: _number(tags.get(metric)) for metric in METRIC_TAGS},
+                **{metric: tag_number(tags.get(metric)) for metric in METRIC_TAGS},
                 "valid": tags.get(TAG_VALID, ""),
                 "decision": tags.get(TAG_DECISION, ""),
                 "complete": tags.get(TAG_COMPLETE, "false"),
@@ -160,7 +160,8 @@ def list_versions(name: str | None = None) -> pd.DataFrame:
     return table.sort_values(["model", "version"], ascending=[True, False], ignore_index=True)
 
 
-def _number(value: str | None) -> float:
+def tag_number(value: str | None) -> float:
+    """A numeric tag's value; NaN when it is missing or not a number."""
     try:
         return float(value) if value is not None else math.nan
     except ValueError:

@@ -25,7 +25,7 @@ from forecaster import NeuralForecaster
 from forecaster.data import SERIES, TARGET, TIME
 from pipelines.forecasts import POINT, quantile_column
 from pipelines.pyfunc_model import NEURAL, ForecasterModel, forecast_history
-from pipelines.registry import METRIC_TAGS, TAG_CANDIDATE, TAG_MODEL_CLASS
+from pipelines.registry import METRIC_TAGS, TAG_CANDIDATE, TAG_MODEL_CLASS, tag_number
 from serving.schemas import ModelInfo
 
 logger = logging.getLogger(__name__)
@@ -109,7 +109,8 @@ def served_model(pyfunc: mlflow.pyfunc.PyFuncModel, meta: VersionMeta, alias: st
             candidate=tags.get(TAG_CANDIDATE, ""), horizon=wrapper.horizon, quantiles=levels,
             min_history=min_history, frequency=wrapper.frequency,
             trained_at=meta.trained_at, run_id=meta.run_id,
-            metrics={m: float(tags[m]) for m in METRIC_TAGS if _is_number(tags.get(m))},
+            metrics={m: value for m in METRIC_TAGS
+                     if math.isfinite(value := tag_number(tags.get(m)))},
             loaded_at=datetime.now(timezone.utc)),
         predict=predict)
     check_and_warm_up(model, sorted({min(b, warmup_batch) for b in batches}))
@@ -188,10 +189,3 @@ def _trained_at(client: MlflowClient, version: ModelVersion) -> datetime | None:
             logger.warning("run %s of %s v%s is gone", version.run_id, version.name,
                            version.version)
     return datetime.fromtimestamp(millis / 1000, tz=timezone.utc) if millis else None
-
-
-def _is_number(value: str | None) -> bool:
-    try:
-        return value is not None and math.isfinite(float(value))
-    except ValueError:
-        return False
