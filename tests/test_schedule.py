@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -33,15 +32,10 @@ from pipelines.schedule import (
     start_metrics_server,
     train_once,
 )
+from tests.conftest import _free_port
 
 REPO = Path(__file__).resolve().parents[1]
 QUICK_CONFIG = REPO / "configs" / "quick.yaml"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class FireTimes(BaseTrigger):
@@ -297,7 +291,7 @@ def test_a_failing_push_is_logged_and_training_goes_on(
     job = Script(champion(1, 1.0), champion(2, 0.8))
     # nothing listens on this port: every push is refused
     scheduler = TrainingScheduler(job, FireTimes(2, interval=0.3), metrics,
-                                  pushgateway=f"127.0.0.1:{free_port()}")
+                                  pushgateway=f"127.0.0.1:{_free_port()}")
     run_until_done(scheduler, job.done)
     assert sample(metrics, "forecaster_training_runs_total", outcome="success") == 2
     assert caplog.text.count("pushing metrics to") == 2
@@ -305,7 +299,7 @@ def test_a_failing_push_is_logged_and_training_goes_on(
 
 @pytest.mark.skipif(not QUICK_CONFIG.is_file(), reason="configs/quick.yaml not written yet")
 def test_sigterm_stops_the_schedule_command_cleanly(tmp_path: Path) -> None:
-    port = free_port()
+    port = _free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            # nothing in this test reaches MLflow; keep it away from a real server anyway
            "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}

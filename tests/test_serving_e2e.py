@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 import threading
@@ -26,6 +25,7 @@ import pytest
 import schemathesis
 import yaml
 from hypothesis import HealthCheck, given, settings
+from prometheus_client.parser import text_string_to_metric_families
 
 from pipelines import registry
 from pipelines.race import RaceResult
@@ -125,13 +125,10 @@ def test_bad_input_gets_a_4xx_naming_the_field(served: Served, body: bytes, stat
 
 
 def metric(text: str, name: str, **labels: str) -> float:
-    """The value of one sample (labels matched as given) in Prometheus text format."""
-    total = 0.0
-    for line in text.splitlines():
-        match = re.match(rf"^{name}(?:{{(.*)}})? (\S+)$", line)
-        if match and all(f'{k}="{v}"' in (match.group(1) or "") for k, v in labels.items()):
-            total += float(match.group(2))
-    return total
+    """The sum of the samples ``name`` whose labels include ``labels``, in Prometheus text."""
+    return sum(sample.value for family in text_string_to_metric_families(text)
+               for sample in family.samples
+               if sample.name == name and labels.items() <= sample.labels.items())
 
 
 def test_metrics_report_our_series_summed_over_workers(served: Served) -> None:
