@@ -33,15 +33,16 @@ WORKDIR /src
 COPY pyproject.toml constraints.txt README.md ./
 # the dependencies in a layer of their own, rebuilt only when these files change: an empty
 # skeleton of the packages is all pip needs to resolve them
-RUN for package in forecaster pipelines serving; do \
+RUN for package in forecaster pipelines serving cli; do \
         mkdir "$package" && touch "$package/__init__.py"; \
     done \
     && pip install -c constraints.txt '.[s3]' \
     && pip uninstall -y forecaster \
-    && rm -rf forecaster pipelines serving build
+    && rm -rf forecaster pipelines serving cli build
 COPY forecaster/ forecaster/
 COPY pipelines/ pipelines/
 COPY serving/ serving/
+COPY cli/ cli/
 # not editable: the image carries no source tree, only the installed packages
 RUN pip install --no-deps .
 

@@ -20,11 +20,11 @@ demo: $(STAMP)  ## race tiny models into ./mlflow.db, then serve the champion on
 	OMP_NUM_THREADS=1 $(BIN)/forecaster serve --port 3000 --first-forecast configs/quick.yaml
 
 test: $(STAMP)  ## lint, then the whole test suite (slow end-to-end tests included)
-	$(BIN)/ruff check forecaster pipelines serving tests benchmarks deploy
+	$(BIN)/ruff check forecaster pipelines serving cli tests benchmarks deploy
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)
-	$(BIN)/ruff check forecaster pipelines serving tests benchmarks deploy
+	$(BIN)/ruff check forecaster pipelines serving cli tests benchmarks deploy
 
 bench-m4: $(STAMP)
 	$(BIN)/forecaster bench m4-hourly

@@ -30,7 +30,7 @@ from mlflow import MlflowClient
 from tqdm.auto import tqdm
 
 from benchmarks.load import LoadResult, run_load
-from forecaster.datasets import load_m4_hourly
+from forecaster.datasets import default_data_dir, load_m4_hourly
 from pipelines import registry
 from pipelines.config import load_config
 from pipelines.race import run_race
@@ -87,7 +87,7 @@ def bare_forward(name: str, version: int, history: np.ndarray) -> dict[int, floa
 
 
 def example_history() -> np.ndarray:
-    train, _ = load_m4_hourly(ROOT.parent / "shared" / "data" / "m4")
+    train, _ = load_m4_hourly(default_data_dir() / "m4")
     first = train[train["series_id"] == train["series_id"].iloc[0]]
     return first["target"].to_numpy(np.float32)[-INPUT:]
 
@@ -119,7 +119,7 @@ def start_server(server: str, port: int, env: dict[str, str], name: str, model: 
         full_env |= {"FORECASTER_MODEL_NAME": name, "FORECASTER_MODEL_ALIAS": model,
                      "FORECASTER_WORKERS": "2",
                      "FORECASTER_BATCHING": str(server == "batching on").lower()}
-        command = [sys.executable, "-m", "pipelines.cli", "serve", "--host", "127.0.0.1",
+        command = [sys.executable, "-m", "cli.main", "serve", "--host", "127.0.0.1",
                    "--port", str(port)]
     with log.open("wb") as output:
         return subprocess.Popen(command, env=full_env, stdout=output, stderr=subprocess.STDOUT)

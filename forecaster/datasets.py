@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,16 @@ M4_HOURLY_SEASONALITY = 24
 ETT_TRAIN_ROWS = 12 * 30 * 24  # the standard 12/4/4-month split of the Informer paper
 ETT_VAL_ROWS = 4 * 30 * 24
 ETT_TEST_ROWS = 4 * 30 * 24
+
+DATA_DIR_VARIABLE = "FORECASTER_DATA_DIR"  # docker-compose mounts the data sets from it too
+
+
+def default_data_dir() -> Path:
+    """Where the reference data sets live: ``$FORECASTER_DATA_DIR``, else ``../shared/data``
+    beside the repository checkout."""
+    if os.environ.get(DATA_DIR_VARIABLE):
+        return Path(os.environ[DATA_DIR_VARIABLE])
+    return Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def _read_m4(path: Path) -> pd.DataFrame:

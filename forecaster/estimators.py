@@ -133,8 +133,16 @@ class NeuralForecaster(BaseForecaster):
         return pd.DataFrame(values, index=index, columns=columns)
 
     # ------------------------------------------------------------------ training
+    def min_train_length(self, horizon: int) -> int:
+        """The fewest observations per series that ``fit`` can train on for ``horizon``: the
+        shortest usable history, one horizon to learn from, and the validation rows."""
+        return self._min_history() + horizon + (self.validation_rows or horizon)
+
+    def _min_history(self) -> int:
+        return self.min_history or max(1, self.input_len // 4)
+
     def _train_network(self, y: pd.DataFrame, X: pd.DataFrame | None, horizon: int) -> None:
-        self.min_history_ = self.min_history or max(1, self.input_len // 4)
+        self.min_history_ = self._min_history()
         allowed = [y.columns[0]]
         validate_panel(y, 1, allowed, name="y")
         statics = list(self.static_covariates or ())

@@ -8,7 +8,7 @@ training window each needs.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from sktime.forecasting.base import BaseForecaster
@@ -17,7 +17,7 @@ from sktime.forecasting.naive import NaiveForecaster
 from sktime.forecasting.theta import ThetaForecaster
 
 from forecaster.estimators import ESTIMATORS, NeuralForecaster
-from forecaster.trainer import EpochRecord
+from forecaster.trainer import EpochCallback
 from pipelines.warning_capture import without_sktime_notice
 
 if TYPE_CHECKING:
@@ -33,8 +33,6 @@ MODELS: dict[str, type[BaseForecaster]] = {**NEURAL_MODELS, **BASELINE_MODELS}
 
 # set by the pipeline itself, never from a config
 RESERVED_PARAMS = {"on_epoch"}
-
-EpochCallback = Callable[[EpochRecord], None]
 
 
 def default_candidate_name(model: str) -> str:
@@ -92,12 +90,9 @@ def min_train_length(candidate: CandidateConfig, config: RaceConfig) -> int:
     """The fewest observations per series ``candidate`` can be trained on (a lower bound)."""
     with without_sktime_notice():
         estimator = build_estimator(candidate, config)
-    params = estimator.get_params(deep=False)
     if is_neural(estimator):
-        # the window sampler needs history, one horizon to learn from and the validation rows
-        min_history = params["min_history"] or max(1, params["input_len"] // 4)
-        validation = params["validation_rows"] or config.horizon
-        return min_history + config.horizon + validation
+        return estimator.min_train_length(config.horizon)
+    params = estimator.get_params(deep=False)
     sp = params.get("sp") or 1
     if candidate.model == "NaiveForecaster":
         return max(sp, params.get("window_length") or 1)

@@ -33,14 +33,14 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from forecaster.estimators import DEFAULT_QUANTILES
 from pipelines.candidates import (
     MODELS,
     check_params,
     default_candidate_name,
     interval_problem,
 )
-
-DEFAULT_QUANTILES = (0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95)
+from pipelines.schema_errors import describe
 
 # seasonal period implied by a pandas frequency, used when season_length is not given
 SEASONALITY = {"h": 24, "min": 60, "D": 7, "B": 5, "W": 52, "MS": 12, "ME": 12, "M": 12,
@@ -272,23 +272,6 @@ class RaceConfig(StrictModel):
     def forecast_levels(self) -> list[float]:
         """Every quantile level a forecast carries: the configured ones and the interval's."""
         return sorted({*self.quantiles, *self.interval_levels})
-
-
-def _location(loc: tuple[int | str, ...]) -> str:
-    return ".".join(str(part) for part in loc)
-
-
-def describe(error: ValidationError) -> list[str]:
-    """One line per pydantic error: ``key.path: message``."""
-    lines = []
-    for item in error.errors():
-        message = item["msg"].removeprefix("Value error, ")
-        if item["type"] == "extra_forbidden":
-            message = "unknown key"
-        # checks across sections raise at the top level and name their key themselves
-        location = _location(item["loc"])
-        lines.append(f"{location}: {message}" if location else message)
-    return lines
 
 
 def parse_config(raw: dict[str, Any], base_dir: Path | None = None) -> RaceConfig:

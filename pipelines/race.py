@@ -31,7 +31,6 @@ import yaml
 from sktime.forecasting.base import BaseForecaster, ForecastingHorizon
 from tqdm.auto import tqdm
 
-from forecaster import TransformerForecaster
 from forecaster.data import SERIES, TARGET, panel_to_long
 from forecaster.trainer import EpochRecord
 from pipelines import registry
@@ -287,7 +286,7 @@ def _backtest_and_refit(prepared: PreparedRace, candidate: CandidateConfig,
     outcome.example = _input_example(prepared)
     outcome.example_forecast = forecast_history(final, outcome.example, config.horizon, levels,
                                                 config.frequency)
-    if isinstance(final, TransformerForecaster):
+    if hasattr(final, "attention_maps"):  # the families that can explain their forecasts
         first = data.panel.index.get_level_values(0)[0]
         history = data.panel.xs(first, level=0)[TARGET].to_numpy(np.float32)
         mlflow.log_figure(attention_figure(final.attention_maps(history),

@@ -25,6 +25,8 @@ from mlflow.protos.databricks_pb2 import (
     ErrorCode,
 )
 
+from pipelines.backtest import METRICS  # each is a tag on every version
+
 CHAMPION, CHALLENGER = "champion", "challenger"
 
 # model version tags
@@ -40,7 +42,6 @@ TAG_REASON = "decision_reason"
 TAG_SCORE = "candidate_score"
 TAG_CHAMPION_SCORE = "champion_score"
 TAG_CHAMPION_VERSION = "champion_version"  # the champion it was compared with
-METRIC_TAGS = ("mase", "smape", "mae", "coverage")
 
 
 @dataclass(frozen=True)
@@ -147,14 +148,14 @@ def list_versions(name: str | None = None) -> pd.DataFrame:
                 "aliases": ",".join(sorted(held.get(number, []))),
                 "candidate": tags.get(TAG_CANDIDATE, ""),
                 "class": tags.get(TAG_MODEL_CLASS, ""),
-                **{metric: tag_number(tags.get(metric)) for metric in METRIC_TAGS},
+                **{metric: tag_number(tags.get(metric)) for metric in METRICS},
                 "valid": tags.get(TAG_VALID, ""),
                 "decision": tags.get(TAG_DECISION, ""),
                 "complete": tags.get(TAG_COMPLETE, "false"),
                 "created": datetime.fromtimestamp(version.creation_timestamp / 1000,
                                                   tz=timezone.utc).strftime("%Y-%m-%d %H:%M"),
             })
-    columns = ["model", "version", "aliases", "candidate", "class", *METRIC_TAGS, "valid",
+    columns = ["model", "version", "aliases", "candidate", "class", *METRICS, "valid",
                "decision", "complete", "created"]
     table = pd.DataFrame(rows, columns=columns)
     return table.sort_values(["model", "version"], ascending=[True, False], ignore_index=True)

@@ -322,9 +322,9 @@ def serve_forever(scheduler: TrainingScheduler, metrics_port: int | None = None,
     logger.info("scheduler stopped")
 
 
-def registry_has_champion(registry_uri: str, model_name: str, alias: str = "champion") -> bool:
+def registry_has_champion(registry_uri: str, model_name: str) -> bool:
     """Whether the model registry at ``registry_uri`` holds ``model_name`` with a version
-    under ``alias``.
+    under the champion alias.
 
     Its own client on an explicit URI (rather than :mod:`pipelines.registry`, which uses
     MLflow's global URI): the check runs in the scheduler's thread, before any race has
@@ -333,6 +333,8 @@ def registry_has_champion(registry_uri: str, model_name: str, alias: str = "cham
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
     from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
+
+    from pipelines.registry import CHAMPION
 
     client = MlflowClient(tracking_uri=registry_uri, registry_uri=registry_uri)
     try:
@@ -343,7 +345,7 @@ def registry_has_champion(registry_uri: str, model_name: str, alias: str = "cham
         raise
     # the aliases of the registered model rather than get_model_version_by_alias: a missing
     # alias is then a plain lookup, not an error to tell apart from a failed request
-    return alias in model.aliases
+    return CHAMPION in model.aliases
 
 
 def train_once(config_path: Path, pushgateway: str, push_job: str = PUSH_JOB) -> Any:

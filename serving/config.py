@@ -17,7 +17,7 @@ import yaml
 from pydantic import AliasChoices, Field, ValidationError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from pipelines.config import describe
+from pipelines.schema_errors import describe
 
 CONFIG_FILE_VARIABLE = "FORECASTER_SERVING_CONFIG"
 # written into a Bento's sources by `forecaster export-bento`: the model that Bento serves

@@ -23,9 +23,10 @@ from mlflow.exceptions import MlflowException
 
 from forecaster import NeuralForecaster
 from forecaster.data import SERIES, TARGET, TIME
+from pipelines.backtest import METRICS
 from pipelines.forecasts import POINT, quantile_column
 from pipelines.pyfunc_model import NEURAL, ForecasterModel, forecast_history
-from pipelines.registry import METRIC_TAGS, TAG_CANDIDATE, TAG_MODEL_CLASS, tag_number
+from pipelines.registry import TAG_CANDIDATE, TAG_MODEL_CLASS, tag_number
 from serving.schemas import ModelInfo
 
 logger = logging.getLogger(__name__)
@@ -109,7 +110,7 @@ def served_model(pyfunc: mlflow.pyfunc.PyFuncModel, meta: VersionMeta, alias: st
             candidate=tags.get(TAG_CANDIDATE, ""), horizon=wrapper.horizon, quantiles=levels,
             min_history=min_history, frequency=wrapper.frequency,
             trained_at=meta.trained_at, run_id=meta.run_id,
-            metrics={m: value for m in METRIC_TAGS
+            metrics={m: value for m in METRICS
                      if math.isfinite(value := tag_number(tags.get(m)))},
             loaded_at=datetime.now(timezone.utc)),
         predict=predict)

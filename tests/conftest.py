@@ -27,10 +27,10 @@ from forecaster import (
     TransformerForecaster,
 )
 from forecaster.data import SERIES, TARGET, TIME
+from forecaster.datasets import default_data_dir
 from serving.first_forecast import wait_for_ok
 
-# ../shared/data relative to the repository root (tests/ -> repo root -> its parent)
-DATA_DIR = Path(__file__).parents[1].parent / "shared" / "data"
+DATA_DIR = default_data_dir()
 
 PERIOD = 12
 LENGTHS = {"a": 80, "b": 64, "c": 48}  # different lengths: a ragged panel

@@ -121,7 +121,7 @@ def running_service(config: RaceConfig, log: Path, **settings: str) -> Iterator[
     env = clean_environment(MLFLOW_TRACKING_URI=config.tracking_uri,
                             FORECASTER_MODEL_NAME=config.registered_model,
                             **{f"FORECASTER_{name.upper()}": v for name, v in settings.items()})
-    command = [sys.executable, "-m", "pipelines.cli", "serve", "--host", "127.0.0.1",
+    command = [sys.executable, "-m", "cli.main", "serve", "--host", "127.0.0.1",
                "--port", str(port)]
     url = f"http://127.0.0.1:{port}"
     with started(command, log, env) as server:

@@ -319,7 +319,7 @@ def k8s_id(workload: dict[str, Any], container: dict[str, Any]) -> str:
 
 @cache
 def forecaster_parser() -> tuple[argparse.ArgumentParser, frozenset[str]]:
-    from pipelines.cli import build_parser
+    from cli.main import build_parser
 
     parser = build_parser()
     subcommands = next(action for action in parser._actions
@@ -350,7 +350,7 @@ def container_args(argv: list[str], env: dict[str, str | None],
                    monkeypatch: pytest.MonkeyPatch, where: str) -> argparse.Namespace:
     """`forecaster ...` parsed as in the container: the parser's defaults read the environment
     (PUSHGATEWAY_URL) when it is built, so it is built with the container's, not this one's."""
-    from pipelines.cli import build_parser
+    from cli.main import build_parser
 
     for key in list(os.environ):
         if key.startswith(PROJECT_PREFIXES) or key == "PUSHGATEWAY_URL":

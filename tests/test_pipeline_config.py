@@ -12,9 +12,9 @@ import pandas as pd
 import pytest
 import yaml
 
+from cli.main import main
 from forecaster.data import SERIES, TIME
 from pipelines import registry
-from pipelines.cli import main
 from pipelines.config import ConfigError, load_config, parse_config
 from pipelines.forecasts import POINT, forecast_problems, quantile_column
 from pipelines.race import prepare_race, run_race

@@ -13,9 +13,9 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
+from cli.main import main
 from pipelines import race as race_module
 from pipelines import registry
-from pipelines.cli import main
 from pipelines.config import RaceConfig
 from pipelines.forecasts import forecast_frame
 from pipelines.pyfunc_model import model_levels

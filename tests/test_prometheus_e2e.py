@@ -130,7 +130,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Iterator[
             trainer_race = race_config(tmp / "trainer", data_dir, [SNAIVE])
         trainer_config.write_text(yaml.safe_dump(trainer_race.model_dump(mode="json")))
         scheduler = processes.enter_context(started(
-            [sys.executable, "-m", "pipelines.cli", "schedule", str(trainer_config),
+            [sys.executable, "-m", "cli.main", "schedule", str(trainer_config),
              "--cron", "0 3 * * *", "--run-at-start", "always",
              "--metrics-port", str(ports["trainer:9101"]), "--metrics-addr", "127.0.0.1",
              "--pushgateway", pushgateway], logs["scheduler"], clean_environment()))

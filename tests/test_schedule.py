@@ -304,7 +304,7 @@ def test_sigterm_stops_the_schedule_command_cleanly(tmp_path: Path) -> None:
            # nothing in this test reaches MLflow; keep it away from a real server anyway
            "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     process = subprocess.Popen(
-        [sys.executable, "-m", "pipelines.cli", "schedule", str(QUICK_CONFIG),
+        [sys.executable, "-m", "cli.main", "schedule", str(QUICK_CONFIG),
          "--cron", "0 3 1 1 *", "--metrics-port", str(port), "--metrics-addr", "127.0.0.1"],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
@@ -334,7 +334,7 @@ def test_sigterm_stops_the_schedule_command_cleanly(tmp_path: Path) -> None:
 
 
 def test_cli_rejects_a_bad_cron() -> None:
-    from pipelines.cli import build_parser
+    from cli.main import build_parser
 
     args = build_parser().parse_args(["schedule", "any.yaml", "--cron", "0 3 * *",
                                       "--run-at-start=if-no-champion"])

@@ -193,7 +193,7 @@ def test_export_bento_pins_the_champion(served: Served, tmp_path: Path) -> None:
     home = tmp_path / "bentoml"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "FORECASTER_"))}
     env |= {"BENTOML_HOME": str(home), "MLFLOW_TRACKING_URI": served.tracking_uri}
-    done = subprocess.run([sys.executable, "-m", "pipelines.cli", "export-bento", "--name",
+    done = subprocess.run([sys.executable, "-m", "cli.main", "export-bento", "--name",
                            MODEL], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     [bento] = (home / "bentos" / MODEL).glob("*/bento.yaml")

@@ -7,17 +7,19 @@ import os
 import sys
 from pathlib import Path
 
-DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+from pipelines.schedule import PUSH_JOB
 
 
 def _bench(args: argparse.Namespace) -> None:
     from forecaster.benchmark import M4_MODELS, bench_etth1, bench_m4_hourly
+    from forecaster.datasets import default_data_dir
 
+    data_dir = args.data_dir or default_data_dir()
     if args.dataset == "m4-hourly":
-        table = bench_m4_hourly(args.data_dir / "m4", args.models or list(M4_MODELS))
+        table = bench_m4_hourly(data_dir / "m4", args.models or list(M4_MODELS))
     else:
         horizons = tuple(args.horizons or (96, 336))
-        table = bench_etth1(args.data_dir / "ett" / "ETTh1.csv", horizons, args.models)
+        table = bench_etth1(data_dir / "ett" / "ETTh1.csv", horizons, args.models)
     print(table.to_markdown(floatfmt=".3f"))
 
 
@@ -101,8 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="train and score models on a reference data set")
     bench.add_argument("dataset", choices=["m4-hourly", "etth1"])
-    bench.add_argument("--data-dir", type=Path, default=DEFAULT_DATA,
-                       help="folder holding m4/ and ett/ (default: ../shared/data)")
+    bench.add_argument("--data-dir", type=Path,
+                       help="folder holding m4/ and ett/ (default: $FORECASTER_DATA_DIR, "
+                            "else ../shared/data beside the checkout)")
     bench.add_argument("--models", nargs="+", help="subset of model names (default: all)")
     bench.add_argument("--horizons", nargs="+", type=int, help="ETTh1 horizons (default 96 336)")
     bench.set_defaults(run=_bench)
@@ -115,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="push the training metrics of `forecaster schedule` to this "
                             "Pushgateway when the race ends, e.g. for a CronJob "
                             "(default: $PUSHGATEWAY_URL, else none)")
-    train.add_argument("--push-job", default="forecaster_training",
+    train.add_argument("--push-job", default=PUSH_JOB,
                        help="job name of the pushed metrics")
     train.set_defaults(run=_train)
 
@@ -140,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     schedule.add_argument("--pushgateway", default=os.environ.get("PUSHGATEWAY_URL"),
                           help="Prometheus Pushgateway to push the metrics to after each run, "
                                "e.g. pushgateway:9091 (default: $PUSHGATEWAY_URL, else none)")
-    schedule.add_argument("--push-job", default="forecaster_training",
+    schedule.add_argument("--push-job", default=PUSH_JOB,
                           help="job name of the pushed metrics")
     schedule.add_argument("--run-at-start", nargs="?", const="always", default="never",
                           choices=["always", "never", "if-no-champion"],
