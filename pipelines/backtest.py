@@ -71,6 +71,25 @@ def make_splitter(config: RaceConfig, window: int, step: int) -> BaseSplitter:
     return SlidingWindowSplitter(fh=fh, window_length=window, step_length=step)
 
 
+def fold_span(config: RaceConfig) -> int:
+    """The observations the folds take at the end of a series: every test window."""
+    step = config.backtest.step or config.horizon
+    return config.horizon + (config.backtest.folds - 1) * step
+
+
+def required_length(config: RaceConfig, min_train: int, most_demanding: str = "a candidate"
+                    ) -> tuple[int, str]:
+    """The fewest observations a series needs in the race, and why: the training window (at
+    least ``min_train``, what ``most_demanding`` needs), then the folds."""
+    window = config.backtest.window or 0
+    why = (f"backtest.window {window}" if window >= min_train
+           else f"{most_demanding} trains on at least {min_train}")
+    span = fold_span(config)
+    return max(window, min_train) + span, (
+        f"{why}, and {config.backtest.folds} fold(s) of horizon {config.horizon} take "
+        f"{span} more")
+
+
 def plan_backtest(config: RaceConfig, data: RaceData, min_train: int,
                   most_demanding: str = "a candidate") -> BacktestPlan:
     """The folds of the race; raises ConfigError naming ``horizon`` or ``backtest.*`` when the
@@ -79,7 +98,7 @@ def plan_backtest(config: RaceConfig, data: RaceData, min_train: int,
     shortest_id, shortest = lengths.idxmin(), int(lengths.min())
     folds, horizon = config.backtest.folds, config.horizon
     step = config.backtest.step or horizon
-    room = shortest - horizon - (folds - 1) * step  # the largest window that fits every fold
+    room = shortest - fold_span(config)  # the largest window that fits every fold
     need = f"{most_demanding} needs at least {min_train} observations to train on"
     if room < min_train and config.backtest.window is None:
         raise ConfigError(

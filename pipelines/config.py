@@ -5,7 +5,8 @@ winner. Everything it needs is in :class:`RaceConfig`; :func:`load_config` reads
 Every mistake is reported with the key it concerns (``candidates.1.model: unknown model
 'Prophet' ...``): schema errors (unknown keys, wrong types, unknown models or parameters) when
 the file is read, and data-dependent ones (a missing column, a horizon the series are too short
-for) by :func:`pipelines.race.prepare_race`, before the first model trains.
+for, and every problem of the values at once, unless ``data.fill`` repairs it) by
+:func:`pipelines.race.prepare_race`, before the first model trains.
 
 Tracking settings come from the ``tracking`` section with environment overrides: the usual
 MLflow variables (``MLFLOW_TRACKING_URI``, ``MLFLOW_REGISTRY_URI``, ``MLFLOW_EXPERIMENT_NAME``,
@@ -68,20 +69,39 @@ class ColumnMapping(StrictModel):
     target: str = "target"
 
 
+class FillConfig(StrictModel):
+    """What the race does with gaps and short series instead of failing (``error``).
+
+    ``missing``: missing timestamps and NaN values are filled by linear interpolation
+    (``interpolate``; a series' first or last values take its nearest observation) or with
+    ``zero``. ``short``: series too short for every candidate's training window plus the
+    backtest folds are left out (``drop``). Whatever is filled or dropped is logged in the race.
+    """
+
+    # besides error, the methods of forecaster.data.fill_gaps
+    missing: Literal["error", "interpolate", "zero"] = "error"
+    short: Literal["error", "drop"] = "error"
+
+
 class DataConfig(StrictModel):
     """A file (``path`` plus ``columns``) or a bundled loader (``loader`` plus ``data_dir``).
 
-    ``max_series`` keeps the first series (in file order) and ``last_n`` the last observations
-    of each: slices for quick runs. Relative paths are relative to the config file.
+    A file is ``long`` (a row per series and time: the ``columns`` mapping names its columns)
+    or ``wide`` (a column per series, named by its id; the time in the ``columns.timestamp``
+    column, else the first one). ``max_series`` keeps the first series (in file order) and
+    ``last_n`` the last observations of each: slices for quick runs. ``fill`` decides about
+    gaps and short series. Relative paths are relative to the config file.
     """
 
     loader: Literal["m4_hourly", "etth1"] | None = None
     data_dir: Path | None = None
     variables: list[str] | None = None  # etth1: the columns to forecast, each its own series
     path: Path | None = None
+    format: Literal["long", "wide"] = "long"
     columns: ColumnMapping = Field(default_factory=ColumnMapping)
     max_series: PositiveInt | None = None
     last_n: PositiveInt | None = None
+    fill: FillConfig = Field(default_factory=FillConfig)
 
     @model_validator(mode="after")
     def _one_source(self) -> DataConfig:
@@ -97,6 +117,13 @@ class DataConfig(StrictModel):
             raise ValueError("`columns` applies to `path` sources only")
         if self.variables is not None and self.loader != "etth1":
             raise ValueError("`variables` applies to the etth1 loader only")
+        if self.loader is not None and self.format != "long":
+            raise ValueError("`format` applies to `path` sources only")
+        # a wide file names its series by its columns: only the time column can be mapped
+        long_only = sorted(self.columns.model_fields_set - {"timestamp"})
+        if self.format == "wide" and long_only:
+            raise ValueError(f"`columns` {long_only} apply to the long format only; a wide "
+                             "file has one column per series")
         return self
 
 

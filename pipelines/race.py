@@ -3,7 +3,8 @@ model, and move ``@champion`` only to a winner that beats the current champion.
 
 One parent MLflow run per race and a nested run per candidate. Order of work::
 
-    prepare    load data, plan the folds: every config error surfaces here, before training
+    prepare    load data (repaired as data.fill says), plan the folds: every config and
+               data error surfaces here, before training
     candidates per candidate: backtest on the folds, refit on all data, log the pyfunc model,
                check it reproduces the estimator, register it as a new version with its metrics
     champion   load the current @champion and re-score it on the same folds
@@ -40,6 +41,7 @@ from pipelines.backtest import (
     BacktestResult,
     Fold,
     plan_backtest,
+    required_length,
     run_backtest,
 )
 from pipelines.candidates import build_estimator, is_neural, loggable_params, min_train_length
@@ -149,9 +151,10 @@ class _Progress:
 
 def prepare_race(config: RaceConfig) -> PreparedRace:
     """Load the data and plan the folds; raises ConfigError (naming the key) or ValueError."""
-    data = load_race_data(config.data)
     needs = {c.name: min_train_length(c, config) for c in config.candidates}
     hungriest = max(needs, key=lambda name: needs[name])
+    need, why = required_length(config, needs[hungriest], f"candidate {hungriest!r}")
+    data = load_race_data(config.data, config.frequency, min_length=need, need=why)
     plan = plan_backtest(config, data, needs[hungriest], f"candidate {hungriest!r}")
     return PreparedRace(config, data, plan,
                         horizon_of(config.horizon, data.datetime_index, config.frequency))
@@ -195,6 +198,11 @@ def _log_race_settings(prepared: PreparedRace) -> None:
                     "race_config.yaml")
     mlflow.log_text("\n".join(f"fold {f.number}: train {len(f.y_train)} rows, test "
                               f"{len(f.y_test)} rows" for f in plan.folds), "folds.txt")
+    # what data.fill filled or dropped before the race: counts as metrics, ids in the text
+    mlflow.log_params({"data.fill.missing": data.report.missing,
+                       "data.fill.short": data.report.short})
+    mlflow.log_metrics(data.report.counts())
+    mlflow.log_text(data.report.text(), "data_report.txt")
 
 
 def _race_params(prepared: PreparedRace) -> dict[str, str]:

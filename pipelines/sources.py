@@ -1,33 +1,111 @@
 """The race's data: a configured source read into the long format and its sktime panel.
 
-Sources are a CSV or Parquet file with a column mapping, or the bundled M4 Hourly and ETTh1
-loaders. Problems with the source itself (a missing file or column) are config errors naming
-the key; problems with the values (NaN, duplicate timestamps) name the series.
+Sources are a CSV or Parquet file, long (``columns`` maps the id, time and target columns)
+or wide (one column per series, the time in the first column or ``columns.timestamp``), or
+the bundled M4 Hourly and ETTh1 loaders. Problems with the source itself (a missing file or
+column) are config errors naming the key. Problems with the values are all collected and
+raised together as one :class:`~forecaster.data.DataError`, naming each series by its id and
+each column by the file's own name: unreadable numbers or dates, missing ids, NaN and
+infinite values, duplicate, missing and off-frequency timestamps, series too short for the
+race. ``data.fill`` turns gaps (``missing``: interpolate or zero) and short series
+(``short``: drop) from errors into repairs, which :class:`DataReport` records.
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+import logging
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from forecaster.data import SERIES, TARGET, TIME, long_to_panel, validate_panel
+from forecaster.data import (
+    SERIES,
+    TARGET,
+    TIME,
+    DataError,
+    DataProblem,
+    counted,
+    expected_timestamps,
+    fill_gaps,
+    listed,
+    long_to_panel,
+    panel_problems,
+    panel_to_long,
+    series_id,
+    timestamp_text,
+)
 from forecaster.datasets import load_m4_hourly, wide_to_long
 from pipelines.config import ConfigError, DataConfig
 
+logger = logging.getLogger(__name__)
+
 ETTH1_FILE = "ETTh1.csv"
+RAW = "_raw"  # a target cell's text where it is not a number, while the source is read
+
+
+@dataclass(frozen=True)
+class DataReport:
+    """What loading did to the data under ``data.fill``: gaps filled, short series dropped."""
+
+    missing: str = "error"  # data.fill.missing
+    short: str = "error"  # data.fill.short
+    required: int = 1  # the observations a series needs in the race
+    # series id -> (timestamps inserted, NaN values filled)
+    filled: dict[str, tuple[int, int]] = field(default_factory=dict)
+    dropped: dict[str, int] = field(default_factory=dict)  # series id -> its observations
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.filled or self.dropped)
+
+    def counts(self) -> dict[str, int]:
+        """Counts per action, as run metrics."""
+        return {
+            "data.filled_series": len(self.filled),
+            "data.filled_timestamps": sum(t for t, _ in self.filled.values()),
+            "data.filled_values": sum(v for _, v in self.filled.values()),
+            "data.dropped_series": len(self.dropped),
+            "data.dropped_observations": sum(self.dropped.values()),
+        }
+
+    def summary(self) -> str:
+        """One line: what was filled and dropped, with the first ids."""
+        counts = self.counts()
+        parts = []
+        if self.filled:
+            parts.append(f"filled {counted(counts['data.filled_timestamps'], 'missing timestamp')}"
+                         f" and {counted(counts['data.filled_values'], 'NaN value')} in "
+                         f"{len(self.filled)} series by {self.missing} "
+                         f"({listed(list(self.filled))})")
+        if self.dropped:
+            parts.append(f"dropped {len(self.dropped)} series shorter than the race's "
+                         f"{self.required} observations ({listed(list(self.dropped))})")
+        return "; ".join(parts) or "nothing filled or dropped"
+
+    def text(self) -> str:
+        """The whole account, one line per affected series."""
+        lines = [f"data.fill.missing: {self.missing}", f"data.fill.short: {self.short}",
+                 f"observations a series needs: {self.required}",
+                 *(f"{key}: {value}" for key, value in self.counts().items())]
+        lines += [f"filled {key!r}: {counted(t, 'timestamp')} inserted, "
+                  f"{counted(v, 'NaN value')} filled" for key, (t, v) in self.filled.items()]
+        lines += [f"dropped {key!r}: {n} observations" for key, n in self.dropped.items()]
+        return "\n".join(lines) + "\n"
 
 
 @dataclass(frozen=True)
 class RaceData:
-    """The training data of a race: long frame, panel, and a fingerprint of both."""
+    """The training data of a race: long frame, panel, a fingerprint of both, and what
+    ``data.fill`` changed."""
 
     long: pd.DataFrame  # series_id (str), timestamp, target
     panel: pd.DataFrame  # sktime pd-multiindex (series_id, timestamp) -> target
     fingerprint: str  # sha256 of the values, ids, timestamps and dtypes
+    report: DataReport = field(default_factory=DataReport)
 
     @property
     def lengths(self) -> pd.Series:
@@ -47,7 +125,11 @@ def fingerprint(long: pd.DataFrame) -> str:
     return digest.hexdigest()
 
 
-def _read_file(config: DataConfig) -> pd.DataFrame:
+# the file's own names for our columns, for messages; None where the series is the column
+Names = dict[str, str | None]
+
+
+def _read_file(config: DataConfig) -> tuple[pd.DataFrame, Names]:
     assert config.path is not None
     if not config.path.is_file():
         raise ConfigError(f"data.path: file {str(config.path)!r} not found")
@@ -55,6 +137,14 @@ def _read_file(config: DataConfig) -> pd.DataFrame:
         frame = pd.read_csv(config.path)
     else:
         frame = pd.read_parquet(config.path)
+    if config.format == "wide":
+        explicit = "timestamp" in config.columns.model_fields_set
+        time = config.columns.timestamp if explicit else frame.columns[0]
+        if time not in frame.columns:
+            raise ConfigError(f"data.columns.timestamp: column {time!r} not found in "
+                              f"{config.path.name} (its columns: {list(map(str, frame.columns))})")
+        return wide_to_long(frame.set_index(time)), {SERIES: None, TIME: str(time),
+                                                     TARGET: None}
     mapping = config.columns.model_dump()  # our name -> file column
     missing = [f"data.columns.{ours}: column {theirs!r} not found in {config.path.name} "
                f"(its columns: {list(map(str, frame.columns))})"
@@ -62,25 +152,17 @@ def _read_file(config: DataConfig) -> pd.DataFrame:
     if missing:
         raise ConfigError(missing)
     long = frame[list(mapping.values())].rename(columns={v: k for k, v in mapping.items()})
-    if not pd.api.types.is_numeric_dtype(long[TIME]):
-        try:
-            long[TIME] = pd.to_datetime(long[TIME])
-        except (ValueError, TypeError) as error:
-            raise ConfigError(f"data.columns.timestamp: column {mapping[TIME]!r} holds "
-                              f"neither numbers nor dates: {error}") from None
-    if not pd.api.types.is_numeric_dtype(long[TARGET]):
-        raise ConfigError(f"data.columns.target: column {mapping[TARGET]!r} is not numeric")
-    return long
+    return long, dict(mapping)
 
 
-def _read_loader(config: DataConfig) -> pd.DataFrame:
+def _read_loader(config: DataConfig) -> tuple[pd.DataFrame, Names]:
     assert config.data_dir is not None
     if not config.data_dir.is_dir():
         raise ConfigError(f"data.data_dir: folder {str(config.data_dir)!r} not found")
     try:
         if config.loader == "m4_hourly":
             train, _test = load_m4_hourly(config.data_dir)  # the test split stays unseen
-            return train
+            return train, {}
         # the raw file rather than load_etth1's z-scores: the race forecasts loads and
         # temperatures in their own units, and keeps the rows after the standard test split
         raw = pd.read_csv(config.data_dir / ETTH1_FILE, parse_dates=["date"], index_col="date")
@@ -91,31 +173,205 @@ def _read_loader(config: DataConfig) -> pd.DataFrame:
     if unknown:
         raise ConfigError(f"data.variables: {unknown} are not ETTh1 columns "
                           f"{list(raw.columns)}")
-    return wide_to_long(raw, variables)
+    return wide_to_long(raw, variables), {TIME: "date", TARGET: None}
 
 
-def read_source(config: DataConfig) -> pd.DataFrame:
-    """The configured data as a long frame, sliced by ``max_series`` and ``last_n``."""
-    long = _read_file(config) if config.path is not None else _read_loader(config)
-    long = long.assign(**{SERIES: long[SERIES].astype(str),
-                          TARGET: long[TARGET].astype(np.float64)})
+def _parse_times(raw: pd.Series, column: str) -> pd.Series:
+    """Numbers or dates, whichever reads more of the column; NaN/NaT where a cell reads as
+    neither."""
+    if pd.api.types.is_numeric_dtype(raw) or pd.api.types.is_datetime64_any_dtype(raw):
+        return raw
+    numbers = pd.to_numeric(raw, errors="coerce")
+    with warnings.catch_warnings():  # a format that cannot be inferred is retried cell by cell
+        warnings.simplefilter("ignore", UserWarning)
+        dates = pd.to_datetime(raw, errors="coerce")
+    retry = dates.isna() & raw.notna()
+    if retry.any():
+        dates[retry] = pd.to_datetime(raw[retry], errors="coerce", format="mixed")
+    if max(numbers.notna().sum(), dates.notna().sum()) == 0 and raw.notna().any():
+        raise ConfigError(f"data.columns.timestamp: column {column!r} holds neither numbers "
+                          f"nor dates (e.g. {raw.dropna().iloc[0]!r})")
+    return numbers if numbers.notna().sum() > dates.notna().sum() else dates
+
+
+def _parse(long: pd.DataFrame, names: Names) -> tuple[pd.DataFrame, list[DataProblem]]:
+    """Ids as strings, timestamps as numbers or dates, targets as floats: rows without an id
+    or a readable timestamp are left out and reported; a target that is not a number is
+    reported and kept (its text in ``RAW``) until the slices are taken."""
+    problems = []
+    id_column, time_column = names.get(SERIES, SERIES), names.get(TIME, TIME)
+    no_id = long[SERIES].isna()
+    if no_id.any():
+        rows = [int(row) for row in np.flatnonzero(no_id.to_numpy()) + 1]  # 1 = first data row
+        problems.append(DataProblem("unreadable", None, (
+            f"data column {id_column!r} is empty in {counted(len(rows), 'row')} "
+            f"(data {'row' if len(rows) == 1 else 'rows'} {listed(rows)})")))
+    long = long[~no_id].assign(**{SERIES: lambda f: f[SERIES].astype(str)})
+
+    times = _parse_times(long[TIME], str(time_column))
+    unreadable = times.isna()
+    for key, cells in long.loc[unreadable, TIME].groupby(long.loc[unreadable, SERIES],
+                                                         sort=False):
+        texts = [repr(c) for c in cells if not pd.isna(c)]
+        what = (f"{counted(len(texts), 'unreadable timestamp')} in column {time_column!r}: "
+                f"{listed(texts)}" if texts else "")
+        blank = len(cells) - len(texts)
+        what += ("; " if what and blank else "") + (
+            f"{counted(blank, 'row')} without a timestamp" if blank else "")
+        problems.append(DataProblem("unreadable", key, f"data series {key!r} has {what}"))
+    long = long[~unreadable].assign(**{TIME: times[~unreadable]})
+    if pd.api.types.is_float_dtype(long[TIME]) and (long[TIME] % 1 == 0).all():
+        long[TIME] = long[TIME].astype(np.int64)  # integers read as floats beside blanks
+
+    raw = long[TARGET]
+    values = pd.to_numeric(raw, errors="coerce") if not pd.api.types.is_numeric_dtype(raw) \
+        else raw
+    not_a_number = values.isna() & raw.notna()
+    long = long.assign(**{TARGET: values.astype(np.float64),
+                          RAW: raw.where(not_a_number).astype(object)})
+    return long, problems
+
+
+def _trim_ragged(long: pd.DataFrame) -> tuple[pd.DataFrame, list[DataProblem]]:
+    """A wide file pads series that start late or end early with empty cells: each series
+    runs from its first value to its last; a column with none is reported."""
+    present = long[TARGET].notna() | long[RAW].notna()
+    by_series = present.groupby(long[SERIES], sort=False)
+    started = by_series.cummax()
+    ended = present[::-1].groupby(long[SERIES][::-1], sort=False).cummax()[::-1]
+    empty = [key for key, any_value in by_series.any().items() if not any_value]
+    problems = [DataProblem("unreadable", key, f"data series {key!r} has no values")
+                for key in empty]
+    return long[started & ended], problems
+
+
+def read_source(config: DataConfig) -> tuple[pd.DataFrame, list[DataProblem], Names]:
+    """The configured data as a long frame, sliced by ``max_series`` and ``last_n``; the
+    cells that could not be read (missing ids and unreadable timestamps are left out; a
+    target that is not a number reads as 0 here, its problem reported); the file's names of
+    the columns."""
+    long, names = _read_file(config) if config.path is not None else _read_loader(config)
+    long, problems = _parse(long, names)
     if config.max_series is not None:
-        keep = long[SERIES].drop_duplicates().iloc[: config.max_series]
+        keep = set(long[SERIES].drop_duplicates().iloc[: config.max_series])
         long = long[long[SERIES].isin(keep)]
+        problems = [p for p in problems if p.series is None or p.series in keep]
     long = long.sort_values([SERIES, TIME], kind="stable")
+    if config.format == "wide":
+        long, empty = _trim_ragged(long)
+        problems += empty
     if config.last_n is not None:
         long = long.groupby(SERIES, sort=False).tail(config.last_n)
-    return long.reset_index(drop=True)
+    target = names.get(TARGET, TARGET)
+    where = "" if target is None else f" in column {target!r}"
+    bad = long[long[RAW].notna()]
+    for key, rows in bad.groupby(SERIES, sort=False):
+        cells = [f"{text!r} at {timestamp_text(time)}"
+                 for text, time in zip(rows[RAW], rows[TIME], strict=True)]
+        problems.append(DataProblem("unreadable", key, (
+            f"data series {key!r} has {counted(len(cells), 'value')} that "
+            f"{'is not a number' if len(cells) == 1 else 'are not numbers'}{where}: "
+            f"{listed(cells)}")))
+    # the rest of the data is still checked, so that every problem is reported at once; a
+    # frame with unreadable values is never trained on
+    long = long.assign(**{TARGET: long[TARGET].where(long[RAW].isna(), 0.0)})
+    return long.drop(columns=RAW).reset_index(drop=True), problems, names
 
 
-def load_race_data(config: DataConfig) -> RaceData:
-    """Read, slice and validate the data; raises ConfigError or ValueError naming the problem."""
-    long = read_source(config)
-    if long.empty:
+def load_race_data(config: DataConfig, frequency: str | None = None, *, min_length: int = 1,
+                   need: str = "") -> RaceData:
+    """Read, slice, check and (as ``config.fill`` says) repair the data.
+
+    With ``frequency`` (the race's), timestamps must be regular: dates on it, integers in
+    steps of 1. A series shorter than ``min_length`` (what the race needs; ``need`` says
+    why) is a problem, or dropped with ``fill.short: drop``; when every series is that short,
+    the horizon and folds are the problem, left to the backtest plan to report. Raises
+    ConfigError for the source itself, else one DataError listing every problem of the values.
+    """
+    long, problems, names = read_source(config)
+    if long.empty and not problems:
         raise ConfigError("data: the source holds no rows")
+    fill = config.fill
     panel = long_to_panel(long)
-    validate_panel(panel, min_length=1, name="data")
-    return RaceData(long=long, panel=panel, fingerprint=fingerprint(long))
+    filled = pd.DataFrame(columns=["missing_timestamps", "missing_values"])
+    if fill.missing != "error":
+        panel, filled = fill_gaps(panel, frequency, fill.missing)
+    problems += panel_problems(panel, name="data", frequency=frequency,
+                               column_names={TARGET: names.get(TARGET, TARGET)})
+    # a series' length once its gaps are filled: a gap is reported as such, not as shortness
+    observed = panel.groupby(level=0, sort=False).size()
+    lengths = pd.Series({key: _span(series.index, frequency)
+                         for key, series in panel.groupby(level=0, sort=False)}, dtype=int)
+    short = lengths[lengths < min_length]
+    dropped: dict[str, int] = {}
+    if 0 < len(short) < len(lengths):
+        if fill.short == "drop":
+            dropped = {str(key): int(observed[key]) for key in short.index}
+            panel = panel.drop(index=short.index, level=0)
+        else:
+            problems += [DataProblem("short", key, (
+                f"data series {key!r} has {observed[key]} observations"
+                + (f" over {n} timestamps" if n != observed[key] else "")
+                + f"; the race needs at least {min_length}{need and f' ({need})'}"))
+                for key, n in short.items()]
+    if problems:
+        raise DataError(_by_series(problems, list(lengths.index)),
+                        f"data ({source_description(config)})",
+                        _hints(problems, config, frequency, panel))
+    report = DataReport(fill.missing, fill.short, min_length, {
+        str(key): (int(row.missing_timestamps), int(row.missing_values))
+        for key, row in filled.iterrows()}, dropped)
+    if report.changed:  # the canonical frames again: series back in order, no emptied level
+        long = panel_to_long(panel).astype({SERIES: str})
+        panel = long_to_panel(long)
+        logger.warning("data (%s): %s", source_description(config), report.summary())
+    return RaceData(long=long, panel=panel, fingerprint=fingerprint(long), report=report)
+
+
+def _span(index: pd.MultiIndex, frequency: str | None) -> int:
+    """How many timestamps a series covers from its first to its last (its rows, where
+    they have no regular grid)."""
+    times = index.get_level_values(-1)
+    grid = None if frequency is None or times.has_duplicates else \
+        expected_timestamps(times, frequency)
+    return len(times) if grid is None else len(grid.union(times))
+
+
+def _by_series(problems: list[DataProblem], order: list[object]) -> list[DataProblem]:
+    """Problems of the data as a whole first, then series by series in the data's order."""
+    position = {series_id(key): i for i, key in enumerate(order)}
+    return sorted(problems, key=lambda p: -1 if p.series is None
+                  else position.get(p.series, len(position)))
+
+
+def _hints(problems: list[DataProblem], config: DataConfig, frequency: str | None,
+           panel: pd.DataFrame) -> list[str]:
+    """What the config could do about them."""
+    kinds = {p.kind for p in problems}
+    hints = []
+    if kinds & {"missing_timestamp", "irregular"} and frequency is not None:
+        inferred = _inferred_frequency(panel)
+        if inferred is not None and pd.tseries.frequencies.to_offset(inferred) != \
+                pd.tseries.frequencies.to_offset(frequency):
+            hints.append(f"frequency: the race's frequency is {frequency!r}, but the data "
+                         f"look like {inferred!r}")
+    if kinds & {"missing_timestamp", "missing_value"} and config.fill.missing == "error":
+        hints.append("data.fill.missing: `interpolate` or `zero` fills missing timestamps "
+                     "and NaN values")
+    if "short" in kinds and config.fill.short == "error":
+        hints.append("data.fill.short: `drop` leaves out the series too short for the race")
+    return hints
+
+
+def _inferred_frequency(panel: pd.DataFrame) -> str | None:
+    """The frequency pandas reads off the first series regular enough to tell."""
+    for _, series in panel.groupby(level=0, sort=False):
+        times = series.index.get_level_values(-1)
+        if isinstance(times, pd.DatetimeIndex) and len(times) >= 3 and times.is_unique:
+            inferred = pd.infer_freq(times.sort_values())
+            if inferred is not None:
+                return inferred
+    return None
 
 
 def source_description(config: DataConfig) -> str:

@@ -7,9 +7,12 @@ import pandas as pd
 import pytest
 
 from forecaster.data import (
+    MAX_REPORTED,
     SERIES,
     TARGET,
     TIME,
+    DataError,
+    fill_gaps,
     long_to_panel,
     panel_arrays,
     panel_to_long,
@@ -149,6 +152,112 @@ def test_validate_panel_checks_a_single_series() -> None:
     series = pd.Series([1.0, np.inf, 3.0])
     with pytest.raises(ValueError, match=r"^y has a non-finite value \(inf\)"):
         validate_panel(series)
+
+
+def test_validate_panel_reports_every_problem_at_once() -> None:
+    panel = _valid_panel()
+    panel.loc[("x", 1), TARGET] = np.nan
+    panel.loc[("x", 4), TARGET] = np.nan
+    panel.loc[("z", 0), "temperature"] = np.inf
+    panel = pd.concat([panel, panel.loc[[("y", 3)]]]).sort_index()
+    with pytest.raises(DataError) as error:
+        validate_panel(panel, min_length=7, name="data", column_names={TARGET: "sales"})
+    message = str(error.value)
+    assert message.splitlines() == [
+        "data has 4 problems:",
+        "  data series 'x' has 2 non-finite values (nan) in column 'sales' at 1, 4",
+        "  data series 'y' has duplicate timestamp 3",
+        "  data series 'y' has 6 observations; the model needs at least 7",
+        "  data series 'z' has a non-finite value (inf) in column 'temperature' at 0",
+    ]
+    assert [(p.kind, p.series) for p in error.value.problems] == [
+        ("missing_value", "x"), ("duplicate", "y"), ("short", "y"), ("infinite", "z")]
+    assert "('" not in message and "'target'" not in message  # ids and the user's names
+
+
+def test_validate_panel_lists_at_most_max_reported_problems() -> None:
+    count = MAX_REPORTED + 5
+    panel = long_to_panel(pd.DataFrame({
+        SERIES: np.repeat([f"store_{i:02d}" for i in range(count)], 3),
+        TIME: np.tile(np.arange(3), count),
+        TARGET: np.tile([1.0, np.nan, 2.0], count)}))
+    with pytest.raises(DataError) as error:
+        validate_panel(panel, name="data")
+    lines = str(error.value).splitlines()
+    assert lines[0] == f"data has {count} problems:"
+    assert lines[1] == ("  data series 'store_00' has a non-finite value (nan) in column "
+                        "'target' at 1")
+    assert len(lines) == 1 + MAX_REPORTED + 1 and lines[-1] == "  ... and 5 more"
+    assert len(error.value.problems) == count
+
+
+def _weekly(gaps: dict[str, list[int]], weeks: int = 10) -> pd.DataFrame:
+    """Weekly (Sunday) series 'a', 'b', 'c' with values 0, 1, 2, ... and the given weeks
+    left out."""
+    dates = pd.date_range("2024-01-07", periods=weeks, freq="W-SUN")
+    return long_to_panel(pd.concat([pd.DataFrame({SERIES: key, TIME: dates, TARGET: np.arange(
+        weeks, dtype=float)}).drop(index=gaps.get(key, [])) for key in "abc"]))
+
+
+def test_missing_and_off_frequency_timestamps_are_found_per_series() -> None:
+    panel = _weekly({"a": [3, 4, 5, 6, 7, 8]})
+    monday = panel.loc[[("c", pd.Timestamp("2024-01-14"))]].rename(
+        index={pd.Timestamp("2024-01-14"): pd.Timestamp("2024-01-15")})
+    panel = pd.concat([panel, monday]).sort_index()
+    validate_panel(panel)  # without a frequency, regularity is not asked for
+    with pytest.raises(DataError) as error:
+        validate_panel(panel, name="data", frequency="W-SUN")
+    assert [str(p) for p in error.value.problems] == [
+        "data series 'a' misses 6 timestamps on frequency 'W-SUN': 2024-01-28, 2024-02-04, "
+        "2024-02-11, 2024-02-18, 2024-02-25, ... (6 in all)",
+        "data series 'c' has 1 timestamp not on frequency 'W-SUN': 2024-01-15",
+    ]
+    assert [p.kind for p in error.value.problems] == ["missing_timestamp", "irregular"]
+
+
+def test_integer_timestamps_go_in_steps_of_one() -> None:
+    panel = _valid_panel().drop(index=[("x", 2), ("x", 3)])
+    with pytest.raises(DataError, match=r"^data series 'x' misses 2 timestamps in steps of 1: "
+                                        r"2, 3$"):
+        validate_panel(panel, name="data", frequency="h")  # the unit of integers is one step
+
+
+def test_fill_gaps_interpolates_missing_timestamps_and_nan() -> None:
+    panel = _weekly({"a": [2, 3], "b": [9]})
+    panel.loc[("b", pd.Timestamp("2024-01-07")), TARGET] = np.nan  # a first value
+    panel.loc[("c", pd.Timestamp("2024-01-28")), TARGET] = np.nan
+    filled, counts = fill_gaps(panel, "W-SUN", "interpolate")
+    validate_panel(filled, frequency="W-SUN")
+    np.testing.assert_allclose(filled.loc["a", TARGET], np.arange(10.0))  # a straight line
+    # a series' edges take its nearest value; the last week of 'b' was never there
+    np.testing.assert_allclose(filled.loc["b", TARGET], [1.0, *range(1, 9)])
+    np.testing.assert_allclose(filled.loc["c", TARGET], np.arange(10.0))
+    assert counts.to_dict("index") == {
+        "a": {"missing_timestamps": 2, "missing_values": 0},
+        "b": {"missing_timestamps": 0, "missing_values": 1},
+        "c": {"missing_timestamps": 0, "missing_values": 1}}
+    assert list(filled.index.names) == [SERIES, TIME]
+
+
+def test_fill_gaps_with_zero_and_without_a_frequency() -> None:
+    panel = _weekly({"a": [2, 3]})
+    panel.loc[("c", pd.Timestamp("2024-01-28")), TARGET] = np.nan
+    filled, counts = fill_gaps(panel, "W-SUN", "zero")
+    np.testing.assert_allclose(filled.loc["a", TARGET], [0, 1, 0, 0, 4, 5, 6, 7, 8, 9])
+    assert filled.loc[("c", pd.Timestamp("2024-01-28")), TARGET] == 0.0
+    assert counts.loc["a", "missing_timestamps"] == 2 and counts.loc["c", "missing_values"] == 1
+    # with no frequency to tell what is missing, only NaN values are filled
+    filled, counts = fill_gaps(panel, None, "zero")
+    assert len(filled) == len(panel) and counts["missing_timestamps"].sum() == 0
+
+
+def test_fill_gaps_leaves_duplicates_and_off_grid_series_to_validation() -> None:
+    panel = _weekly({"a": [2]})
+    duplicated = pd.concat([panel, panel.loc[[("a", pd.Timestamp("2024-01-07"))]]]).sort_index()
+    filled, counts = fill_gaps(duplicated, "W-SUN", "interpolate")
+    assert len(filled.loc["a"]) == 10 and "a" not in counts.index  # untouched
+    with pytest.raises(DataError, match="duplicate timestamp 2024-01-07"):
+        validate_panel(filled, frequency="W-SUN")
 
 
 # ---------------------------------------------------------------- loaders

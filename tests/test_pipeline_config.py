@@ -117,6 +117,35 @@ def test_a_missing_column_is_named(tmp_path: Path) -> None:
     assert prepared.data.datetime_index and len(prepared.plan.folds) == 3
 
 
+@pytest.mark.parametrize(("data", "problem"), [
+    ({"fill": {"missing": "mean"}},
+     r"data\.fill\.missing: Input should be 'error', 'interpolate' or 'zero'"),
+    ({"fill": {"short": "pad"}}, r"data\.fill\.short: Input should be 'error' or 'drop'"),
+    ({"fill": {"gaps": "zero"}}, r"data\.fill\.gaps: unknown key"),
+    ({"format": "tall"}, r"data\.format: Input should be 'long' or 'wide'"),
+    ({"format": "wide"}, r"data: `format` applies to `path` sources only"),
+], ids=["missing", "short", "unknown-key", "format", "format-with-loader"])
+def test_data_fill_and_format_mistakes_are_named(tmp_path: Path, data_dir: Path, data: dict,
+                                                 problem: str) -> None:
+    raw = _raw(tmp_path, data_dir)
+    raw["data"].update(data)
+    with pytest.raises(ConfigError, match=problem):
+        parse_config(raw)
+
+
+def test_a_wide_file_maps_only_its_time_column(tmp_path: Path) -> None:
+    raw = {"name": "wide", "horizon": 2, "candidates": [SNAIVE], "registry": {"model_name": "w"},
+           "data": {"path": str(tmp_path / "wide.csv"), "format": "wide",
+                    "columns": {"timestamp": "day", "series_id": "store"}}}
+    with pytest.raises(ConfigError, match=r"data: `columns` \['series_id'\] apply to the long "
+                                          r"format only"):
+        parse_config(raw)
+    raw["data"]["columns"] = {"timestamp": "day"}
+    config = parse_config(raw)
+    assert config.data.format == "wide" and config.data.fill.missing == "error"
+    assert config.data.fill.short == "error"  # both default to failing
+
+
 def test_the_cli_reports_a_bad_config(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     (tmp_path / "bad.yaml").write_text("name: x\nhorizon: 24\ncandidates: []\n")
     with pytest.raises(SystemExit) as exit_info:
