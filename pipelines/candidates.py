@@ -1,13 +1,17 @@
 """Candidate configs -> sktime estimators: our five neural forecasters and three baselines.
 
 The race treats every candidate as an sktime forecaster; this module knows which classes may be
-raced, which constructor parameters they take, the defaults the pipeline adds, and how long a
-training window each needs.
+raced, which constructor parameters they take, the defaults the pipeline adds, how long a
+training window each needs, and what a candidate is once every default is filled in (its
+resolved config: what the registry records so that a champion can be refitted, and what makes
+two candidates the same model).
 """
 
 from __future__ import annotations
 
+import ast
 import inspect
+import json
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -116,3 +120,42 @@ def loggable_params(estimator: BaseForecaster) -> dict[str, str]:
     """Constructor parameters as MLflow params (strings, the callback left out)."""
     return {name: str(value) for name, value in estimator.get_params(deep=False).items()
             if name not in RESERVED_PARAMS}
+
+
+def resolved_config(candidate: CandidateConfig, config: RaceConfig) -> dict[str, Any]:
+    """``{"model": class name, "params": every constructor parameter}`` as JSON values: the
+    config's params, the pipeline's defaults and the class's own. Candidates with equal
+    resolved configs train the same model."""
+    with without_sktime_notice():
+        estimator = build_estimator(candidate, config)
+    params = {name: value for name, value in estimator.get_params(deep=False).items()
+              if name not in RESERVED_PARAMS}
+    return json.loads(json.dumps({"model": candidate.model, "params": params}))
+
+
+def params_from_logged(model: str, logged: Mapping[str, str]) -> dict[str, Any]:
+    """Constructor parameters read back from their MLflow strings (:func:`loggable_params`).
+
+    Raises ValueError unless ``logged`` names exactly the parameters ``model`` takes now and
+    each string reads back (a Python literal, else the string itself) to a value whose string
+    is that string again: anything less could refit a different model than was logged.
+    """
+    if model not in MODELS:
+        raise ValueError(f"unknown model {model!r}")
+    expected = set(constructor_params(model)) - RESERVED_PARAMS
+    missing, unknown = sorted(expected - set(logged)), sorted(set(logged) - expected)
+    if missing or unknown:
+        raise ValueError(f"the logged params do not match {model}'s parameters "
+                         f"(missing: {missing}, unknown: {unknown})")
+    params = {name: _literal(text) for name, text in logged.items()}
+    ambiguous = sorted(name for name, value in params.items() if str(value) != logged[name])
+    if ambiguous:
+        raise ValueError(f"the logged params {ambiguous} of {model} do not read back as logged")
+    return params
+
+
+def _literal(text: str) -> Any:
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):  # not a literal: a string parameter such as "last"
+        return text

@@ -43,6 +43,8 @@ from pipelines.candidates import (
 )
 from pipelines.schema_errors import describe
 
+SEASONAL_NAIVE = "snaive"  # the name of the default baseline when the race adds it
+
 # seasonal period implied by a pandas frequency, used when season_length is not given
 SEASONALITY = {"h": 24, "min": 60, "D": 7, "B": 5, "W": 52, "MS": 12, "ME": 12, "M": 12,
                "QS": 4, "QE": 4, "Q": 4}
@@ -174,13 +176,17 @@ class BacktestConfig(StrictModel):
 class SelectionConfig(StrictModel):
     """How the winner is chosen and when it replaces the champion.
 
-    Lower is better for every metric. The winner is promoted when its score is below
-    ``champion score * (1 - promotion_margin)`` on the same folds.
+    Lower is better for every metric. The winner is promoted when it beats the baseline (unless
+    it is the baseline) and its score is below ``champion score * (1 - promotion_margin)``, all
+    on the same folds. ``baseline`` names a candidate; by default it is the seasonal naive
+    forecast (NaiveForecaster, strategy ``last``, ``sp`` = the season length), added to the
+    candidates when none of them is that model.
     """
 
     metric: Literal["mase", "smape", "mae"] = "mase"
     promotion_margin: float = Field(default=0.0, ge=0.0, lt=1.0)
     interval_coverage: float = Field(default=0.9, gt=0.0, lt=1.0)
+    baseline: str | None = None  # a candidate's name; default: the seasonal naive candidate
 
 
 class RegistryConfig(StrictModel):
@@ -261,7 +267,17 @@ class RaceConfig(StrictModel):
         for i, candidate in enumerate(self.candidates):
             if problem := interval_problem(candidate, self):
                 raise ValueError(f"candidates.{i}.params.quantiles: {problem}")
+        baseline = self.selection.baseline
+        if baseline is not None and baseline not in names:
+            raise ValueError(f"selection.baseline: {baseline!r} is not a candidate; name one of "
+                             f"{names}, or leave it out for the seasonal naive forecast")
         return self
+
+    @property
+    def seasonal_naive(self) -> CandidateConfig:
+        """The default baseline: the last season repeated (sktime's seasonal naive)."""
+        return CandidateConfig(name=SEASONAL_NAIVE, model="NaiveForecaster",
+                               params={"strategy": "last", "sp": self.season_length})
 
     @model_validator(mode="after")
     def _environment_overrides(self) -> RaceConfig:

@@ -1,53 +1,75 @@
 """The race: backtest every candidate the same way, track it all in MLflow, register every
-model, and move ``@champion`` only to a winner that beats the current champion.
+model, and move ``@champion`` only to a winner that beats the baseline and the current champion.
 
 One parent MLflow run per race and a nested run per candidate. Order of work::
 
-    prepare    load data (repaired as data.fill says), plan the folds: every config and
-               data error surfaces here, before training
+    prepare    add the baseline (``selection.baseline``; by default the seasonal naive
+               forecast) to the candidates if absent, load the data (repaired as data.fill
+               says), plan the folds: every config and data error surfaces here, before training
     candidates per candidate: backtest on the folds, refit on all data, log the pyfunc model,
                check it reproduces the estimator, register it as a new version with its metrics
-    champion   load the current @champion and re-score it on the same folds
-    decide     the best valid candidate against the champion, by the promotion margin
+               and its resolved config (``registry.TAG_CONFIG``)
+    champion   read the @champion's config from the registry (its tag, or its run's params) and
+               score it like a candidate: refitted on each fold's training window, forecasting
+               the fold's test window; a candidate of this race with the same config lends it
+               its fold scores instead. Its registered model is never loaded
+    decide     the best valid candidate must beat the baseline's score (unless it is the
+               baseline), then the champion's by the promotion margin
     tag        every version of the race as complete, the winner with the decision
-    alias      last of all: @champion or @challenger on the winner
+    alias      last of all: @champion on a promoted winner, @challenger on one that did not beat
+               the champion; a winner below the baseline floor gets no alias
 
-An error from a candidate's own model code (a fit that raises) fails that candidate only: its
-nested run is marked FAILED and the race goes on without it. An error from MLflow or the
-registry fails the race; aliases are then untouched, and running again starts over cleanly.
+An error from a candidate's own model code (a fit that raises, in the backtest or the refit)
+fails that candidate only: its nested run is marked FAILED with the error, it cannot win, and
+the race goes on without it (fold scores of a completed backtest still count for the floor).
+An error from MLflow or the registry fails the race; aliases are then untouched, and running
+again starts over cleanly.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import mlflow
 import numpy as np
 import pandas as pd
 import yaml
+from pydantic import ValidationError
 from sktime.forecasting.base import BaseForecaster, ForecastingHorizon
 from tqdm.auto import tqdm
 
-from forecaster.data import SERIES, TARGET, panel_to_long
-from forecaster.trainer import EpochRecord
+from forecaster.data import SERIES, TARGET
+from forecaster.trainer import EpochCallback, EpochRecord
 from pipelines import registry
 from pipelines.backtest import (
     METRICS,
     BacktestPlan,
     BacktestResult,
     Fold,
+    ForecastFn,
     plan_backtest,
     required_length,
     run_backtest,
 )
-from pipelines.candidates import build_estimator, is_neural, loggable_params, min_train_length
+from pipelines.candidates import (
+    build_estimator,
+    is_neural,
+    loggable_params,
+    min_train_length,
+    params_from_logged,
+    resolved_config,
+)
 from pipelines.config import CandidateConfig, RaceConfig
 from pipelines.forecasts import forecast_frame, forecast_problems, future_index, horizon_of
 from pipelines.pyfunc_model import forecast_history, log_forecaster, model_levels
+from pipelines.schema_errors import describe
 from pipelines.sources import RaceData, load_race_data, source_description
 from pipelines.tracking import (
     attention_figure,
@@ -68,12 +90,16 @@ INPUT_EXAMPLE_SERIES, INPUT_EXAMPLE_ROWS = 2, 500
 
 @dataclass(frozen=True)
 class PreparedRace:
-    """A config checked against its data: the data and the folds every candidate shares."""
+    """A config checked against its data: the data and the folds every candidate shares, and
+    the candidates that race (the config's, plus the baseline when the race added it)."""
 
     config: RaceConfig
     data: RaceData
     plan: BacktestPlan
     fh: ForecastingHorizon
+    candidates: list[CandidateConfig]
+    baseline: str  # the candidate whose score is the floor
+    baseline_added: bool  # the race added it: no candidate of the config was the baseline
 
 
 @dataclass
@@ -81,10 +107,12 @@ class CandidateOutcome:
     name: str
     model: str
     run_id: str
+    config: dict[str, Any]  # the resolved config (candidates.resolved_config)
     status: str = "ok"  # ok | failed
     scores: dict[str, float] = field(default_factory=lambda: dict.fromkeys(METRICS, math.nan))
     problems: list[str] = field(default_factory=list)
     error: str | None = None
+    backtest: BacktestResult | None = None  # once the backtest completed
     train_seconds: float = math.nan
     backtest_seconds: float = math.nan
     version: int | None = None
@@ -119,17 +147,20 @@ class RaceResult:
     model_name: str
     run_id: str
     experiment_id: str
+    baseline: str  # the candidate that set the floor
+    baseline_added: bool  # the race added it to the config's candidates
+    champion_scored: str | None = None  # how the previous champion was scored
     versions: dict[str, int] = field(default_factory=dict)  # candidate -> registered version
     # the refitted estimators, in memory (what each registered version was made from)
     estimators: dict[str, BaseForecaster] = field(default_factory=dict, repr=False)
 
 
 class _Progress:
-    """A candidate's progress bar: one step per fold, the refit, and logging; neural models
+    """A progress bar: one step per fold, then a candidate's refit and logging; neural models
     advance within a step epoch by epoch."""
 
-    def __init__(self, name: str, folds: int, epochs: int | None, enabled: bool):
-        self.bar = tqdm(total=folds + 2, desc=f"{name:<14}", unit="step", leave=True,
+    def __init__(self, name: str, steps: int, epochs: int | None, enabled: bool):
+        self.bar = tqdm(total=steps, desc=f"{name:<14}", unit="step", leave=True,
                         disable=not enabled, bar_format="{desc} {bar} {n:.1f}/{total} "
                         "[{elapsed}<{remaining}]{postfix}")
         self.epochs, self.done = epochs, 0
@@ -150,14 +181,37 @@ class _Progress:
 
 
 def prepare_race(config: RaceConfig) -> PreparedRace:
-    """Load the data and plan the folds; raises ConfigError (naming the key) or ValueError."""
-    needs = {c.name: min_train_length(c, config) for c in config.candidates}
+    """Add the baseline if absent, load the data and plan the folds; raises ConfigError
+    (naming the key) or ValueError."""
+    candidates, baseline, added = _with_baseline(config)
+    needs = {c.name: min_train_length(c, config) for c in candidates}
     hungriest = max(needs, key=lambda name: needs[name])
     need, why = required_length(config, needs[hungriest], f"candidate {hungriest!r}")
     data = load_race_data(config.data, config.frequency, min_length=need, need=why)
     plan = plan_backtest(config, data, needs[hungriest], f"candidate {hungriest!r}")
     return PreparedRace(config, data, plan,
-                        horizon_of(config.horizon, data.datetime_index, config.frequency))
+                        horizon_of(config.horizon, data.datetime_index, config.frequency),
+                        candidates, baseline, added)
+
+
+def _with_baseline(config: RaceConfig) -> tuple[list[CandidateConfig], str, bool]:
+    """The candidates that race, the baseline's name, and whether it was added: the named
+    ``selection.baseline``, else a candidate that is the seasonal naive forecast (same
+    resolved config), else the seasonal naive forecast appended to the candidates."""
+    candidates = list(config.candidates)
+    if config.selection.baseline is not None:
+        return candidates, config.selection.baseline, False
+    default = config.seasonal_naive
+    wanted = resolved_config(default, config)
+    for candidate in candidates:
+        if resolved_config(candidate, config) == wanted:
+            assert candidate.name is not None
+            return candidates, candidate.name, False
+    names = {c.name for c in candidates}
+    name = default.name
+    while name in names:  # a different candidate already has the name
+        name = f"{name}-baseline"
+    return [*candidates, default.model_copy(update={"name": name})], name, True
 
 
 def run_race(config: RaceConfig, *, progress: bool = True) -> RaceResult:
@@ -170,14 +224,19 @@ def run_race(config: RaceConfig, *, progress: bool = True) -> RaceResult:
         tags = {"race": config.name, "registered_model": config.registry.model_name,
                 "data_source": source_description(config.data),
                 **provenance_tags(prepared.data.fingerprint)}
+        if prepared.baseline_added:
+            logger.info("race %s: the baseline %s (the seasonal naive forecast) was added to "
+                        "the candidates; selection.baseline names another", config.name,
+                        prepared.baseline)
         with mlflow.start_run(experiment_id=experiment_id, run_name=config.name, tags=tags,
                               log_system_metrics=tracking.enable_system_metrics_logging
                               ) as parent:
             _log_race_settings(prepared)
             outcomes = [_race_candidate(prepared, candidate, tags, experiment_id,
                                         parent.info.run_id, progress)
-                        for candidate in config.candidates]
-            result = _decide_and_alias(prepared, outcomes, parent.info.run_id, experiment_id)
+                        for candidate in prepared.candidates]
+            result = _decide_and_alias(prepared, outcomes, parent.info.run_id, experiment_id,
+                                       progress)
     logger.info("race %s: winner %s (v%s), %s: %s", config.name, result.winner,
                 result.winner_version, "promoted" if result.promoted else "not promoted",
                 result.reason)
@@ -188,8 +247,10 @@ def _log_race_settings(prepared: PreparedRace) -> None:
     config, data, plan = prepared.config, prepared.data, prepared.plan
     mlflow.log_params({
         **_race_params(prepared),
-        "candidates": ",".join(c.name or c.model for c in config.candidates),
+        "candidates": ",".join(c.name or c.model for c in prepared.candidates),
         "selection.metric": config.selection.metric,
+        "selection.baseline": prepared.baseline,
+        "selection.baseline_added": str(prepared.baseline_added),
         "selection.promotion_margin": str(config.selection.promotion_margin),
         "data.series": str(len(data.lengths)),
         "data.observations": str(len(data.long)),
@@ -221,11 +282,12 @@ def _race_candidate(prepared: PreparedRace, candidate: CandidateConfig, tags: di
     config = prepared.config
     assert candidate.name is not None
     probe = build_estimator(candidate, config)  # for its parameters; never fitted
+    resolved = resolved_config(candidate, config)
     run = mlflow.start_run(experiment_id=experiment_id, run_name=candidate.name, nested=True,
                            log_system_metrics=config.tracking.enable_system_metrics_logging,
                            tags={**tags, "candidate": candidate.name, "model": candidate.model})
-    outcome = CandidateOutcome(candidate.name, candidate.model, run.info.run_id)
-    bar = _Progress(candidate.name, len(prepared.plan.folds),
+    outcome = CandidateOutcome(candidate.name, candidate.model, run.info.run_id, resolved)
+    bar = _Progress(candidate.name, len(prepared.plan.folds) + 2,  # the folds, refit, logging
                     probe.get_params().get("max_epochs") if is_neural(probe) else None,
                     progress)
     status = "FAILED"
@@ -239,7 +301,9 @@ def _race_candidate(prepared: PreparedRace, candidate: CandidateConfig, tags: di
             count = log_warnings(caught, "warnings.txt")
             mlflow.log_metric("warnings", count)
         except Exception as error:  # the candidate's model failed: the race goes on
-            outcome.status, outcome.error = "failed", f"{type(error).__name__}: {error}"
+            stage = "backtest" if outcome.backtest is None else "refit on all data"
+            outcome.status = "failed"
+            outcome.error = f"{stage} failed: {type(error).__name__}: {error}"
             mlflow.log_text(traceback.format_exc(), "error.txt")
             mlflow.set_tag("error", outcome.error[:500])
             logger.warning("candidate %s failed: %s", candidate.name, outcome.error)
@@ -261,12 +325,8 @@ def _backtest_and_refit(prepared: PreparedRace, candidate: CandidateConfig,
                         outcome: CandidateOutcome, bar: _Progress) -> None:
     """The candidate's model work: the folds, the forecast plot, the refit on all data."""
     config, data, run_id = prepared.config, prepared.data, outcome.run_id
-
-    def forecast(fold: Fold) -> pd.DataFrame:
-        estimator = build_estimator(candidate, config, on_epoch=epoch_logger(
-            run_id, f"fold_{fold.number}/", then=bar.epoch))
-        estimator.fit(fold.y_train, fh=prepared.fh)
-        return forecast_frame(estimator, model_levels(estimator, config.forecast_levels))
+    forecast = _fold_forecast(prepared, candidate, lambda fold: epoch_logger(
+        run_id, f"fold_{fold.number}/", then=bar.epoch))
 
     def scored(fold: Fold, scores: dict[str, float]) -> None:
         mlflow.log_metrics({f"fold_{fold.number}/{m}": v for m, v in scores.items()})
@@ -274,6 +334,7 @@ def _backtest_and_refit(prepared: PreparedRace, candidate: CandidateConfig,
                  f"{scores[config.selection.metric]:.4f}")
 
     backtest = run_backtest(forecast, prepared.plan.folds, config, on_fold=scored)
+    outcome.backtest = backtest
     outcome.scores, outcome.problems = backtest.scores, list(backtest.problems)
     outcome.backtest_seconds = backtest.seconds
     mlflow.log_metrics({**backtest.scores, "backtest_seconds": backtest.seconds})
@@ -301,6 +362,21 @@ def _backtest_and_refit(prepared: PreparedRace, candidate: CandidateConfig,
                                            f"{candidate.name}: attention, series {first}"),
                           "attention.png")
     bar.step("refit")
+
+
+def _fold_forecast(prepared: PreparedRace, candidate: CandidateConfig,
+                   on_epoch: Callable[[Fold], EpochCallback | None]) -> ForecastFn:
+    """A fold's forecast by a fresh ``candidate`` fitted on the fold's training window: how
+    every candidate, and the champion, is backtested. ``on_epoch`` gives each fold's learning
+    curve callback."""
+    config = prepared.config
+
+    def forecast(fold: Fold) -> pd.DataFrame:
+        estimator = build_estimator(candidate, config, on_epoch=on_epoch(fold))
+        estimator.fit(fold.y_train, fh=prepared.fh)
+        return forecast_frame(estimator, model_levels(estimator, config.forecast_levels))
+
+    return forecast
 
 
 def _log_forecast_plot(prepared: PreparedRace, backtest: BacktestResult) -> None:
@@ -331,6 +407,7 @@ def _log_and_register(prepared: PreparedRace, candidate: CandidateConfig,
     version = registry.register_version(info, config.registry.model_name, {
         registry.TAG_CANDIDATE: candidate.name,
         registry.TAG_MODEL_CLASS: candidate.model,
+        registry.TAG_CONFIG: json.dumps(outcome.config, sort_keys=True),
         registry.TAG_RACE: parent_id,
         registry.TAG_VALID: str(outcome.valid).lower(),
         registry.TAG_PROBLEMS: "; ".join(outcome.problems)[:5000],
@@ -372,74 +449,139 @@ def _reproduction_problems(model_uri: str, history: pd.DataFrame, expected: pd.D
 
 
 # ---------------------------------------------------------------------------- the decision
-def _rescore_champion(prepared: PreparedRace, version: int
-                      ) -> tuple[BacktestResult | None, str | None]:
-    """The champion's scores on this race's folds, or why it could not forecast them.
+@dataclass(frozen=True)
+class ChampionScore:
+    """The champion on this race's folds: its backtest, or why it has no score, and how it was
+    scored (for the decision's reason and the leaderboard)."""
 
-    A champion that cannot be loaded fails the race (a registry or storage problem must not
-    promote anyone); one that loads but cannot forecast the current folds scores nothing.
+    backtest: BacktestResult | None
+    error: str | None
+    how: str | None
+
+
+def _score_champion(prepared: PreparedRace, outcomes: list[CandidateOutcome], version: int,
+                    run_id: str, progress: bool) -> ChampionScore:
+    """The champion's configuration, backtested as the candidates are: refitted on each fold's
+    training window and scored on its test window (its registered weights have seen them all,
+    and are never loaded). A candidate of this race with the same resolved config lends its
+    fold scores instead: training it again on CPU gives the same ones.
+
+    Registry errors propagate (they must not promote anyone); a config that cannot be read or
+    rebuilt, or a fit that raises, leaves the champion without a score, with the reason.
     """
     config = prepared.config
-    model = mlflow.pyfunc.load_model(f"models:/{config.registry.model_name}/{version}")
-
-    def forecast(fold: Fold) -> pd.DataFrame:
-        return model.predict(panel_to_long(fold.y_train), params={"horizon": config.horizon})
-
     try:
-        with recorded_warnings():  # the champion's fits warn as they did in its own race
-            result = run_backtest(forecast, prepared.plan.folds, config)
-    except Exception as error:  # noqa: BLE001 - recorded as the reason of the decision
-        return None, f"{type(error).__name__}: {error}"
-    if not result.valid:
-        return result, "; ".join(result.problems) or "non-finite scores"
-    return result, None
+        recorded = registry.recorded_config(config.registry.model_name, version)
+        params = recorded.params
+        if recorded.from_run_params:
+            params = params_from_logged(recorded.model, params)
+        champion = CandidateConfig(name=f"champion v{version}", model=recorded.model,
+                                   params=params)
+        resolved = resolved_config(champion, config)
+    except ValidationError as error:
+        return ChampionScore(None, f"its recorded config is not a valid candidate: "
+                                   f"{'; '.join(describe(error))}", None)
+    except ValueError as error:
+        return ChampionScore(None, f"its config could not be recovered: {error}", None)
+    twin = next((o for o in outcomes if o.config == resolved), None)
+    if twin is not None:
+        how = f"same config as candidate {twin.name}: its fold scores are reused"
+        if twin.backtest is None:
+            return ChampionScore(None, f"candidate {twin.name}, its config, failed: "
+                                       f"{twin.error}", how)
+        backtest = twin.backtest
+    else:
+        how = f"refitted on each fold from {recorded.source}"
+        bar = _Progress(f"champion v{version}", len(prepared.plan.folds),
+                        resolved["params"].get("max_epochs") if is_neural(champion.model)
+                        else None, progress)
+
+        def scored(fold: Fold, scores: dict[str, float]) -> None:
+            mlflow.log_metrics({f"champion/fold_{fold.number}/{m}": v for m, v in scores.items()})
+            bar.step(f"fold {fold.number} {config.selection.metric} "
+                     f"{scores[config.selection.metric]:.4f}")
+
+        forecast = _fold_forecast(prepared, champion, lambda fold: epoch_logger(
+            run_id, f"champion/fold_{fold.number}/", then=bar.epoch))
+        try:
+            with recorded_warnings():  # the champion's fits warn as they did in its own race
+                backtest = run_backtest(forecast, prepared.plan.folds, config, on_fold=scored)
+        except Exception as error:  # noqa: BLE001 - recorded as the reason of the decision
+            return ChampionScore(None, f"{type(error).__name__}: {error}", how)
+        finally:
+            bar.close()
+    if not backtest.valid:
+        return ChampionScore(backtest, "; ".join(backtest.problems) or "non-finite scores", how)
+    return ChampionScore(backtest, None, how)
+
+
+def _floor(prepared: PreparedRace, outcomes: list[CandidateOutcome]) -> registry.Floor:
+    """The baseline's score on the folds: its backtest's, even when its refit then failed."""
+    metric = prepared.config.selection.metric
+    baseline = next(o for o in outcomes if o.name == prepared.baseline)
+    backtest = baseline.backtest
+    if backtest is None:
+        return registry.Floor(baseline.name, None, baseline.error)
+    if not backtest.valid:
+        return registry.Floor(baseline.name, None, "; ".join(backtest.problems))
+    return registry.Floor(baseline.name, backtest.scores[metric])
 
 
 def _decide_and_alias(prepared: PreparedRace, outcomes: list[CandidateOutcome], run_id: str,
-                      experiment_id: str) -> RaceResult:
+                      experiment_id: str, progress: bool) -> RaceResult:
     config = prepared.config
     name, metric = config.registry.model_name, config.selection.metric
-    leaderboard = _leaderboard(outcomes, metric)
+    leaderboard = _leaderboard(outcomes, metric, prepared.baseline)
     valid = [o for o in outcomes if o.valid and o.version is not None]
-    winner = min(valid, key=lambda o: o.scores[metric]) if valid else None
+    # on a tie the baseline wins: the simpler model
+    winner = min(valid, key=lambda o: (o.scores[metric], o.name != prepared.baseline)
+                 ) if valid else None
 
     champion = registry.champion_version(name)
-    champion_score, champion_error = None, None
+    champion_score, scored = None, ChampionScore(None, None, None)
     if champion is not None:
-        rescored, champion_error = _rescore_champion(prepared, champion)
-        if rescored is not None and champion_error is None:
-            champion_score = rescored.scores[metric]
-            mlflow.log_metrics({f"champion/{m}": v for m, v in rescored.scores.items()})
-        mlflow.set_tag("champion_version", str(champion))
+        scored = _score_champion(prepared, outcomes, champion, run_id, progress)
+        if scored.backtest is not None and scored.error is None:
+            champion_score = scored.backtest.scores[metric]
+            mlflow.log_metrics({f"champion/{m}": v for m, v in scored.backtest.scores.items()})
+        mlflow.set_tags({"champion_version": str(champion), "champion_scored": scored.how or "",
+                         "champion_error": (scored.error or "")[:500]})
 
+    floor = _floor(prepared, outcomes)
     decision = registry.decide(metric, winner.scores[metric] if winner else None, champion,
                                champion_score, config.selection.promotion_margin,
-                               champion_error)
+                               scored.error, winner=winner.name if winner else None,
+                               floor=floor, champion_scored=scored.how)
     # every version is registered: mark them complete and record the decision on the winner
     for rank, version in enumerate(leaderboard["version"], start=1):
         if not pd.isna(version):
             registry.tag_version(name, int(version), {
                 registry.TAG_RANK: rank, registry.TAG_COMPLETE: "true"})
+    label = ("promoted" if decision.promoted else
+             "not-promoted" if decision.floor_blocked else "challenger")
     if winner is not None:
         assert winner.version is not None
         registry.tag_version(name, winner.version, {
-            registry.TAG_DECISION: "promoted" if decision.promoted else "challenger",
+            registry.TAG_DECISION: label,
             registry.TAG_REASON: decision.reason,
             registry.TAG_SCORE: f"{winner.scores[metric]:.6g}",
             registry.TAG_CHAMPION_SCORE: "" if champion_score is None else f"{champion_score:.6g}",
             registry.TAG_CHAMPION_VERSION: "" if champion is None else str(champion),
         })
         mlflow.log_metrics({f"winner/{m}": v for m, v in winner.scores.items()})
+    if floor.score is not None:
+        mlflow.log_metric(f"baseline/{metric}", floor.score)
     mlflow.set_tags({"winner": winner.name if winner else "", "promoted": str(decision.promoted),
                      "decision_reason": decision.reason})
     mlflow.log_text(leaderboard.to_markdown(floatfmt=".4f"), "leaderboard.md")
 
-    # the very last step: one alias moves, after every version is fully registered and tagged
+    # the very last step: one alias moves, after every version is fully registered and tagged;
+    # a winner below the floor is no challenger to the champion
     challenger = None
     if winner is not None and winner.version is not None:
         if decision.promoted:
             registry.set_alias(name, registry.CHAMPION, winner.version)
-        else:
+        elif not decision.floor_blocked:
             registry.set_alias(name, registry.CHALLENGER, winner.version)
             challenger = winner.version
 
@@ -460,18 +602,22 @@ def _decide_and_alias(prepared: PreparedRace, outcomes: list[CandidateOutcome], 
         model_name=name,
         run_id=run_id,
         experiment_id=experiment_id,
+        baseline=prepared.baseline,
+        baseline_added=prepared.baseline_added,
+        champion_scored=scored.how,
         versions={o.name: o.version for o in outcomes if o.version is not None},
         estimators={o.name: o.estimator for o in outcomes if o.estimator is not None},
     )
 
 
-def _leaderboard(outcomes: list[CandidateOutcome], metric: str) -> pd.DataFrame:
-    """Candidates best first: valid ones by the metric, then invalid, then failed."""
+def _leaderboard(outcomes: list[CandidateOutcome], metric: str, baseline: str) -> pd.DataFrame:
+    """Candidates best first: valid ones by the metric, then invalid, then failed. A failed
+    candidate keeps the scores of a backtest that completed; ``note`` holds its whole error."""
     rows = [{
         "candidate": o.name, "model": o.model, **o.scores,
-        "valid": o.valid, "status": o.status, "version": o.version,
-        "train_seconds": o.train_seconds, "backtest_seconds": o.backtest_seconds,
-        "note": o.error or "; ".join(o.problems),
+        "valid": o.valid, "status": o.status, "baseline": o.name == baseline,
+        "version": o.version, "train_seconds": o.train_seconds,
+        "backtest_seconds": o.backtest_seconds, "note": o.error or "; ".join(o.problems),
     } for o in outcomes]
     table = pd.DataFrame(rows)
     table["_order"] = [0 if o.valid else 1 if o.status == "ok" else 2 for o in outcomes]
@@ -482,25 +628,33 @@ def _leaderboard(outcomes: list[CandidateOutcome], metric: str) -> pd.DataFrame:
 
 
 def format_leaderboard(result: RaceResult) -> str:
-    """The leaderboard as a table, the winner marked, and the decision with its reason."""
+    """The leaderboard as a table, the winner marked, each note in full below it, the baseline,
+    and the decision with its reason."""
     table = result.leaderboard.copy()
     table.insert(0, "", ["★" if name == result.winner else "" for name in table.index])
     table["version"] = [f"v{v}" if not pd.isna(v) else "-" for v in table["version"]]
-    table["note"] = table["note"].str.slice(0, 60)
+    notes = table.pop("note")
     lines = [table.to_markdown(floatfmt=".4f"), ""]
+    lines += [f"{name}: {note}" for name, note in notes.items() if note]
+    added = (" (the seasonal naive forecast, added to the candidates: set selection.baseline "
+             "to choose another)" if result.baseline_added else "")
+    lines.append(f"baseline: {result.baseline}{added}; a winner must beat it to be promoted")
     if result.previous_champion_version is not None:
         score = ("could not be scored" if result.previous_champion_score is None
                  else f"{result.metric} {result.previous_champion_score:.4f}")
+        how = f"; {result.champion_scored}" if result.champion_scored else ""
         lines.append(f"champion before the race: v{result.previous_champion_version} "
-                     f"(re-scored on the same folds: {score})")
+                     f"(on the same folds: {score}{how})")
     if result.winner is None:
         lines.append(f"no winner: {result.reason}")
     elif result.promoted:
         lines.append(f"winner: {result.winner} (v{result.winner_version}, {result.metric} "
                      f"{result.winner_score:.4f}) -> promoted to @champion: {result.reason}")
-    else:
+    elif result.challenger_version is not None:
         lines.append(f"winner: {result.winner} (v{result.winner_version}, {result.metric} "
                      f"{result.winner_score:.4f}) -> not promoted, now @challenger: "
                      f"{result.reason}")
+    else:
+        lines.append(f"winner: {result.winner} (v{result.winner_version}, {result.metric} "
+                     f"{result.winner_score:.4f}) -> not promoted, no alias: {result.reason}")
     return "\n".join(lines)
-

@@ -3,10 +3,15 @@
 Aliases are the only thing serving reads (``models:/NAME@champion``), so they move last: a race
 registers and tags every version first, and only then sets at most one alias. A job that dies
 before that leaves new versions without aliases and the champion where it was.
+
+Each version records the configuration it was trained from (:data:`TAG_CONFIG`), so that a
+later race can refit the champion on its own folds instead of loading its weights, which have
+seen every fold's test window.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -42,12 +47,40 @@ TAG_REASON = "decision_reason"
 TAG_SCORE = "candidate_score"
 TAG_CHAMPION_SCORE = "champion_score"
 TAG_CHAMPION_VERSION = "champion_version"  # the champion it was compared with
+# JSON {"model": class name, "params": {...}}, every constructor parameter: what a later race
+# refits to score this version as champion. A tag rather than a run artifact: it is read with
+# the version (one registry call, no artifact store), and shown beside its metrics in the UI.
+TAG_CONFIG = "candidate_config"
+# the run params a version's config is recovered from when it has no TAG_CONFIG (registered
+# before the tag existed): the class, and each constructor parameter as "model.<name>"
+PARAM_MODEL_CLASS, PARAM_PREFIX = "model.class", "model."
 
 
 @dataclass(frozen=True)
 class Decision:
     promoted: bool
     reason: str
+    floor_blocked: bool = False  # the winner did not beat the baseline
+
+
+@dataclass(frozen=True)
+class Floor:
+    """The baseline a winner must beat: its score on the race's folds, or why it has none."""
+
+    name: str
+    score: float | None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class RecordedConfig:
+    """What a version was trained from, and where that was read. Params read from the run
+    are its logged strings (``from_run_params``), still to be read back."""
+
+    model: str
+    params: dict[str, Any]
+    source: str
+    from_run_params: bool = False
 
 
 def _missing(error: MlflowException) -> bool:
@@ -93,16 +126,59 @@ def champion_version(name: str) -> int | None:
     return aliases(name).get(CHAMPION)
 
 
+def recorded_config(name: str, version: int) -> RecordedConfig:
+    """The configuration ``version`` was trained from: its :data:`TAG_CONFIG`, else (a version
+    registered before that tag) the class and parameters its run logged, as strings for
+    :func:`pipelines.candidates.params_from_logged` to read back. Raises ValueError when it
+    records neither; registry errors propagate."""
+    client = MlflowClient()
+    model_version = client.get_model_version(name, str(version))
+    recorded = model_version.tags.get(TAG_CONFIG)
+    if recorded is not None:
+        try:
+            config = json.loads(recorded)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"its tag {TAG_CONFIG} is not JSON: {error}") from None
+        if not (isinstance(config, dict) and isinstance(config.get("model"), str)
+                and isinstance(config.get("params"), dict)):
+            raise ValueError(f"its tag {TAG_CONFIG} lacks a model name or a params mapping")
+        return RecordedConfig(config["model"], config["params"], f"its tag {TAG_CONFIG}")
+    if not model_version.run_id:
+        raise ValueError(f"it has no tag {TAG_CONFIG} and no run")
+    params = client.get_run(model_version.run_id).data.params
+    if PARAM_MODEL_CLASS not in params:
+        raise ValueError(f"it has no tag {TAG_CONFIG}, and its run logged no "
+                         f"{PARAM_MODEL_CLASS} param")
+    logged = {key.removeprefix(PARAM_PREFIX): value for key, value in params.items()
+              if key.startswith(PARAM_PREFIX) and key != PARAM_MODEL_CLASS}
+    return RecordedConfig(params[PARAM_MODEL_CLASS], logged, "its run's logged params",
+                          from_run_params=True)
+
+
 def decide(metric: str, score: float | None, champion: int | None,
-           champion_score: float | None, margin: float, champion_error: str | None = None
-           ) -> Decision:
-    """Whether the race's winner (``score``; None when no candidate was valid) replaces the
-    champion. Lower scores are better; the winner must beat the champion by ``margin``, a
-    fraction of the champion's score."""
+           champion_score: float | None, margin: float, champion_error: str | None = None,
+           *, winner: str | None = None, floor: Floor | None = None,
+           champion_scored: str | None = None) -> Decision:
+    """Whether the race's winner (``winner``, scoring ``score``; None when no candidate was
+    valid) replaces the champion. Lower scores are better. Unless it is the baseline itself,
+    the winner must beat ``floor`` (no promotion when the floor has no score); then it must
+    beat the champion by ``margin``, a fraction of the champion's score. ``champion_scored``
+    says how the champion was scored, for the reason."""
     if score is None or not math.isfinite(score):
         return Decision(False, "no candidate produced valid forecasts")
+    if floor is not None and winner != floor.name:
+        if floor.score is None or not math.isfinite(floor.score):
+            return Decision(False, f"blocked by the baseline floor: the baseline {floor.name} "
+                                   f"could not be scored on the folds "
+                                   f"({floor.error or 'no valid forecasts'}), and nothing is "
+                                   f"promoted without it", floor_blocked=True)
+        if not score < floor.score:
+            return Decision(False, f"blocked by the baseline floor: {metric} {score:.4f} does "
+                                   f"not beat the baseline {floor.name}'s {floor.score:.4f} on "
+                                   f"the same folds", floor_blocked=True)
     if champion is None:
         return Decision(True, "no champion yet")
+    scored = f" ({champion_scored})" if champion_scored else ""
     if champion_score is None or not math.isfinite(champion_score):
         why = champion_error or "its forecasts failed validation"
         return Decision(True, f"champion v{champion} could not be scored on the current "
@@ -111,9 +187,10 @@ def decide(metric: str, score: float | None, champion: int | None,
     gain = (champion_score - score) / champion_score if champion_score else 0.0
     if score < threshold:
         return Decision(True, f"{metric} {score:.4f} beats champion v{champion}'s "
-                              f"{champion_score:.4f} by {gain:.1%} (margin {margin:.1%})")
+                              f"{champion_score:.4f} by {gain:.1%} (margin {margin:.1%})"
+                              f"{scored}")
     return Decision(False, f"{metric} {score:.4f} does not beat champion v{champion}'s "
-                           f"{champion_score:.4f} by the margin of {margin:.1%}")
+                           f"{champion_score:.4f} by the margin of {margin:.1%}{scored}")
 
 
 def set_alias(name: str, alias: str, version: int) -> None:

@@ -79,12 +79,12 @@ def make_registry(store: Path, panel: pd.DataFrame, seeds: tuple[int, ...] = (0,
     return Registry(uri, MlflowClient(uri, uri), estimators)
 
 
-def race(store: Path, data_dir: Path, candidates: list[dict[str, Any]]
+def race(store: Path, data_dir: Path, candidates: list[dict[str, Any]], **overrides: Any
          ) -> tuple[RaceConfig, RaceResult, pd.DataFrame]:
-    """A real race of ``candidates`` (the config of tests.pipeline_support.race_config) into
-    ``store``: its config, its result and the panel it trained on."""
+    """A real race of ``candidates`` (the config of tests.pipeline_support.race_config, with
+    ``overrides``) into ``store``: its config, its result and the panel it trained on."""
     with clean_mlflow_environment():
-        config = race_config(store, data_dir, candidates)
+        config = race_config(store, data_dir, candidates, **overrides)
         result = run_race(config, progress=False)
         panel = load_race_data(config.data).panel
     return config, result, panel

@@ -135,7 +135,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Iterator[
              "--metrics-port", str(ports["trainer:9101"]), "--metrics-addr", "127.0.0.1",
              "--pushgateway", pushgateway], logs["scheduler"], clean_environment()))
 
-        service_config, result, panel = race(tmp / "service", data_dir, [LSTM])
+        # the LSTM is its own baseline floor: the champion served is a network
+        service_config, result, panel = race(tmp / "service", data_dir, [LSTM],
+                                             selection={"baseline": LSTM["name"]})
         service = processes.enter_context(running_service(service_config, logs["service"]))
         ports["service:3000"] = urllib.parse.urlsplit(service).port
 

@@ -50,7 +50,9 @@ class Served:
 def served(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Iterator[Served]:
     store = tmp_path_factory.mktemp("serving-e2e")
     second = {**LSTM, "name": "lstm-b", "params": {**LSTM["params"], "random_state": 1}}
-    config, race_result, panel = race(store, data_dir, [LSTM, second])
+    # the first LSTM is the baseline floor: the champion is a network, not seasonal naive
+    config, race_result, panel = race(store, data_dir, [LSTM, second],
+                                      selection={"baseline": LSTM["name"]})
     log = store / "serve.log"
     with running_service(config, log, poll_seconds="1", workers="2",
                          max_body_bytes=str(MAX_BODY)) as url:
