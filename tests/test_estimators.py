@@ -1,12 +1,14 @@
 """The sktime estimators: forecasts, quantiles, causality, persistence, determinism, unseen
-series, input validation, covariates and attention maps. Tests over every estimator take the
-classes and their tiny settings from the library (``ESTIMATORS``, ``get_test_params``): see
-tests/conftest.py."""
+series, input validation, covariates, attention maps and the documentation of their parameters.
+Tests over every estimator take the classes and their tiny settings from the library
+(``ESTIMATORS``, ``get_test_params``): see tests/conftest.py."""
 
 from __future__ import annotations
 
 import copy
+import inspect
 import json
+import re
 from typing import Any
 
 import numpy as np
@@ -21,7 +23,7 @@ from forecaster import (
     TransformerForecaster,
 )
 from forecaster.data import SERIES, TARGET, TIME
-from tests.conftest import LENGTHS, estimator_variants, sine_series, tiny
+from tests.conftest import LENGTHS, estimator_classes, estimator_variants, sine_series, tiny
 
 H = 4
 FH = list(range(1, H + 1))
@@ -542,3 +544,26 @@ def test_transformer_attention_maps(overrides, tokens, sine_panel) -> None:
     # forecasting afterwards is unaffected
     np.testing.assert_array_equal(model.predict().to_numpy(), model.predict().to_numpy())
 
+
+# ---------------------------------------------------------------- documentation
+def _parameters_section(doc: str) -> str:
+    """The numpydoc Parameters section of a docstring, up to the next section."""
+    assert "\nParameters\n----------\n" in doc, "no Parameters section"
+    section = doc.split("\nParameters\n----------\n", 1)[1]
+    return re.split(r"\n\n\w[\w ]*\n-{3,}\n", section)[0]
+
+
+@pytest.mark.parametrize("cls", estimator_classes())
+def test_every_constructor_parameter_is_documented_with_its_default(cls) -> None:
+    """What help(cls) shows: each argument of the constructor, with its default, in the class's
+    own docstring (not only a parent's)."""
+    assert "__doc__" in vars(cls) and cls.__doc__, f"{cls.__name__} has no docstring of its own"
+    section = _parameters_section(inspect.cleandoc(cls.__doc__))
+    undocumented = []
+    for name, parameter in inspect.signature(cls).parameters.items():
+        default = parameter.default
+        shown = f'"{default}"' if isinstance(default, str) else repr(default)
+        entry = re.compile(rf"^{name} : .+, default={re.escape(shown)}\n {{4}}\S", re.M)
+        if not entry.search(section):
+            undocumented.append(f"{name} (default {shown})")
+    assert not undocumented, f"{cls.__name__} does not document: {', '.join(undocumented)}"
