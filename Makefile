@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench-m4 bench-etth1 bench-serving clean
+.PHONY: demo test test-fast lint bench-m4 bench-etth1 bench-serving clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,9 +19,11 @@ demo: $(STAMP)  ## race tiny models into ./mlflow.db, then serve the champion on
 	OMP_NUM_THREADS=1 $(BIN)/forecaster train configs/quick.yaml
 	OMP_NUM_THREADS=1 $(BIN)/forecaster serve --port 3000 --first-forecast configs/quick.yaml
 
-test: $(STAMP)  ## lint, then the whole test suite (slow end-to-end tests included)
-	$(BIN)/ruff check forecaster pipelines serving cli tests benchmarks deploy
-	$(BIN)/python -m pytest
+test: lint  ## lint, then the whole test suite (slow end-to-end tests included): what CI runs
+	$(BIN)/python -m pytest --durations=20
+
+test-fast: lint  ## lint, then the tests not marked slow (under a minute): the edit-test loop
+	$(BIN)/python -m pytest -m "not slow"
 
 lint: $(STAMP)
 	$(BIN)/ruff check forecaster pipelines serving cli tests benchmarks deploy

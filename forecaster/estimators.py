@@ -14,8 +14,12 @@ one forward pass over all series at once: ``forecast_histories`` is that numeric
 
 from __future__ import annotations
 
+import inspect
 import json
+import textwrap
+from collections.abc import Callable
 from pathlib import Path
+from string import Template
 from typing import Any, ClassVar
 
 import numpy as np
@@ -404,27 +408,85 @@ def _store_params(self: NeuralForecaster, params: dict[str, Any]) -> None:
     self._y = self._X = None  # read by sktime if remember_data is switched back on
 
 
+# --- docstrings: each estimator's numpydoc Parameters section is rendered from these
+# (name: (type, description)), with the defaults of the class's own constructor, so that
+# help(cls) shows every argument while the shared text has one home
+
+_ParameterDocs = dict[str, tuple[str, str]]
+
+_TRAINING_PARAMETERS: _ParameterDocs = {
+    "input_len": ("int", "Steps of history the network reads; shorter histories are left-padded."),
+    "quantiles": ("tuple of float", "Levels the network forecasts (0.5 is always added)."),
+    "loss": ('{"pinball", "mae", "mse"}',
+             'The pinball loss over the quantiles, or a point loss ("mae", "mse"): the quantiles '
+             "then come from the validation errors."),
+    "max_epochs": ("int", "Most epochs to train; early stopping may end sooner."),
+    "steps_per_epoch": ("int", "Optimizer steps per epoch, each on a batch of random windows."),
+    "batch_size": ("int", "Windows per optimizer step."),
+    "learning_rate": ("float", "Peak learning rate of AdamW's one-cycle schedule."),
+    "weight_decay": ("float", "AdamW's weight decay."),
+    "patience": ("int", "Epochs without a better validation loss before training stops."),
+    "validation_rows": ("int or None",
+                        "Trailing rows of each series held out for early stopping, at least the "
+                        "horizon; None: the horizon."),
+    "min_history": ("int or None",
+                    "Shortest usable history; None: input_len // 4 (at least 1)."),
+    "static_covariates": ("sequence of str or None",
+                          "Columns of X that are constant per series; the other columns of X "
+                          "are known-future covariates."),
+    "device": ("str", '"auto" (cuda, then mps, then cpu) or a torch device name.'),
+    "random_state": ("int or None",
+                     "Seed of the initial weights and the training windows; runs on the CPU "
+                     "are deterministic."),
+    "verbose": ("bool", "Show a progress bar while training."),
+    "on_epoch": ("callable or None",
+                 "Called with each epoch's EpochRecord (train and validation loss)."),
+}
+
+
+def _documented(network: _ParameterDocs
+                ) -> Callable[[type[NeuralForecaster]], type[NeuralForecaster]]:
+    """A class decorator: the ``$parameters`` of the class's docstring becomes a numpydoc
+    Parameters section of ``network``'s and _TRAINING_PARAMETERS' entries, in the order of the
+    constructor's arguments, each with its default there."""
+
+    def document(cls: type[NeuralForecaster]) -> type[NeuralForecaster]:
+        described = {**network, **_TRAINING_PARAMETERS}
+        lines = ["Parameters", "----------"]
+        for name, parameter in inspect.signature(cls).parameters.items():
+            if name in described:  # tests/test_estimators.py reports the undocumented ones
+                kind, text = described[name]
+                default = parameter.default
+                shown = f'"{default}"' if isinstance(default, str) else repr(default)
+                lines.append(f"{name} : {kind}, default={shown}")
+                lines.append(textwrap.fill(text, 88, initial_indent=" " * 4,
+                                           subsequent_indent=" " * 4))
+        section = textwrap.indent("\n".join(lines), " " * 4).lstrip()
+        cls.__doc__ = Template(cls.__doc__).substitute(parameters=section)
+        return cls
+
+    return document
+
+
+_RNN_PARAMETERS: _ParameterDocs = {
+    "hidden_size": ("int", "Width of the recurrent layers."),
+    "num_layers": ("int", "Stacked recurrent layers of the encoder (and of the seq2seq decoder)."),
+    "dropout": ("float", "Dropout between the recurrent layers and in the MLP head."),
+    "decoder": ('{"mlp", "seq2seq"}',
+                "A head on the encoder's last hidden state, or a recurrent decoder over the "
+                "horizon that reads the known-future covariates step by step."),
+    "segment_len": ("int",
+                    "Time steps the encoder reads per recurrent step (1: the classic "
+                    "step-by-step RNN)."),
+}
+
+
+@_documented(_RNN_PARAMETERS)
 class RNNForecaster(NeuralForecaster):
     """Elman RNN encoder with a direct multi-horizon decoder (MLP head or seq2seq RNN).
 
-    Parameters
-    ----------
-    hidden_size, num_layers, dropout : size of the recurrent encoder and its dropout.
-    segment_len : time steps the encoder reads per recurrent step (1: classic step-by-step).
-    decoder : "mlp" (a head on the last hidden state) or "seq2seq" (an RNN over the horizon).
-    input_len : steps of history the network reads; shorter histories are left-padded.
-    quantiles : levels the network forecasts (0.5 is always added).
-    loss : "pinball" over the quantiles, or the point losses "mae" and "mse" (their quantiles
-        then come from the validation errors).
-    max_epochs, steps_per_epoch, batch_size, learning_rate, weight_decay, patience : training.
-    validation_rows : trailing rows of each series held out for early stopping (default: fh).
-    min_history : shortest usable history (default: input_len // 4).
-    static_covariates : columns of X that are constant per series; the other X columns are
-        known-future covariates.
-    device : "auto" (cuda, then mps, then cpu) or a torch device name.
-    random_state : seed; runs on the CPU are deterministic.
-    verbose : show a progress bar.
-    on_epoch : callback receiving each epoch's EpochRecord (train and validation loss).
+    $parameters
+
     Examples
     --------
     >>> from sktime.datasets import load_airline
@@ -452,8 +514,11 @@ class RNNForecaster(NeuralForecaster):
                 {"hidden_size": 8, "decoder": "seq2seq", "loss": "mae", "segment_len": 1}]
 
 
+@_documented(_RNN_PARAMETERS)
 class LSTMForecaster(RNNForecaster):
-    """LSTM encoder with a direct multi-horizon decoder; parameters as RNNForecaster.
+    """LSTM encoder with a direct multi-horizon decoder (MLP head or seq2seq LSTM).
+
+    $parameters
 
     Examples
     --------
@@ -468,8 +533,11 @@ class LSTMForecaster(RNNForecaster):
     _fixed_model_kwargs: ClassVar[dict[str, Any]] = {"cell": "lstm"}
 
 
+@_documented(_RNN_PARAMETERS)
 class GRUForecaster(RNNForecaster):
-    """GRU encoder with a direct multi-horizon decoder; parameters as RNNForecaster.
+    """GRU encoder with a direct multi-horizon decoder (MLP head or seq2seq GRU).
+
+    $parameters
 
     Examples
     --------
@@ -484,12 +552,21 @@ class GRUForecaster(RNNForecaster):
     _fixed_model_kwargs: ClassVar[dict[str, Any]] = {"cell": "gru"}
 
 
+_TCN_PARAMETERS: _ParameterDocs = {
+    "channels": ("int", "Channels of each residual block."),
+    "num_layers": ("int", "Residual blocks; block i dilates its convolutions by 2**i."),
+    "kernel_size": ("int", "Width of each causal convolution."),
+    "dropout": ("float", "Dropout in the residual blocks and the head."),
+    "segment_len": ("int",
+                    "Time steps read per position of the convolutions (1: one step each)."),
+}
+
+
+@_documented(_TCN_PARAMETERS)
 class TCNForecaster(NeuralForecaster):
     """Temporal convolutional network: dilated causal convolutions in residual blocks.
 
-    ``channels``, ``num_layers`` (dilations 1, 2, 4, ...), ``kernel_size`` and ``dropout`` shape
-    the network; ``segment_len`` steps are read per position; the other parameters are those of
-    RNNForecaster.
+    $parameters
 
     Examples
     --------
@@ -517,13 +594,31 @@ class TCNForecaster(NeuralForecaster):
                 {"channels": 4, "num_layers": 1, "loss": "mse", "segment_len": 1}]
 
 
+_TRANSFORMER_PARAMETERS: _ParameterDocs = {
+    "encoder": ('{"patch", "timestep"}',
+                "One input token per patch of patch_len steps, taken every patch_stride steps "
+                "(as in PatchTST), or one per time step."),
+    "patch_len": ("int", "Time steps per patch."),
+    "patch_stride": ("int", "Time steps between the starts of two patches."),
+    "d_model": ("int", "Width of the tokens."),
+    "n_heads": ("int", "Attention heads; they must divide d_model."),
+    "encoder_layers": ("int", "Encoder layers (self-attention over the input tokens)."),
+    "decoder_layers": ("int",
+                       "Decoder layers (masked self-attention over the horizon steps, "
+                       "cross-attention to the input tokens)."),
+    "dropout": ("float", "Dropout on the outputs of the attention and feed-forward blocks."),
+    "positional_encoding": ('{"sinusoidal", "learned"}',
+                            "The paper's fixed sinusoids, or learned position embeddings."),
+}
+
+
+@_documented(_TRANSFORMER_PARAMETERS)
 class TransformerForecaster(NeuralForecaster):
     """Encoder-decoder Transformer ("Attention Is All You Need") with a PatchTST-style encoder.
 
-    ``encoder`` is "patch" (tokens of ``patch_len`` steps every ``patch_stride``) or "timestep";
-    ``d_model``, ``n_heads``, ``encoder_layers``, ``decoder_layers``, ``dropout`` and
-    ``positional_encoding`` ("sinusoidal" or "learned") shape the network. ``attention_maps``
-    returns the attention weights for interpretation. Other parameters as RNNForecaster.
+    ``attention_maps`` returns the attention weights for interpretation.
+
+    $parameters
 
     Examples
     --------

@@ -1,4 +1,5 @@
-"""Shared fixtures: a small synthetic panel and tiny estimator settings that train in well under
+"""Shared fixtures: a small synthetic panel, and every estimator of the library with the tiny
+settings of its ``get_test_params`` (as sktime's own suite takes them), which train in well under
 a second on a CPU."""
 
 from __future__ import annotations
@@ -18,14 +19,7 @@ import pandas as pd
 import pytest
 import torch
 
-from forecaster import (
-    GRUForecaster,
-    LSTMForecaster,
-    NeuralForecaster,
-    RNNForecaster,
-    TCNForecaster,
-    TransformerForecaster,
-)
+from forecaster import NeuralForecaster, estimators
 from forecaster.data import SERIES, TARGET, TIME
 from forecaster.datasets import default_data_dir
 from serving.first_forecast import wait_for_ok
@@ -35,7 +29,8 @@ DATA_DIR = default_data_dir()
 PERIOD = 12
 LENGTHS = {"a": 80, "b": 64, "c": 48}  # different lengths: a ragged panel
 
-# training settings shared by every estimator in the suite
+# training settings shared by every estimator in the suite, over those of get_test_params: the
+# tests' numbers follow from them (the shortest usable history is 12 // 4 = 3, for one)
 TINY_TRAINING: dict[str, Any] = {
     "input_len": 12,
     "max_epochs": 2,
@@ -45,21 +40,28 @@ TINY_TRAINING: dict[str, Any] = {
     "random_state": 0,
 }
 
-# the smallest networks of each family
-TINY_NETWORKS: dict[type[NeuralForecaster], dict[str, Any]] = {
-    RNNForecaster: {"hidden_size": 8, "num_layers": 1, "segment_len": 4},
-    LSTMForecaster: {"hidden_size": 8, "num_layers": 1, "segment_len": 4},
-    GRUForecaster: {"hidden_size": 8, "num_layers": 1, "segment_len": 4},
-    TCNForecaster: {"channels": 8, "num_layers": 2},
-    TransformerForecaster: {"d_model": 8, "n_heads": 2, "encoder_layers": 1, "patch_len": 4,
-                            "patch_stride": 2},
-}
-ESTIMATOR_CLASSES = list(TINY_NETWORKS)
+
+def estimator_classes() -> list[Any]:
+    """Every estimator class of the library, ``forecaster.estimators.ESTIMATORS``, as pytest
+    parameters: a class added there is covered by every test parametrised with these, with no
+    list of ours to edit. Read when called, so that a plugin may extend ESTIMATORS first."""
+    return [pytest.param(cls, id=cls.__name__) for cls in estimators.ESTIMATORS]
 
 
-def tiny(cls: type[NeuralForecaster], **overrides: Any) -> NeuralForecaster:
-    """A tiny, fast, seeded estimator of the given class."""
-    return cls(**{**TINY_TRAINING, **TINY_NETWORKS[cls], **overrides})
+def estimator_variants() -> list[Any]:
+    """(class, settings) for every estimator class of the library and each of its tiny test
+    settings (``get_test_params``), as pytest parameters with ids ``<class>-<index>``."""
+    return [pytest.param(cls, settings, id=f"{cls.__name__}-{i}")
+            for cls in estimators.ESTIMATORS for i, settings in enumerate(cls.get_test_params())]
+
+
+def tiny(cls: type[NeuralForecaster], settings: dict[str, Any] | None = None,
+         **overrides: Any) -> NeuralForecaster:
+    """A tiny, fast, seeded estimator of the given class: ``settings`` from its
+    ``get_test_params`` (the first by default), then the suite's TINY_TRAINING, then
+    ``overrides``."""
+    settings = cls.get_test_params()[0] if settings is None else settings
+    return cls(**{**settings, **TINY_TRAINING, **overrides})
 
 
 def sine_series(length: int, phase: float = 0.0, level: float = 0.0, noise: float = 0.05,

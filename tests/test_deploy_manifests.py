@@ -40,6 +40,8 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
+from serving.config import CONFIG_FILE_VARIABLE, ServingConfig
+
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_FILES = ("docker-compose.yml", "docker-compose.gpu.yml")
 K8S = ROOT / "deploy" / "k8s"
@@ -52,7 +54,6 @@ PROJECT_IMAGE = re.compile(r"^(?:.*/)?forecaster(?::.*)?$")
 # Secrets the manifests use but do not create (README.md, "Deploy to Kubernetes")
 EXTERNAL_SECRETS = {"mlflow-secrets"}
 PROMETHEUS_OPERATOR_KINDS = {"ServiceMonitor", "PrometheusRule"}
-SERVE_PENDING = "serve subcommand lands with serving"
 
 # The environment variables the project's containers may be given: anything else there is a
 # typo or a setting nothing reads.
@@ -78,11 +79,7 @@ PROJECT_PREFIXES = ("FORECASTER_", "MLFLOW_")
 
 @cache
 def known_env() -> frozenset[str]:
-    """KNOWN_ENV, plus every setting of the service once serving/ reads them (FORECASTER_*)."""
-    try:
-        from serving.config import CONFIG_FILE_VARIABLE, ServingConfig
-    except ImportError:  # serving/ not there yet: the list above is all there is
-        return frozenset(KNOWN_ENV)
+    """KNOWN_ENV, plus every setting of the service (FORECASTER_*) and its config file's."""
     fields = {f"FORECASTER_{name.upper()}" for name, field in ServingConfig.model_fields.items()
               if field.validation_alias is None}
     return frozenset(KNOWN_ENV | fields | {CONFIG_FILE_VARIABLE})
@@ -318,25 +315,18 @@ def k8s_id(workload: dict[str, Any], container: dict[str, Any]) -> str:
 # --- helpers: commands ------------------------------------------------------------------------
 
 @cache
-def forecaster_parser() -> tuple[argparse.ArgumentParser, frozenset[str]]:
+def forecaster_parser() -> argparse.ArgumentParser:
     from cli.main import build_parser
 
-    parser = build_parser()
-    subcommands = next(action for action in parser._actions
-                       if isinstance(action, argparse._SubParsersAction)).choices
-    return parser, frozenset(subcommands)
+    return build_parser()
 
 
 def parse_forecaster(argv: list[str], where: str,
-                     parser: argparse.ArgumentParser | None = None,
-                     ) -> argparse.Namespace | None:
-    """The parsed arguments; None if the subcommand does not exist yet (serve). ``parser``:
-    one built under a container's environment (see container_args), else the shared one."""
+                     parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:
+    """The parsed arguments. ``parser``: one built under a container's environment (see
+    container_args), else the shared one."""
     assert argv[0] == "forecaster", f"{where}: not a forecaster command: {argv}"
-    shared, subcommands = forecaster_parser()
-    parser = parser or shared
-    if argv[1] not in subcommands and argv[1] in ("serve", "export-bento"):
-        return None
+    parser = parser or forecaster_parser()
     stderr = io.StringIO()
     try:
         with contextlib.redirect_stderr(stderr):
@@ -358,9 +348,7 @@ def container_args(argv: list[str], env: dict[str, str | None],
     for key, value in env.items():
         if value is not None:
             monkeypatch.setenv(key, value)
-    args = parse_forecaster(argv, where, build_parser())
-    assert args is not None, f"{where}: `{shlex.join(argv)}`: no such subcommand"
-    return args
+    return parse_forecaster(argv, where, build_parser())
 
 
 def check_config(args: argparse.Namespace, mounts: list[str], where: str) -> None:
@@ -383,19 +371,14 @@ def check_config(args: argparse.Namespace, mounts: list[str], where: str) -> Non
 
 
 def check_forecaster_commands(commands: list[tuple[str, list[str], list[str]]]) -> None:
-    """(where, argv, mount targets) each; xfail only if all else passes and serve is missing."""
-    pending = []
+    """(where, argv, mount targets) each."""
     for where, argv, mounts in commands:
         args = parse_forecaster(argv, where)
-        if args is None:
-            pending.append(where)
-        elif args.command in ("train", "schedule"):
+        if args.command in ("train", "schedule"):
             check_config(args, mounts, where)
         elif args.command == "serve":
             assert (args.host, int(args.port)) == ("0.0.0.0", 3000), (
                 f"{where}: the service must listen on 0.0.0.0:3000")
-    if pending:
-        pytest.xfail(f"{SERVE_PENDING} ({', '.join(pending)})")
 
 
 def mlflow_server_params(argv: list[str], env: dict[str, str | None],
@@ -474,8 +457,7 @@ def test_dockerignore_keeps_local_state_out_and_the_sources_in() -> None:
 
 
 def test_known_env_lists_settings_the_service_reads() -> None:
-    serving_config = pytest.importorskip("serving.config", reason="serving/ not there yet")
-    fields = {f"FORECASTER_{name.upper()}" for name in serving_config.ServingConfig.model_fields}
+    fields = {f"FORECASTER_{name.upper()}" for name in ServingConfig.model_fields}
     listed = {variable for variable in KNOWN_ENV if variable.startswith("FORECASTER_")}
     assert listed <= fields, f"KNOWN_ENV names settings the service lacks: {listed - fields}"
 

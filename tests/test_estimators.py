@@ -1,10 +1,14 @@
 """The sktime estimators: forecasts, quantiles, causality, persistence, determinism, unseen
-series, input validation, covariates and attention maps."""
+series, input validation, covariates, attention maps and the documentation of their parameters.
+Tests over every estimator take the classes and their tiny settings from the library
+(``ESTIMATORS``, ``get_test_params``): see tests/conftest.py."""
 
 from __future__ import annotations
 
 import copy
+import inspect
 import json
+import re
 from typing import Any
 
 import numpy as np
@@ -19,7 +23,7 @@ from forecaster import (
     TransformerForecaster,
 )
 from forecaster.data import SERIES, TARGET, TIME
-from tests.conftest import ESTIMATOR_CLASSES, LENGTHS, sine_series, tiny
+from tests.conftest import LENGTHS, estimator_classes, estimator_variants, sine_series, tiny
 
 H = 4
 FH = list(range(1, H + 1))
@@ -52,9 +56,9 @@ def pretrained_lstm(sine_panel) -> NeuralForecaster:
 
 
 # ---------------------------------------------------------------- forecasts and quantiles
-@pytest.mark.parametrize("cls", ESTIMATOR_CLASSES, ids=lambda c: c.__name__)
-def test_predict_returns_one_row_per_series_and_step(cls, sine_panel) -> None:
-    model = tiny(cls).fit(sine_panel, fh=FH)
+@pytest.mark.parametrize(("cls", "settings"), estimator_variants())
+def test_predict_returns_one_row_per_series_and_step(cls, settings, sine_panel) -> None:
+    model = tiny(cls, settings).fit(sine_panel, fh=FH)
     prediction = model.predict()
     pd.testing.assert_index_equal(prediction.index, _expected_index(LENGTHS, FH))
     assert list(prediction.columns) == [TARGET]
@@ -266,13 +270,9 @@ def _assert_plain_json(value: Any, where: str = "config") -> None:
         assert value is None or isinstance(value, (str, int, float, bool)), where
 
 
-@pytest.mark.parametrize(("cls", "overrides"), [
-    (LSTMForecaster, {}),
-    (TCNForecaster, {"loss": "mse"}),
-    (TransformerForecaster, {"encoder": "timestep", "positional_encoding": "learned"}),
-], ids=["lstm-pinball", "tcn-mse", "transformer"])
-def test_save_and_load_model(cls, overrides, sine_panel, tmp_path) -> None:
-    model = tiny(cls, **overrides).fit(sine_panel, fh=FH)
+@pytest.mark.parametrize(("cls", "settings"), estimator_variants())
+def test_save_and_load_model(cls, settings, sine_panel, tmp_path) -> None:
+    model = tiny(cls, settings).fit(sine_panel, fh=FH)
     expected = model.predict()
     expected_quantiles = model.predict_quantiles(alpha=[0.1, 0.5, 0.9])
 
@@ -311,16 +311,17 @@ def test_loaded_model_forecasts_an_unseen_series_like_the_original(sine_panel, t
 
 
 # ---------------------------------------------------------------- determinism
-@pytest.mark.parametrize("cls", [LSTMForecaster, TransformerForecaster],
-                         ids=lambda c: c.__name__)
-def test_same_random_state_gives_identical_forecasts(cls, sine_panel) -> None:
+@pytest.mark.parametrize(("cls", "settings"), estimator_variants())
+def test_same_random_state_gives_identical_forecasts(cls, settings, sine_panel) -> None:
     """random_state alone decides the result, whatever else has drawn from torch's global
     generator before (other models, other tests)."""
     alpha = [0.1, 0.5, 0.9]
     torch.manual_seed(100)
-    first = tiny(cls, random_state=3).fit(sine_panel, fh=FH).predict_quantiles(alpha=alpha)
+    first = tiny(cls, settings, random_state=3).fit(sine_panel, fh=FH).predict_quantiles(
+        alpha=alpha)
     torch.manual_seed(200)
-    second = tiny(cls, random_state=3).fit(sine_panel, fh=FH).predict_quantiles(alpha=alpha)
+    second = tiny(cls, settings, random_state=3).fit(sine_panel, fh=FH).predict_quantiles(
+        alpha=alpha)
     np.testing.assert_array_equal(first.to_numpy(), second.to_numpy())
 
 
@@ -542,3 +543,27 @@ def test_transformer_attention_maps(overrides, tokens, sine_panel) -> None:
         np.testing.assert_allclose(weights.sum(-1), 1.0, rtol=1e-5)
     # forecasting afterwards is unaffected
     np.testing.assert_array_equal(model.predict().to_numpy(), model.predict().to_numpy())
+
+
+# ---------------------------------------------------------------- documentation
+def _parameters_section(doc: str) -> str:
+    """The numpydoc Parameters section of a docstring, up to the next section."""
+    assert "\nParameters\n----------\n" in doc, "no Parameters section"
+    section = doc.split("\nParameters\n----------\n", 1)[1]
+    return re.split(r"\n\n\w[\w ]*\n-{3,}\n", section)[0]
+
+
+@pytest.mark.parametrize("cls", estimator_classes())
+def test_every_constructor_parameter_is_documented_with_its_default(cls) -> None:
+    """What help(cls) shows: each argument of the constructor, with its default, in the class's
+    own docstring (not only a parent's)."""
+    assert "__doc__" in vars(cls) and cls.__doc__, f"{cls.__name__} has no docstring of its own"
+    section = _parameters_section(inspect.cleandoc(cls.__doc__))
+    undocumented = []
+    for name, parameter in inspect.signature(cls).parameters.items():
+        default = parameter.default
+        shown = f'"{default}"' if isinstance(default, str) else repr(default)
+        entry = re.compile(rf"^{name} : .+, default={re.escape(shown)}\n {{4}}\S", re.M)
+        if not entry.search(section):
+            undocumented.append(f"{name} (default {shown})")
+    assert not undocumented, f"{cls.__name__} does not document: {', '.join(undocumented)}"

@@ -1,4 +1,6 @@
-"""The networks: output shapes, causality, attention maps and the losses."""
+"""The networks: output shapes, causality, attention maps and the losses; hand-picked
+settings of each family, and the network of every estimator of the library (``ESTIMATORS``)
+with each of its ``get_test_params`` settings."""
 
 from __future__ import annotations
 
@@ -6,14 +8,17 @@ import math
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
+from forecaster import NeuralForecaster, estimators
 from forecaster.models import FAMILIES, build_model
 from forecaster.models.losses import mae_loss, make_loss, mse_loss, pinball_loss
 from forecaster.models.tcn import TCNModel
 from forecaster.models.transformer import TransformerModel, sinusoidal_positions
 from forecaster.windows import Panel
+from tests.conftest import estimator_variants, make_panel
 
 B, L, H, Q = 4, 12, 5, 3
 
@@ -58,34 +63,39 @@ def _build(family: str, kwargs: dict[str, Any], covariates: int, seed: int = 0) 
     return model.eval()
 
 
-def _inputs(covariates: int, batch: int = B, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+def _inputs(covariates: int, batch: int = B, seed: int = 1, input_len: int = L,
+            horizon: int = H) -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
-    past = torch.randn(batch, L, 2 + covariates, generator=generator)
+    past = torch.randn(batch, input_len, 2 + covariates, generator=generator)
     past[:, :, 1] = 1.0  # observed mask
-    future = torch.randn(batch, H, covariates, generator=generator)
+    future = torch.randn(batch, horizon, covariates, generator=generator)
     return past, future
 
 
-@pytest.mark.parametrize("covariates", [0, 2], ids=["no-covariates", "covariates"])
-@pytest.mark.parametrize("config", CONFIGS, ids=_config_id)
-def test_output_shape(config, covariates) -> None:
-    family, kwargs = config
-    model = _build(family, kwargs, covariates)
-    past, future = _inputs(covariates)
+def _assert_output_shape(model: torch.nn.Module, covariates: int, input_len: int = L,
+                         horizon: int = H, outputs: int = Q) -> None:
+    past, future = _inputs(covariates, input_len=input_len, horizon=horizon)
     out = model(past, future)
-    assert out.shape == (B, H, Q)
+    assert out.shape == (B, horizon, outputs)
     assert torch.isfinite(out).all()
     if covariates:  # known-future covariates reach the forecast
         changed = model(past, future + 1.0)
         assert not torch.allclose(out, changed)
 
 
+@pytest.mark.parametrize("covariates", [0, 2], ids=["no-covariates", "covariates"])
 @pytest.mark.parametrize("config", CONFIGS, ids=_config_id)
-def test_each_forecast_depends_only_on_its_own_window(config) -> None:
-    """No leakage across the batch, and nothing outside the input window reaches the forecast:
-    the target after the origin and the history before the window are never read."""
+def test_output_shape(config, covariates) -> None:
     family, kwargs = config
-    model = _build(family, kwargs, covariates=1)
+    _assert_output_shape(_build(family, kwargs, covariates), covariates)
+
+
+def _assert_depends_only_on_its_own_window(model: torch.nn.Module, input_len: int = L,
+                                           horizon: int = H) -> None:
+    """No leakage across the batch, and nothing outside the input window reaches the forecast:
+    the target after the origin and the history before the window are never read. ``model``
+    reads one known-future covariate."""
+    L, H = input_len, horizon
     rng = np.random.default_rng(0)
     n, origin = 40, 25
     original = np.column_stack([rng.standard_normal(n), rng.standard_normal(n)])
@@ -109,6 +119,36 @@ def test_each_forecast_depends_only_on_its_own_window(config) -> None:
     with torch.no_grad():
         changed = model(torch.from_numpy(moved.past), torch.from_numpy(moved.future))
     assert not torch.allclose(changed[0], together[0])
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=_config_id)
+def test_each_forecast_depends_only_on_its_own_window(config) -> None:
+    family, kwargs = config
+    _assert_depends_only_on_its_own_window(_build(family, kwargs, covariates=1))
+
+
+# ---------------------------------------------------------------- every estimator's network
+def _estimator_network(cls: type[NeuralForecaster], settings: dict[str, Any]
+                       ) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The network ``cls`` builds with ``settings``, and its settings (``model_kwargs_``): the
+    estimator is fitted on a small panel with one known-future covariate, and its network
+    rebuilt from the settings with fresh seeded weights, as ``load_model`` rebuilds it."""
+    panel = make_panel()
+    times = panel.index.get_level_values(-1).to_numpy()
+    X = pd.DataFrame({"promo": (times % 5 == 0).astype(float)}, index=panel.index)
+    estimator = cls(**{**settings, "verbose": False}).fit(panel, X=X, fh=range(1, H + 1))
+    kwargs = estimator.model_kwargs_
+    torch.manual_seed(0)
+    return build_model(cls._family, **kwargs).eval(), kwargs
+
+
+@pytest.mark.parametrize(("cls", "settings"), estimator_variants())
+def test_every_estimators_network_forecasts_each_window_on_its_own(cls, settings) -> None:
+    model, kwargs = _estimator_network(cls, settings)
+    assert (kwargs["past_features"], kwargs["future_features"], kwargs["horizon"]) == (3, 1, H)
+    with torch.no_grad():
+        _assert_output_shape(model, 1, kwargs["input_len"], H, kwargs["n_quantiles"])
+    _assert_depends_only_on_its_own_window(model, kwargs["input_len"], H)
 
 
 @pytest.mark.parametrize("t", [0, 5, 10])
@@ -236,8 +276,14 @@ def test_invalid_model_settings_raise(family, kwargs, message) -> None:
         model(*_inputs(covariates=0))
 
 
+def test_every_family_has_an_estimator_and_every_estimator_a_family() -> None:
+    families = {cls.__name__: cls._family for cls in estimators.ESTIMATORS}
+    assert set(families.values()) == set(FAMILIES), (
+        f"estimators' families {families} against the models' {sorted(FAMILIES)}")
+
+
 def test_build_model_rejects_an_unknown_family() -> None:
-    assert set(FAMILIES) == {"rnn", "tcn", "transformer"}
+    assert "lstm" not in FAMILIES  # a cell of the rnn family, not a family
     with pytest.raises(ValueError, match="unknown model family 'lstm'"):
         build_model("lstm")
 

@@ -2,8 +2,8 @@
 (promtool check and promtool's rule unit tests), the Grafana provisioning and dashboard, and
 that every metric they query is one the service, the trainer, BentoML or Prometheus exports.
 
-promtool comes from Debian's ``prometheus`` package; the ``promtool`` fixture installs it with
-apt-get when it is missing, and fails (never skips) when it cannot.
+promtool comes from Debian's ``prometheus`` package, which .ci/run installs; without it the
+``promtool`` fixture fails (never skips) with the command that installs it.
 """
 
 from __future__ import annotations
@@ -141,7 +141,7 @@ def test_metric_names_extraction() -> None:
 
 @pytest.fixture(scope="session")
 def promtool() -> str:
-    """Path of promtool, installed with apt-get when missing; a failure, never a skip."""
+    """Path of promtool; a failure with the install hint when missing, never a skip."""
     return require_binaries({"promtool": "prometheus"})["promtool"]
 
 

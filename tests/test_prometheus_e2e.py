@@ -5,8 +5,9 @@ Pushgateway the scheduler pushes to. After some traffic, Prometheus's query API 
 the questions the dashboard and the alerts ask: request rate, latency quantiles, batch sizes,
 the served version, the last successful training, every target up, every rule loaded.
 
-prometheus and prometheus-pushgateway come from Debian's packages, installed with apt-get when
-missing (tests/monitoring_support.py); the test fails, never skips, without them.
+prometheus and prometheus-pushgateway come from Debian's packages, which .ci/run installs;
+without them the test fails, never skips, with the command that installs them
+(tests/monitoring_support.py).
 """
 
 from __future__ import annotations
