@@ -297,7 +297,6 @@ def test_a_failing_push_is_logged_and_training_goes_on(
     assert caplog.text.count("pushing metrics to") == 2
 
 
-@pytest.mark.skipif(not QUICK_CONFIG.is_file(), reason="configs/quick.yaml not written yet")
 def test_sigterm_stops_the_schedule_command_cleanly(tmp_path: Path) -> None:
     port = _free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1",
