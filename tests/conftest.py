@@ -20,6 +20,7 @@ import torch
 
 from forecaster import (
     GRUForecaster,
+    HybridForecaster,
     LSTMForecaster,
     NeuralForecaster,
     RNNForecaster,
@@ -53,6 +54,7 @@ TINY_NETWORKS: dict[type[NeuralForecaster], dict[str, Any]] = {
     TCNForecaster: {"channels": 8, "num_layers": 2},
     TransformerForecaster: {"d_model": 8, "n_heads": 2, "encoder_layers": 1, "patch_len": 4,
                             "patch_stride": 2},
+    HybridForecaster: {"d_model": 8, "n_heads": 2, "segment_len": 4},
 }
 ESTIMATOR_CLASSES = list(TINY_NETWORKS)
 

@@ -18,6 +18,7 @@ small data. Attention heads have their own queries and keys but share one value 
 The encoder reads segments of ``segment_len`` steps per recurrent step, as the RNN family does
 (SegRNN): the recurrence over long hourly inputs gets 24 times shorter. Attention keys are then
 segments; ``attention_maps`` reports them, and callers spread each key over its time steps.
+``variable_weights`` returns the selection weights.
 """
 
 from __future__ import annotations
@@ -189,20 +190,26 @@ class HybridModel(nn.Module):
 
     @torch.no_grad()
     def attention_maps(self, past: torch.Tensor, future: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The decoder's attention (B, heads, H, N + H) over encoder tokens then decoder steps,
-        and the variable-selection weights (B, T, V) of the past and known-future inputs."""
-        selections = [m for m in (self.past_selection, self.future_selection) if m is not None]
+        """The decoder's attention (B, heads, H, N + H) over encoder tokens, then decoder steps."""
         self.attention.keep_attention = True
-        for selection in selections:
+        try:
+            self(past, future)
+            return {"attention": self.attention.attention}
+        finally:
+            self.attention.keep_attention, self.attention.attention = False, None
+
+    @torch.no_grad()
+    def variable_weights(self, past: torch.Tensor, future: torch.Tensor
+                         ) -> dict[str, torch.Tensor]:
+        """Variable-selection weights (B, T, V) of the past inputs and, when the model has
+        known-future inputs, of those: how much each input feature counted at each step."""
+        selections = {"past": self.past_selection, "future": self.future_selection}
+        selections = {name: m for name, m in selections.items() if m is not None}
+        for selection in selections.values():
             selection.keep_weights = True
         try:
             self(past, future)
-            maps = {"attention": self.attention.attention,
-                    "past_variables": self.past_selection.weights}
-            if self.future_selection is not None:
-                maps["future_variables"] = self.future_selection.weights
-            return maps
+            return {name: selection.weights for name, selection in selections.items()}
         finally:
-            self.attention.keep_attention, self.attention.attention = False, None
-            for selection in selections:
+            for selection in selections.values():
                 selection.keep_weights, selection.weights = False, None
