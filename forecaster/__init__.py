@@ -1,7 +1,8 @@
-"""Global neural forecasters (RNN, LSTM, GRU, TCN, Transformer) as sktime estimators."""
+"""Global neural forecasters (RNN, LSTM, GRU, TCN, Transformer, hybrid) as sktime estimators."""
 
 from forecaster.estimators import (
     GRUForecaster,
+    HybridForecaster,
     LSTMForecaster,
     NeuralForecaster,
     RNNForecaster,
@@ -11,6 +12,7 @@ from forecaster.estimators import (
 
 __all__ = [
     "GRUForecaster",
+    "HybridForecaster",
     "LSTMForecaster",
     "NeuralForecaster",
     "RNNForecaster",

@@ -594,6 +594,21 @@ class TCNForecaster(NeuralForecaster):
                 {"channels": 4, "num_layers": 1, "loss": "mse", "segment_len": 1}]
 
 
+class AttentionMapsMixin:
+    """Forecasters whose network has attention: ``attention_maps`` explains a forecast."""
+
+    def attention_maps(self, history: np.ndarray) -> dict[str, np.ndarray]:
+        """The network's attention weights for one history, as ``forecast_histories`` would
+        read it: module name -> (heads, queries, keys) weights. The Transformer has encoder
+        self-attention, decoder self-attention and cross-attention; the hybrid one map from
+        horizon steps to encoder segments, then to horizon steps."""
+        self.check_is_fitted()
+        windows = self._forecast_windows([history])
+        past, future = model_inputs(windows, torch.device("cpu"))
+        maps = self.network_.cpu().attention_maps(past, future)
+        return {name: weights[0].numpy() for name, weights in maps.items()}
+
+
 _TRANSFORMER_PARAMETERS: _ParameterDocs = {
     "encoder": ('{"patch", "timestep"}',
                 "One input token per patch of patch_len steps, taken every patch_stride steps "
@@ -613,7 +628,7 @@ _TRANSFORMER_PARAMETERS: _ParameterDocs = {
 
 
 @_documented(_TRANSFORMER_PARAMETERS)
-class TransformerForecaster(NeuralForecaster):
+class TransformerForecaster(AttentionMapsMixin, NeuralForecaster):
     """Encoder-decoder Transformer ("Attention Is All You Need") with a PatchTST-style encoder.
 
     ``attention_maps`` returns the attention weights for interpretation.
@@ -643,16 +658,6 @@ class TransformerForecaster(NeuralForecaster):
                  device="auto", random_state=0, verbose=True, on_epoch=None):
         _store_params(self, locals())
 
-    def attention_maps(self, history: np.ndarray) -> dict[str, np.ndarray]:
-        """Attention weights (heads, queries, keys) of every attention module for one history,
-        as ``forecast_histories`` would read it: encoder self-attention over input tokens,
-        decoder self-attention over horizon steps and cross-attention from steps to tokens."""
-        self.check_is_fitted()
-        windows = self._forecast_windows([history])
-        past, future = model_inputs(windows, torch.device("cpu"))
-        maps = self.network_.cpu().attention_maps(past, future)
-        return {name: weights[0].numpy() for name, weights in maps.items()}
-
     @classmethod
     def _tiny_variants(cls) -> list[dict[str, Any]]:
         return [{"d_model": 8, "n_heads": 2, "encoder_layers": 1, "patch_len": 4,
@@ -661,4 +666,73 @@ class TransformerForecaster(NeuralForecaster):
                  "positional_encoding": "learned", "loss": "mae"}]
 
 
-ESTIMATORS = (RNNForecaster, LSTMForecaster, GRUForecaster, TCNForecaster, TransformerForecaster)
+_HYBRID_PARAMETERS: _ParameterDocs = {
+    "cell": ('{"lstm", "gru"}', "The recurrent cell of the encoder and the decoder."),
+    "d_model": ("int", "Width of the embedded inputs, the recurrent states and the attention."),
+    "n_heads": ("int", "Attention heads; they must divide d_model."),
+    "num_layers": ("int", "Stacked recurrent layers of the encoder and of the decoder."),
+    "segment_len": ("int",
+                    "Time steps the encoder reads per recurrent step (1: step by step); each "
+                    "segment is one key of the attention."),
+    "dropout": ("float", "Dropout inside the gated residual networks and the attention."),
+}
+
+
+@_documented(_HYBRID_PARAMETERS)
+class HybridForecaster(AttentionMapsMixin, NeuralForecaster):
+    """Recurrent + attention hybrid after the Temporal Fusion Transformer (Lim et al., 2021).
+
+    A recurrent encoder over segments of the history and a recurrent decoder over the
+    known-future inputs, gated residual networks, variable selection over every input, and
+    interpretable multi-head attention (heads share values) from each horizon step over the
+    encoded history. ``attention_maps`` returns the attention; ``covariate_importance`` the
+    variable-selection weight of each covariate.
+
+    $parameters
+
+    Examples
+    --------
+    >>> from sktime.datasets import load_airline
+    >>> from forecaster import HybridForecaster
+    >>> model = HybridForecaster(input_len=24, segment_len=4, max_epochs=1, steps_per_epoch=5,
+    ...                          verbose=False)
+    >>> model = model.fit(load_airline(), fh=[1, 2, 3])
+    >>> model.predict().shape
+    (3,)
+    """
+
+    _family = "hybrid"
+    _model_params = ("cell", "d_model", "n_heads", "num_layers", "segment_len", "dropout")
+
+    def __init__(self, cell="lstm", d_model=32, n_heads=4, num_layers=1, segment_len=24,
+                 dropout=0.1, input_len=168, quantiles=DEFAULT_QUANTILES, loss="pinball",
+                 max_epochs=30, steps_per_epoch=50, batch_size=256, learning_rate=3e-3,
+                 weight_decay=1e-4, patience=5, validation_rows=None, min_history=None,
+                 static_covariates=None, device="auto", random_state=0, verbose=True,
+                 on_epoch=None):
+        _store_params(self, locals())
+
+    def covariate_importance(self, history: np.ndarray) -> dict[str, float]:
+        """Each covariate's mean variable-selection weight over the input steps and the
+        horizon steps, for one history as ``forecast_histories`` reads it. The target and its
+        observed mask take the rest of each step's weight, so the values sum to at most 1."""
+        self.check_is_fitted()
+        names = [*self.covariates_, *self.static_covariates_]
+        if not names:
+            return {}
+        windows = self._forecast_windows([history])
+        past, future = model_inputs(windows, torch.device("cpu"))
+        weights = self.network_.cpu().variable_weights(past, future)
+        past_weights = weights["past"][0, :, 2:].mean(0)  # after the target and the mask
+        future_weights = weights["future"][0].mean(0)
+        both = ((past_weights + future_weights) / 2).numpy()
+        return {name: float(w) for name, w in zip(names, both, strict=True)}
+
+    @classmethod
+    def _tiny_variants(cls) -> list[dict[str, Any]]:
+        return [{"d_model": 8, "n_heads": 2, "segment_len": 4},
+                {"d_model": 8, "n_heads": 2, "cell": "gru", "segment_len": 1, "loss": "mae"}]
+
+
+ESTIMATORS = (RNNForecaster, LSTMForecaster, GRUForecaster, TCNForecaster, TransformerForecaster,
+              HybridForecaster)

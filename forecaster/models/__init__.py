@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from forecaster.models.hybrid import HybridModel
 from forecaster.models.rnn import RNNModel
 from forecaster.models.tcn import TCNModel
 from forecaster.models.transformer import TransformerModel
@@ -12,6 +13,7 @@ FAMILIES: dict[str, type[nn.Module]] = {
     "rnn": RNNModel,
     "tcn": TCNModel,
     "transformer": TransformerModel,
+    "hybrid": HybridModel,
 }
 
 
@@ -22,4 +24,4 @@ def build_model(family: str, **kwargs: object) -> nn.Module:
     return FAMILIES[family](**kwargs)
 
 
-__all__ = ["FAMILIES", "RNNModel", "TCNModel", "TransformerModel", "build_model"]
+__all__ = ["FAMILIES", "HybridModel", "RNNModel", "TCNModel", "TransformerModel", "build_model"]
