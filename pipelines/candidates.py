@@ -1,4 +1,4 @@
-"""Candidate configs -> sktime estimators: our five neural forecasters and three baselines.
+"""Candidate configs -> sktime estimators: our neural forecasters (forecaster.estimators.ESTIMATORS) and three baselines.
 
 The race treats every candidate as an sktime forecaster; this module knows which classes may be
 raced, which constructor parameters they take, the defaults the pipeline adds, how long a
