@@ -33,6 +33,8 @@ MODELS: dict[str, type[BaseForecaster]] = {**NEURAL_MODELS, **BASELINE_MODELS}
 
 # set by the pipeline itself, never from a config
 RESERVED_PARAMS = {"on_epoch"}
+# set from the data section of the config: the key that sets each
+DATA_PARAMS = {"static_covariates": "data.columns.static"}
 
 
 def default_candidate_name(model: str) -> str:
@@ -47,10 +49,19 @@ def constructor_params(model: str) -> list[str]:
 
 def check_params(model: str, params: Mapping[str, Any]) -> None:
     """Raise ValueError naming parameters ``model``'s constructor does not take."""
+    from_data = sorted(set(params) & set(DATA_PARAMS))
+    if from_data:
+        raise ValueError(f"{from_data} are set from the data section, not here: "
+                         f"{', '.join(DATA_PARAMS[p] for p in from_data)}")
     valid = set(constructor_params(model)) - RESERVED_PARAMS
     unknown = sorted(set(params) - valid)
     if unknown:
         raise ValueError(f"unknown parameter(s) {unknown} for {model}; valid: {sorted(valid)}")
+
+
+def takes_covariates(estimator: BaseForecaster) -> bool:
+    """Whether the estimator uses exogenous data X, by sktime's own tag."""
+    return bool(estimator.get_tag("capability:exogenous", False, raise_error=False))
 
 
 def is_neural(estimator: BaseForecaster | str) -> bool:
@@ -62,6 +73,9 @@ def is_neural(estimator: BaseForecaster | str) -> bool:
 def estimator_params(candidate: CandidateConfig, config: RaceConfig) -> dict[str, Any]:
     """The constructor arguments: the config's, plus the defaults the pipeline chooses."""
     params = dict(candidate.params)
+    if config.data.columns.static and "static_covariates" in constructor_params(candidate.model):
+        # which columns of X are static, for the estimators that tell the two kinds apart
+        params["static_covariates"] = tuple(config.data.columns.static)
     if is_neural(candidate.model):
         # our own progress bar reports epochs; the networks forecast every level the race
         # scores, so that intervals are read off exactly rather than interpolated

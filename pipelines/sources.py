@@ -14,7 +14,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from forecaster.data import SERIES, TARGET, TIME, long_to_panel, validate_panel
+from forecaster.data import (
+    SERIES,
+    TARGET,
+    TIME,
+    covariate_problems,
+    split_long,
+    validate_panel,
+)
 from forecaster.datasets import load_m4_hourly, wide_to_long
 from pipelines.config import ConfigError, DataConfig
 
@@ -23,11 +30,14 @@ ETTH1_FILE = "ETTh1.csv"
 
 @dataclass(frozen=True)
 class RaceData:
-    """The training data of a race: long frame, panel, and a fingerprint of both."""
+    """The training data of a race: long frame, panels, and a fingerprint of them."""
 
-    long: pd.DataFrame  # series_id (str), timestamp, target
+    long: pd.DataFrame  # series_id (str), timestamp, target, then any covariates
     panel: pd.DataFrame  # sktime pd-multiindex (series_id, timestamp) -> target
     fingerprint: str  # sha256 of the values, ids, timestamps and dtypes
+    X: pd.DataFrame | None = None  # the covariates on the panel's index: known-future, static
+    known_future: tuple[str, ...] = ()
+    static: tuple[str, ...] = ()
 
     @property
     def lengths(self) -> pd.Series:
@@ -55,13 +65,18 @@ def _read_file(config: DataConfig) -> pd.DataFrame:
         frame = pd.read_csv(config.path)
     else:
         frame = pd.read_parquet(config.path)
-    mapping = config.columns.model_dump()  # our name -> file column
+    columns = config.columns
+    mapping = {SERIES: columns.series_id, TIME: columns.timestamp, TARGET: columns.target}
     missing = [f"data.columns.{ours}: column {theirs!r} not found in {config.path.name} "
                f"(its columns: {list(map(str, frame.columns))})"
                for ours, theirs in mapping.items() if theirs not in frame.columns]
-    if missing:
-        raise ConfigError(missing)
-    long = frame[list(mapping.values())].rename(columns={v: k for k, v in mapping.items()})
+    # covariates keep their own names: those are the names the served model asks for
+    problems = [f"data.columns.{problem}" for problem in covariate_problems(
+        frame, columns.known_future, columns.static, series=columns.series_id)]
+    if missing or problems:
+        raise ConfigError(missing + problems)
+    long = frame[[*mapping.values(), *columns.covariates]].rename(
+        columns={v: k for k, v in mapping.items()})
     if not pd.api.types.is_numeric_dtype(long[TIME]):
         try:
             long[TIME] = pd.to_datetime(long[TIME])
@@ -99,6 +114,7 @@ def read_source(config: DataConfig) -> pd.DataFrame:
     long = _read_file(config) if config.path is not None else _read_loader(config)
     long = long.assign(**{SERIES: long[SERIES].astype(str),
                           TARGET: long[TARGET].astype(np.float64)})
+    long = long.astype(dict.fromkeys(config.columns.covariates, np.float64))
     if config.max_series is not None:
         keep = long[SERIES].drop_duplicates().iloc[: config.max_series]
         long = long[long[SERIES].isin(keep)]
@@ -113,9 +129,13 @@ def load_race_data(config: DataConfig) -> RaceData:
     long = read_source(config)
     if long.empty:
         raise ConfigError("data: the source holds no rows")
-    panel = long_to_panel(long)
+    known_future, static = config.columns.known_future, config.columns.static
+    panel, X = split_long(long, known_future, static)
     validate_panel(panel, min_length=1, name="data")
-    return RaceData(long=long, panel=panel, fingerprint=fingerprint(long))
+    if X is not None:
+        validate_panel(X, min_length=1, name="data (covariates)")
+    return RaceData(long=long, panel=panel, fingerprint=fingerprint(long), X=X,
+                    known_future=tuple(known_future), static=tuple(static))
 
 
 def source_description(config: DataConfig) -> str:
