@@ -523,7 +523,8 @@ class RNNForecaster(NeuralForecaster):
         then come from the validation errors).
     max_epochs, steps_per_epoch, batch_size, learning_rate, weight_decay, patience : training.
     validation_rows : trailing rows of each series held out for early stopping (default: fh).
-    min_history : shortest usable history (default: input_len // 4).
+    min_history : shortest usable history (default: input_len // 4, lowered to the shortest
+        series of fit, so that every fitted series can be forecast).
     static_covariates : columns of X that are constant per series; the other X columns are
         known-future covariates.
     device : "auto" (cuda, then mps, then cpu) or a torch device name.

@@ -4,8 +4,9 @@ model, and move ``@champion`` only to a winner that beats the current champion.
 One parent MLflow run per race and a nested run per candidate. Order of work::
 
     prepare    load data, plan the folds: every config error surfaces here, before training
-    candidates per candidate: backtest on the folds, refit on all data, log the pyfunc model,
-               check it reproduces the estimator, register it as a new version with its metrics
+    candidates per candidate: backtest on the folds, refit on all data (with the covariates,
+               for candidates that take them), log the pyfunc model, check it reproduces the
+               estimator, register it as a new version with its metrics
     champion   load the current @champion and re-score it on the same folds
     decide     the best valid candidate against the champion, by the promotion margin
     tag        every version of the race as complete, the winner with the decision
