@@ -2,7 +2,8 @@
 
 Long format: one row per (series, time) with the columns ``series_id``, ``timestamp``,
 ``target`` and any numeric covariate columns. sktime's ``pd-multiindex`` panel holds the same
-data indexed by (series_id, timestamp); the two convert losslessly.
+data indexed by (series_id, timestamp): ``long_to_panel`` makes y from the target alone, and
+``split_long`` makes y and X (the covariates, named as known-future or static) on one index.
 
 Validation reports every problem at once (:class:`DataError`, a ValueError listing up to
 :data:`MAX_REPORTED` of them), each naming the series by its id: non-finite values, duplicate
@@ -26,13 +27,73 @@ KEY_COLUMNS = (SERIES, TIME)
 
 
 def long_to_panel(long: pd.DataFrame) -> pd.DataFrame:
-    """Long DataFrame -> sktime ``pd-multiindex`` panel indexed by (series_id, timestamp)."""
+    """Long DataFrame -> sktime ``pd-multiindex`` panel y indexed by (series_id, timestamp).
+
+    y holds the target only. Any other column raises ValueError rather than becoming a second
+    target: split covariates into X with :func:`split_long`, or drop the columns.
+    """
+    return split_long(long)[0]
+
+
+def split_long(long: pd.DataFrame, known_future: Sequence[str] = (),
+               static: Sequence[str] = ()) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """Long DataFrame -> (y, X) sktime ``pd-multiindex`` panels indexed by (series_id,
+    timestamp), rows sorted, X on y's index.
+
+    y holds the target; X the ``known_future`` covariates (values known ahead, such as a
+    promotion calendar: ``predict`` needs their future values too) then the ``static`` ones
+    (constant per series), or None when neither is named. Raises ValueError listing every
+    problem: a missing key column, a named column that is absent, not numeric, named twice or
+    (static) not constant per series, and a column that is named nowhere.
+    """
     missing = [c for c in (*KEY_COLUMNS, TARGET) if c not in long.columns]
     if missing:
         raise ValueError(f"long data is missing the column(s) {missing}")
-    value_columns = [TARGET] + [c for c in long.columns if c not in (*KEY_COLUMNS, TARGET)]
-    panel = long.set_index(list(KEY_COLUMNS))[value_columns].sort_index()
-    return panel
+    problems = covariate_problems(long, known_future, static)
+    named = {*KEY_COLUMNS, TARGET, *known_future, *static}
+    other = [c for c in long.columns if c not in named]
+    if other:
+        problems.append(
+            f"column(s) {other} besides {SERIES!r}, {TIME!r} and {TARGET!r} are neither "
+            "known_future nor static covariates; name them (split_long(long, known_future=[...],"
+            " static=[...])) or drop them: y holds the target only")
+    if problems:
+        raise ValueError("; ".join(problems))
+    covariates = [*known_future, *static]
+    panel = long.set_index(list(KEY_COLUMNS))[[TARGET, *covariates]].sort_index()
+    y = panel[[TARGET]]
+    return y, panel[covariates] if covariates else None
+
+
+def covariate_problems(long: pd.DataFrame, known_future: Sequence[str] = (),
+                       static: Sequence[str] = (), series: str = SERIES) -> list[str]:
+    """What is wrong with naming these columns of a long frame as covariates, each problem
+    led by the list it concerns (``known_future: ...``, ``static: ...``); empty when sound.
+    ``series`` is the column of series ids, by which static covariates must be constant."""
+    problems = []
+    seen: set[str] = set()
+    for kind, names in (("known_future", known_future), ("static", static)):
+        for name in names:
+            if name in seen:
+                problems.append(f"{kind}: column {name!r} is named twice")
+                continue
+            seen.add(name)
+            if name in (*KEY_COLUMNS, TARGET):
+                problems.append(f"{kind}: {name!r} is the {name} column, not a covariate")
+            elif name not in long.columns:
+                problems.append(f"{kind}: column {name!r} not found (columns: "
+                                f"{list(map(str, long.columns))})")
+            elif not pd.api.types.is_numeric_dtype(long[name]):
+                problems.append(f"{kind}: column {name!r} is not numeric "
+                                f"(dtype {long[name].dtype})")
+            elif kind == "static" and series in long.columns:
+                counts = long.groupby(series, sort=True)[name].nunique(dropna=False)
+                varying = counts.index[counts > 1]
+                if len(varying):
+                    problems.append(f"static: column {name!r} varies within series "
+                                    f"{[str(v) for v in varying[:5]]}; a static covariate is "
+                                    "constant per series")
+    return problems
 
 
 def panel_to_long(panel: pd.DataFrame | pd.Series) -> pd.DataFrame:

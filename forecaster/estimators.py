@@ -17,7 +17,7 @@ from __future__ import annotations
 import inspect
 import json
 import textwrap
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from string import Template
 from typing import Any, ClassVar
@@ -138,17 +138,33 @@ class NeuralForecaster(BaseForecaster):
 
     # ------------------------------------------------------------------ training
     def min_train_length(self, horizon: int) -> int:
-        """The fewest observations per series that ``fit`` can train on for ``horizon``: the
-        shortest usable history, one horizon to learn from, and the validation rows."""
+        """The fewest observations per series that ``fit`` can train on for ``horizon`` when
+        every series is that short: the shortest usable history, one horizon to learn from,
+        and the validation rows. Shorter series may join a panel with longer ones: they give
+        no training windows of their own, and are forecast with left padding."""
         return self._min_history() + horizon + (self.validation_rows or horizon)
 
     def _min_history(self) -> int:
         return self.min_history or max(1, self.input_len // 4)
 
+    def _fitted_min_history(self, y: pd.DataFrame) -> int:
+        """The shortest history forecasts take, at most the shortest series of ``y``: a global
+        model forecasts every series it was fitted on (left padding and the observed mask
+        cover what a short one lacks). An explicit ``min_history`` that a series of ``y``
+        falls short of is refused here rather than at predict."""
+        key, shortest = min(((key, len(series)) for key, series in series_groups(y)),
+                            key=lambda pair: pair[1])
+        if self.min_history is not None and self.min_history > shortest:
+            label = "y" if key is None else f"y series {key!r}"
+            raise ValueError(f"{label} has {shortest} observations, fewer than min_history="
+                             f"{self.min_history}: it could not be forecast; lower min_history "
+                             "or leave the series out")
+        return min(self._min_history(), shortest)
+
     def _train_network(self, y: pd.DataFrame, X: pd.DataFrame | None, horizon: int) -> None:
-        self.min_history_ = self._min_history()
         allowed = [y.columns[0]]
         validate_panel(y, 1, allowed, name="y")
+        self.min_history_ = self._fitted_min_history(y)
         statics = list(self.static_covariates or ())
         if X is not None:
             validate_panel(X, 1, name="X")
@@ -206,16 +222,29 @@ class NeuralForecaster(BaseForecaster):
         return (spread - spread[:, [self._quantile_position(0.5)]]).tolist()
 
     # ------------------------------------------------------------------ forecasting
-    def forecast_histories(self, histories: list[np.ndarray], ids: list[object] | None = None
+    def forecast_histories(self, histories: Sequence[np.ndarray],
+                           ids: Sequence[object] | None = None, *,
+                           covariates: Sequence[np.ndarray] | None = None,
+                           static: Sequence[Sequence[float]] | np.ndarray | None = None
                            ) -> np.ndarray:
         """Quantile forecasts (series, horizon_, levels_) for raw target histories.
 
-        Each history is an array (time,) or, with covariates, (time + horizon_, 1 + covariates)
-        whose last horizon_ rows hold the known-future covariates (their target is ignored).
+        ``histories`` holds one array (time,) of target values per series. A model trained
+        with covariates takes them raw, in their own units (they are scaled here, as in
+        ``fit``):
+
+        * ``covariates``: one array per series of shape (time + steps, len(covariates_)),
+          columns in the order of ``covariates_``: the known-future covariates at each time of
+          the history, then at the next ``steps`` (usually ``horizon_``, at least 1). With
+          fewer than ``horizon_`` steps the last row is held for the later ones, whose
+          forecasts then rest on that assumption;
+        * ``static``: one row per series of the ``static_covariates_`` values, shape
+          (series, len(static_covariates_)).
+
         This is the whole inference path: no pandas, one forward pass for all series. ``ids``
-        name the series in error messages.
+        name the series in error messages (default: their positions).
         """
-        windows = self._forecast_windows(histories, ids)
+        windows = self._forecast_windows(histories, ids, covariates, static)
         device = choose_device(self.device)
         if next(self.network_.parameters()).device != device:
             # moving only when needed: Module.to rebuilds an LSTM's flat weights, which a
@@ -227,29 +256,103 @@ class NeuralForecaster(BaseForecaster):
         # sorting rearranges crossed quantiles into valid ones (Chernozhukov et al., 2010)
         return np.sort(windows.unscale(scaled), axis=-1)
 
-    def _forecast_windows(self, histories: list[np.ndarray], ids: list[object] | None = None
+    def _forecast_windows(self, histories: Sequence[np.ndarray],
+                          ids: Sequence[object] | None = None,
+                          covariates: Sequence[np.ndarray] | None = None,
+                          static: Sequence[Sequence[float]] | np.ndarray | None = None
                           ) -> Windows:
         """One window per history at its forecast origin, as ``forecast_histories`` reads them."""
-        has_future = bool(self.covariates_ or self.static_covariates_)
-        arrays = []
-        for i, history in enumerate(histories):
+        names = list(range(len(histories))) if ids is None else list(ids)
+        if len(names) != len(histories):
+            raise ValueError(f"{len(names)} ids for {len(histories)} histories")
+        targets = []
+        for name, history in zip(names, histories, strict=True):
             history = np.asarray(history, dtype=np.float32)
-            array = history.reshape(len(history), -1)
-            if not has_future:  # pad the horizon rows, which carry no covariates then
-                array = np.concatenate([array, np.zeros((self.horizon_, 1), np.float32)])
-            observed = len(array) - self.horizon_
-            if observed < self.min_history_:
-                raise ValueError(
-                    f"series {i if ids is None else ids[i]!r} has {max(observed, 0)} observations;"
-                    f" the model needs at least {self.min_history_}"
-                )
-            arrays.append(array)
-        statics = [a[0, 1 + len(self.covariates_):] for a in arrays] if self.static_covariates_ \
-            else None
-        panel = Panel([a[:, : 1 + len(self.covariates_)] for a in arrays],
-                      None if statics is None else np.stack(statics))
+            if history.ndim != 1:
+                raise ValueError(f"series {name!r}: a history is one target value per time step, "
+                                 f"shape (time,); got shape {history.shape} (covariates go in "
+                                 "`covariates` and `static`)")
+            if len(history) < self.min_history_:
+                raise ValueError(f"series {name!r} has {len(history)} observations; the model "
+                                 f"needs at least {self.min_history_}")
+            # the horizon rows hold no target: they carry the known-future covariates
+            targets.append(np.concatenate([history, np.zeros(self.horizon_, np.float32)]))
+        known = self._known_future_rows(names, targets, covariates)
+        arrays = [t[:, None] if k is None else np.concatenate([t[:, None], k], axis=1)
+                  for t, k in zip(targets, known, strict=True)]
+        panel = Panel(arrays, self._static_rows(names, static))
         origins = panel.lengths - self.horizon_
         return panel.windows(np.arange(len(panel)), origins, self.input_len, self.horizon_)
+
+    def _known_future_rows(self, names: list[object], targets: list[np.ndarray],
+                           covariates: Sequence[np.ndarray] | None) -> list[np.ndarray | None]:
+        """Scaled known-future covariates per series, held up to the horizon, or Nones."""
+        expected = len(self.covariates_)
+        if not expected:
+            if covariates is not None:
+                raise ValueError("the model was trained without known-future covariates; "
+                                 "pass covariates=None")
+            return [None] * len(targets)
+        if covariates is None:
+            observed = len(targets[0]) - self.horizon_
+            raise ValueError(
+                f"the model was trained with the known-future covariates {self.covariates_}: "
+                f"pass `covariates`, one array per series with a row per history value and "
+                f"per step ahead (series {names[0]!r}: {observed} + {self.horizon_} = "
+                f"{observed + self.horizon_} rows)")
+        if len(covariates) != len(targets):
+            raise ValueError(f"{len(covariates)} covariate arrays for {len(targets)} series")
+        rows = []
+        for name, target, values in zip(names, targets, covariates, strict=True):
+            values = np.asarray(values, dtype=np.float32)
+            values = values.reshape(len(values), -1) if values.ndim == 1 else values
+            observed = len(target) - self.horizon_
+            if values.ndim != 2 or values.shape[1] != expected:
+                raise ValueError(f"series {name!r}: covariates of shape {values.shape}; expected "
+                                 f"{expected} column(s), {self.covariates_}")
+            steps = len(values) - observed
+            if not 1 <= steps <= self.horizon_:
+                raise ValueError(
+                    f"series {name!r}: covariates have {len(values)} rows; expected "
+                    f"{observed} + {self.horizon_} = {observed + self.horizon_} (one per "
+                    f"history value, then one per step ahead)")
+            bad = np.argwhere(~np.isfinite(values))
+            if len(bad):
+                row, column = bad[0]
+                raise ValueError(f"series {name!r}: covariate {self.covariates_[column]!r} is "
+                                 f"{values[row, column]} at row {row}; values must be finite")
+            held = np.concatenate([values, np.repeat(values[-1:], self.horizon_ - steps, 0)])
+            rows.append(self._scale_covariates(held))
+        return rows
+
+    def _static_rows(self, names: list[object],
+                     static: Sequence[Sequence[float]] | np.ndarray | None) -> np.ndarray | None:
+        """The static covariates (series, n_static), checked, or None for a model without."""
+        expected = len(self.static_covariates_)
+        if not expected:
+            if static is not None:
+                raise ValueError("the model was trained without static covariates; "
+                                 "pass static=None")
+            return None
+        if static is None:
+            raise ValueError(f"the model was trained with the static covariates "
+                             f"{self.static_covariates_}: pass `static`, one row of {expected} "
+                             f"value(s) per series (series {names[0]!r} first)")
+        rows = np.asarray(static, dtype=np.float32)
+        if rows.shape != (len(names), expected):
+            raise ValueError(f"static covariates of shape {rows.shape}; expected (series, "
+                             f"{self.static_covariates_}) = ({len(names)}, {expected})")
+        bad = np.argwhere(~np.isfinite(rows))
+        if len(bad):
+            row, column = bad[0]
+            raise ValueError(f"series {names[row]!r}: static covariate "
+                             f"{self.static_covariates_[column]!r} is {rows[row, column]}; "
+                             "values must be finite")
+        return rows
+
+    def _scale_covariates(self, values: np.ndarray) -> np.ndarray:
+        """Known-future covariates in the units the network was trained on."""
+        return (values - self.covariate_loc_) / self.covariate_scale_
 
     def _forecast(self, fh: ForecastingHorizon, X: pd.DataFrame | None
                   ) -> tuple[pd.Index, np.ndarray]:
@@ -260,47 +363,47 @@ class NeuralForecaster(BaseForecaster):
         multi = isinstance(y.index, pd.MultiIndex)
         if X is not None:
             validate_panel(X, 1, [*self.covariates_, *self.static_covariates_], name="X")
-        indexes, histories, keys = [], [], []
+        indexes, histories, keys, known, statics = [], [], [], [], []
         for key, series in series_groups(y):
             # per series: ragged panels end at different times; sktime cannot infer a
             # frequency from a multi-index, the series' own index can
             freq = fh.freq or getattr(series.index, "freq", None) or _infer_freq(series.index)
             future_index = ForecastingHorizon(steps, freq=freq).to_absolute_index(
                 series.index[[-1]])
-            full_future = ForecastingHorizon(range(1, self.horizon_ + 1), freq=freq)
-            rows = [series.iloc[:, :1].to_numpy(np.float32)]
-            if self.covariates_ or self.static_covariates_:
-                future_rows = full_future.to_absolute_index(series.index[[-1]])
-                past_cov = self._select(history_X, key, series.index, "X passed to fit")
-                future_cov = self._select(X, key, future_rows, "X passed to predict")
-                rows = [np.concatenate([rows[0], past_cov], axis=1),
-                        np.concatenate([np.zeros((len(future_rows), 1), np.float32), future_cov],
-                                       axis=1)]
-            histories.append(np.concatenate(rows))
+            histories.append(series.iloc[:, 0].to_numpy(np.float32))
+            if self.covariates_:
+                # the network reads every step up to its horizon, not only the requested ones
+                future_rows = ForecastingHorizon(range(1, self.horizon_ + 1), freq=freq
+                                                 ).to_absolute_index(series.index[[-1]])
+                known.append(np.concatenate([
+                    self._x_rows(history_X, key, series.index, "X passed to fit",
+                                 self.covariates_),
+                    self._x_rows(X, key, future_rows, "X passed to predict", self.covariates_)]))
+            if self.static_covariates_:
+                statics.append(self._x_rows(history_X, key, series.index[:1], "X passed to fit",
+                                            self.static_covariates_)[0])
             keys.append(key)
             levels = key if isinstance(key, tuple) else (key,)
             indexes.append(pd.MultiIndex.from_tuples([(*levels, t) for t in future_index])
                            if multi else future_index)
-        quantiles = self.forecast_histories(histories, keys)[:, steps - 1]  # (N, len(fh), Q)
+        quantiles = self.forecast_histories(
+            histories, keys, covariates=known if self.covariates_ else None,
+            static=np.stack(statics) if self.static_covariates_ else None)[:, steps - 1]
         index = indexes[0].append(indexes[1:]) if len(indexes) > 1 else indexes[0]
         if multi:
             index = index.set_names(y.index.names)
-        return index, quantiles.reshape(-1, quantiles.shape[-1])
+        return index, quantiles.reshape(-1, quantiles.shape[-1])  # (N * len(fh), Q)
 
-    def _select(self, X: pd.DataFrame | None, key: object, index: pd.Index, what: str
-                ) -> np.ndarray:
-        """Scaled covariates of one series at the given times, then its static covariates."""
+    def _x_rows(self, X: pd.DataFrame | None, key: object, index: pd.Index, what: str,
+                columns: list[str]) -> np.ndarray:
+        """Raw values (rows, columns) of one series' covariates at the given times."""
         if X is None:
             raise ValueError(f"{what} is None, but the model was trained with covariates")
         frame = X.xs(key, level=list(range(X.index.nlevels - 1))) if key is not None else X
         missing = index.difference(frame.index)
         if len(missing):
             raise ValueError(f"{what} lacks rows of series {key!r} at {list(missing[:3])}")
-        frame = frame.loc[index]
-        scaled = (frame[self.covariates_].to_numpy(np.float32) - self.covariate_loc_) \
-            / self.covariate_scale_
-        statics = frame[self.static_covariates_].to_numpy(np.float32)
-        return np.concatenate([scaled, statics], axis=1)
+        return frame.loc[index, columns].to_numpy(np.float32)
 
     # ------------------------------------------------------------------ helpers
     def _horizon_of(self, fh: ForecastingHorizon, y: pd.DataFrame) -> int:
@@ -326,12 +429,13 @@ class NeuralForecaster(BaseForecaster):
         _, targets = panel_arrays(y, [y.columns[0]])
         if X is None:
             return Panel(targets)
-        covariate_arrays, statics = [], []
+        arrays, statics = [], []
         for (key, series), target in zip(series_groups(y), targets, strict=True):
-            values = self._select(X, key, series.index, "X passed to fit")
-            covariate_arrays.append(np.concatenate([target, values[:, : len(self.covariates_)]], 1))
-            statics.append(values[0, len(self.covariates_):])
-        return Panel(covariate_arrays, np.stack(statics) if self.static_covariates_ else None)
+            known = self._x_rows(X, key, series.index, "X passed to fit", self.covariates_)
+            arrays.append(np.concatenate([target, self._scale_covariates(known)], 1))
+            statics.append(self._x_rows(X, key, series.index[:1], "X passed to fit",
+                                        self.static_covariates_)[0])
+        return Panel(arrays, np.stack(statics) if self.static_covariates_ else None)
 
     # ------------------------------------------------------------------ persistence
     def save_model(self, directory: str | Path) -> Path:
@@ -430,7 +534,9 @@ _TRAINING_PARAMETERS: _ParameterDocs = {
                         "Trailing rows of each series held out for early stopping, at least the "
                         "horizon; None: the horizon."),
     "min_history": ("int or None",
-                    "Shortest usable history; None: input_len // 4 (at least 1)."),
+                    "Shortest usable history; None: input_len // 4 (at least 1), lowered to "
+                    "the shortest series of fit, so that every fitted series can be forecast. "
+                    "A value above the shortest series is refused at fit."),
     "static_covariates": ("sequence of str or None",
                           "Columns of X that are constant per series; the other columns of X "
                           "are known-future covariates."),
@@ -597,16 +703,24 @@ class TCNForecaster(NeuralForecaster):
 class AttentionMapsMixin:
     """Forecasters whose network has attention: ``attention_maps`` explains a forecast."""
 
-    def attention_maps(self, history: np.ndarray) -> dict[str, np.ndarray]:
-        """The network's attention weights for one history, as ``forecast_histories`` would
-        read it: module name -> (heads, queries, keys) weights. The Transformer has encoder
-        self-attention, decoder self-attention and cross-attention; the hybrid one map from
-        horizon steps to encoder segments, then to horizon steps."""
+    def attention_maps(self, history: np.ndarray, covariates: np.ndarray | None = None,
+                       static: Sequence[float] | None = None) -> dict[str, np.ndarray]:
+        """The network's attention weights for one history (and its covariates, for a model
+        trained with them), as ``forecast_histories`` would read it: module name -> (heads,
+        queries, keys) weights. The Transformer has encoder self-attention, decoder
+        self-attention and cross-attention; the hybrid one map from horizon steps to encoder
+        segments, then to horizon steps."""
         self.check_is_fitted()
-        windows = self._forecast_windows([history])
-        past, future = model_inputs(windows, torch.device("cpu"))
+        past, future = model_inputs(self._one_window(history, covariates, static),
+                                    torch.device("cpu"))
         maps = self.network_.cpu().attention_maps(past, future)
         return {name: weights[0].numpy() for name, weights in maps.items()}
+
+    def _one_window(self, history: np.ndarray, covariates: np.ndarray | None,
+                    static: Sequence[float] | None) -> Windows:
+        return self._forecast_windows([history], None,
+                                      None if covariates is None else [covariates],
+                                      None if static is None else [static])
 
 
 _TRANSFORMER_PARAMETERS: _ParameterDocs = {
@@ -712,16 +826,18 @@ class HybridForecaster(AttentionMapsMixin, NeuralForecaster):
                  on_epoch=None):
         _store_params(self, locals())
 
-    def covariate_importance(self, history: np.ndarray) -> dict[str, float]:
+    def covariate_importance(self, history: np.ndarray, covariates: np.ndarray | None = None,
+                             static: Sequence[float] | None = None) -> dict[str, float]:
         """Each covariate's mean variable-selection weight over the input steps and the
-        horizon steps, for one history as ``forecast_histories`` reads it. The target and its
-        observed mask take the rest of each step's weight, so the values sum to at most 1."""
+        horizon steps, for one history and its covariates (as ``attention_maps`` takes them).
+        The target and its observed mask take the rest of each step's weight, so the values
+        sum to at most 1."""
         self.check_is_fitted()
         names = [*self.covariates_, *self.static_covariates_]
         if not names:
             return {}
-        windows = self._forecast_windows([history])
-        past, future = model_inputs(windows, torch.device("cpu"))
+        past, future = model_inputs(self._one_window(history, covariates, static),
+                                    torch.device("cpu"))
         weights = self.network_.cpu().variable_weights(past, future)
         past_weights = weights["past"][0, :, 2:].mean(0)  # after the target and the mask
         future_weights = weights["future"][0].mean(0)

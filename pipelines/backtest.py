@@ -2,10 +2,12 @@
 same folds, the same sktime metrics.
 
 Folds come from sktime's ExpandingWindowSplitter or SlidingWindowSplitter applied to the whole
-panel (sktime splits each series and stacks the pieces). By default the training window is
-the largest that leaves room for every fold on the shortest series, so on panels of equal
-lengths the last fold forecasts the last ``horizon`` observations. On ragged panels sktime
-counts windows from each series' start, so longer series are tested before their end.
+panel (sktime splits each series and stacks the pieces); covariates are cut at the same rows,
+so that each fold carries its training covariates and the future values of its test window.
+By default the training window is the largest that leaves room for every fold on the
+shortest series, so on panels of equal lengths the last fold forecasts the last ``horizon``
+observations. On ragged panels sktime counts windows from each series' start, so longer series
+are tested before their end.
 """
 
 from __future__ import annotations
@@ -37,6 +39,10 @@ class Fold:
     number: int  # 1-based, oldest first
     y_train: pd.DataFrame
     y_test: pd.DataFrame
+    # the covariates of the training rows and of the test window (their future values), or
+    # None when the data have none
+    X_train: pd.DataFrame | None = None
+    X_test: pd.DataFrame | None = None
 
 
 @dataclass(frozen=True)
@@ -114,9 +120,14 @@ def plan_backtest(config: RaceConfig, data: RaceData, min_train: int,
         raise ConfigError(f"backtest.window: {window} is too short: {need}")
 
     splitter = make_splitter(config, window, step)
-    pieces = list(splitter.split_series(data.panel))[-folds:]  # the folds nearest the end
+    # the folds nearest the end, as positions (what split_series slices y by), so that the
+    # covariates are cut at exactly the rows of y
+    pieces = list(splitter.split(data.panel.index))[-folds:]
+    y, X = data.panel, data.X
     return BacktestPlan(splitter, window, step, [
-        Fold(i + 1, y_train, y_test) for i, (y_train, y_test) in enumerate(pieces)])
+        Fold(i + 1, y.iloc[train], y.iloc[test],
+             None if X is None else X.iloc[train], None if X is None else X.iloc[test])
+        for i, (train, test) in enumerate(pieces)])
 
 
 def score_forecast(fold: Fold, forecast: pd.DataFrame, config: RaceConfig) -> dict[str, float]:

@@ -1,4 +1,4 @@
-"""Candidate configs -> sktime estimators: our neural forecasters (forecaster.estimators.ESTIMATORS) and three baselines.
+"""Candidate configs -> sktime estimators: our neural forecasters and three baselines.
 
 The race treats every candidate as an sktime forecaster; this module knows which classes may be
 raced, which constructor parameters they take, the defaults the pipeline adds, how long a
@@ -37,6 +37,8 @@ MODELS: dict[str, type[BaseForecaster]] = {**NEURAL_MODELS, **BASELINE_MODELS}
 
 # set by the pipeline itself, never from a config
 RESERVED_PARAMS = {"on_epoch"}
+# set from the data section of the config: the key that sets each
+DATA_PARAMS = {"static_covariates": "data.columns.static"}
 
 
 def default_candidate_name(model: str) -> str:
@@ -51,10 +53,19 @@ def constructor_params(model: str) -> list[str]:
 
 def check_params(model: str, params: Mapping[str, Any]) -> None:
     """Raise ValueError naming parameters ``model``'s constructor does not take."""
+    from_data = sorted(set(params) & set(DATA_PARAMS))
+    if from_data:
+        raise ValueError(f"{from_data} are set from the data section, not here: "
+                         f"{', '.join(DATA_PARAMS[p] for p in from_data)}")
     valid = set(constructor_params(model)) - RESERVED_PARAMS
     unknown = sorted(set(params) - valid)
     if unknown:
         raise ValueError(f"unknown parameter(s) {unknown} for {model}; valid: {sorted(valid)}")
+
+
+def takes_covariates(estimator: BaseForecaster) -> bool:
+    """Whether the estimator uses exogenous data X, by sktime's own tag."""
+    return bool(estimator.get_tag("capability:exogenous", False, raise_error=False))
 
 
 def is_neural(estimator: BaseForecaster | str) -> bool:
@@ -66,6 +77,9 @@ def is_neural(estimator: BaseForecaster | str) -> bool:
 def estimator_params(candidate: CandidateConfig, config: RaceConfig) -> dict[str, Any]:
     """The constructor arguments: the config's, plus the defaults the pipeline chooses."""
     params = dict(candidate.params)
+    if config.data.columns.static and "static_covariates" in constructor_params(candidate.model):
+        # which columns of X are static, for the estimators that tell the two kinds apart
+        params["static_covariates"] = tuple(config.data.columns.static)
     if is_neural(candidate.model):
         # our own progress bar reports epochs; the networks forecast every level the race
         # scores, so that intervals are read off exactly rather than interpolated
@@ -125,11 +139,12 @@ def loggable_params(estimator: BaseForecaster) -> dict[str, str]:
 def resolved_config(candidate: CandidateConfig, config: RaceConfig) -> dict[str, Any]:
     """``{"model": class name, "params": every constructor parameter}`` as JSON values: the
     config's params, the pipeline's defaults and the class's own. Candidates with equal
-    resolved configs train the same model."""
+    resolved configs train the same model (on the same data: the parameters the data section
+    sets, DATA_PARAMS, are left out)."""
     with without_sktime_notice():
         estimator = build_estimator(candidate, config)
     params = {name: value for name, value in estimator.get_params(deep=False).items()
-              if name not in RESERVED_PARAMS}
+              if name not in RESERVED_PARAMS and name not in DATA_PARAMS}
     return json.loads(json.dumps({"model": candidate.model, "params": params}))
 
 
@@ -142,7 +157,9 @@ def params_from_logged(model: str, logged: Mapping[str, str]) -> dict[str, Any]:
     """
     if model not in MODELS:
         raise ValueError(f"unknown model {model!r}")
-    expected = set(constructor_params(model)) - RESERVED_PARAMS
+    # the data section sets DATA_PARAMS again for the refit: they are not the candidate's
+    logged = {name: text for name, text in logged.items() if name not in DATA_PARAMS}
+    expected = set(constructor_params(model)) - RESERVED_PARAMS - set(DATA_PARAMS)
     missing, unknown = sorted(expected - set(logged)), sorted(set(logged) - expected)
     if missing or unknown:
         raise ValueError(f"the logged params do not match {model}'s parameters "

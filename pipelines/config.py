@@ -64,11 +64,38 @@ class StrictModel(BaseModel):
 
 
 class ColumnMapping(StrictModel):
-    """Which columns of a CSV or Parquet file hold the series id, the time and the target."""
+    """Which columns of a CSV or Parquet file hold the series id, the time and the target, and
+    which are covariates (under their own names): ``known_future`` ones, known ahead (a
+    promotion calendar: forecasts need their future values), and ``static`` ones, constant
+    per series. That they exist, are numeric and (static) constant is checked against the
+    file. Candidates that take covariates (sktime's ``capability:exogenous`` tag) get them;
+    the others ignore them."""
 
     series_id: str = "series_id"
     timestamp: str = "timestamp"
     target: str = "target"
+    known_future: list[str] = Field(default_factory=list)
+    static: list[str] = Field(default_factory=list)
+
+    @field_validator("known_future", "static")
+    @classmethod
+    def _covariate_names(cls, names: list[str], info: ValidationInfo) -> list[str]:
+        keys = {key: info.data.get(key) for key in ("series_id", "timestamp", "target")}
+        earlier = info.data.get("known_future") or [] if info.field_name == "static" else []
+        for name in names:
+            if name in keys.values():
+                key = next(k for k, v in keys.items() if v == name)
+                raise ValueError(f"{name!r} is the {key} column, not a covariate")
+            if name in keys:  # the race renames the key columns to these names
+                raise ValueError(f"{name!r} is reserved for the {name} column; rename the "
+                                 "covariate")
+            if names.count(name) > 1 or name in earlier:
+                raise ValueError(f"{name!r} is named twice")
+        return names
+
+    @property
+    def covariates(self) -> list[str]:
+        return [*self.known_future, *self.static]
 
 
 class FillConfig(StrictModel):

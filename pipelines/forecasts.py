@@ -37,10 +37,12 @@ def horizon_of(steps: int, datetime_index: bool, frequency: str) -> ForecastingH
                               freq=frequency if datetime_index else None)
 
 
-def forecast_frame(estimator: BaseForecaster, levels: Sequence[float]) -> pd.DataFrame:
-    """Point and quantile forecasts of a fitted sktime estimator as a forecast frame."""
-    point = estimator.predict()
-    quantiles = estimator.predict_quantiles(alpha=list(levels))
+def forecast_frame(estimator: BaseForecaster, levels: Sequence[float],
+                   X: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Point and quantile forecasts of a fitted sktime estimator as a forecast frame; ``X``:
+    the covariates over the forecast horizon, for an estimator fitted with them."""
+    point = estimator.predict(X=X)
+    quantiles = estimator.predict_quantiles(X=X, alpha=list(levels))
     frame = pd.DataFrame({POINT: point.iloc[:, 0].to_numpy(np.float64)}, index=point.index)
     values = quantiles.loc[point.index].to_numpy(np.float64)
     for i, level in enumerate(levels):

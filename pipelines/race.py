@@ -6,9 +6,10 @@ One parent MLflow run per race and a nested run per candidate. Order of work::
     prepare    add the baseline (``selection.baseline``; by default the seasonal naive
                forecast) to the candidates if absent, load the data (repaired as data.fill
                says), plan the folds: every config and data error surfaces here, before training
-    candidates per candidate: backtest on the folds, refit on all data, log the pyfunc model,
-               check it reproduces the estimator, register it as a new version with its metrics
-               and its resolved config (``registry.TAG_CONFIG``)
+    candidates per candidate: backtest on the folds, refit on all data (with the covariates,
+               for candidates that take them), log the pyfunc model, check it reproduces the
+               estimator, register it as a new version with its metrics and its resolved config
+               (``registry.TAG_CONFIG``)
     champion   read the @champion's config from the registry (its tag, or its run's params) and
                score it like a candidate: refitted on each fold's training window, forecasting
                the fold's test window; a candidate of this race with the same config lends it
@@ -45,7 +46,7 @@ from pydantic import ValidationError
 from sktime.forecasting.base import BaseForecaster, ForecastingHorizon
 from tqdm.auto import tqdm
 
-from forecaster.data import SERIES, TARGET
+from forecaster.data import SERIES, TARGET, TIME
 from forecaster.trainer import EpochCallback, EpochRecord
 from pipelines import registry
 from pipelines.backtest import (
@@ -65,10 +66,16 @@ from pipelines.candidates import (
     min_train_length,
     params_from_logged,
     resolved_config,
+    takes_covariates,
 )
 from pipelines.config import CandidateConfig, RaceConfig
 from pipelines.forecasts import forecast_frame, forecast_problems, future_index, horizon_of
-from pipelines.pyfunc_model import forecast_history, log_forecaster, model_levels
+from pipelines.pyfunc_model import (
+    forecast_history,
+    future_layout,
+    log_forecaster,
+    model_levels,
+)
 from pipelines.schema_errors import describe
 from pipelines.sources import RaceData, load_race_data, source_description
 from pipelines.tracking import (
@@ -120,6 +127,9 @@ class CandidateOutcome:
     forecast: pd.DataFrame | None = None  # the estimator's forecast past the data
     example: pd.DataFrame | None = None  # the logged model's input example ...
     example_forecast: pd.DataFrame | None = None  # ... and its forecast
+    forecast_input: pd.DataFrame | None = None  # what ``forecast`` is forecast from
+    covariates: tuple[str, ...] = ()  # the data's covariates the candidate takes
+    ignores_covariates: bool = False  # the data have covariates and the candidate takes none
 
     @property
     def valid(self) -> bool:
@@ -325,6 +335,11 @@ def _backtest_and_refit(prepared: PreparedRace, candidate: CandidateConfig,
                         outcome: CandidateOutcome, bar: _Progress) -> None:
     """The candidate's model work: the folds, the forecast plot, the refit on all data."""
     config, data, run_id = prepared.config, prepared.data, outcome.run_id
+    # covariates go to the candidates that take them (sktime's tag); the others ignore them
+    takes_X = data.X is not None and takes_covariates(build_estimator(candidate, config))
+    outcome.covariates = (*data.known_future, *data.static) if takes_X else ()
+    outcome.ignores_covariates = data.X is not None and not takes_X
+    mlflow.log_param("covariates", ",".join(outcome.covariates) if takes_X else "none")
     forecast = _fold_forecast(prepared, candidate, lambda fold: epoch_logger(
         run_id, f"fold_{fold.number}/", then=bar.epoch))
 
@@ -342,25 +357,37 @@ def _backtest_and_refit(prepared: PreparedRace, candidate: CandidateConfig,
 
     final = build_estimator(candidate, config, on_epoch=epoch_logger(run_id, then=bar.epoch))
     started = time.perf_counter()
-    final.fit(data.panel, fh=prepared.fh)
+    final.fit(data.panel, X=data.X if takes_X else None, fh=prepared.fh)
     outcome.train_seconds = time.perf_counter() - started
     outcome.estimator = final
     mlflow.log_metric("train_seconds", outcome.train_seconds)
-    # what the estimator itself forecasts, past the data and from the input example: the
-    # logged model is checked against the first, and its signature built from the second
+    # what the estimator itself forecasts and from the input example: the logged model is
+    # checked against the first, and its signature built from the second
     levels = model_levels(final, config.forecast_levels)
-    outcome.forecast = forecast_frame(final, levels)
-    outcome.problems += [f"final model: {p}" for p in forecast_problems(
-        outcome.forecast, future_index(data.long, config.horizon, config.frequency))]
-    outcome.example = _input_example(prepared)
-    outcome.example_forecast = forecast_history(final, outcome.example, config.horizon, levels,
-                                                config.frequency)
+    columns = [SERIES, TIME, TARGET, *outcome.covariates]
+    if takes_X:
+        # the known-future covariates past the data are not in the data: the final model is
+        # checked on the data's last horizon, whose covariates stand for the future
+        outcome.forecast_input = future_layout(data.long[columns], config.horizon)
+        outcome.forecast = forecast_history(final, outcome.forecast_input, config.horizon,
+                                            levels, config.frequency, data.known_future,
+                                            data.static)
+        expected = data.panel.groupby(level=0, sort=False).tail(config.horizon).index
+    else:
+        outcome.forecast_input = data.long[columns]
+        outcome.forecast = forecast_frame(final, levels)
+        expected = future_index(data.long, config.horizon, config.frequency)
+    outcome.problems += [f"final model: {p}" for p in forecast_problems(outcome.forecast,
+                                                                        expected)]
+    outcome.example = _input_example(prepared, outcome.forecast_input)
+    outcome.example_forecast = forecast_history(
+        final, outcome.example, config.horizon, levels, config.frequency,
+        *((data.known_future, data.static) if takes_X else ((), ())))
     if hasattr(final, "attention_maps"):  # the families that can explain their forecasts
-        first = data.panel.index.get_level_values(0)[0]
-        history = data.panel.xs(first, level=0)[TARGET].to_numpy(np.float32)
-        mlflow.log_figure(attention_figure(final.attention_maps(history),
-                                           f"{candidate.name}: attention, series {first}"),
-                          "attention.png")
+        first = outcome.example[SERIES].iloc[0]
+        mlflow.log_figure(attention_figure(
+            final.attention_maps(*_attention_input(outcome.example, first, data, takes_X)),
+            f"{candidate.name}: attention, series {first}"), "attention.png")
     bar.step("refit")
 
 
@@ -368,15 +395,31 @@ def _fold_forecast(prepared: PreparedRace, candidate: CandidateConfig,
                    on_epoch: Callable[[Fold], EpochCallback | None]) -> ForecastFn:
     """A fold's forecast by a fresh ``candidate`` fitted on the fold's training window: how
     every candidate, and the champion, is backtested. ``on_epoch`` gives each fold's learning
-    curve callback."""
-    config = prepared.config
+    curve callback. A candidate that takes covariates (sktime's tag) gets the fold's X: its
+    training window's and, for the forecast, its test window's."""
+    config, data = prepared.config, prepared.data
 
     def forecast(fold: Fold) -> pd.DataFrame:
         estimator = build_estimator(candidate, config, on_epoch=on_epoch(fold))
-        estimator.fit(fold.y_train, fh=prepared.fh)
-        return forecast_frame(estimator, model_levels(estimator, config.forecast_levels))
+        takes_X = data.X is not None and takes_covariates(estimator)
+        estimator.fit(fold.y_train, X=fold.X_train if takes_X else None, fh=prepared.fh)
+        return forecast_frame(estimator, model_levels(estimator, config.forecast_levels),
+                              X=fold.X_test if takes_X else None)
 
     return forecast
+
+
+def _attention_input(example: pd.DataFrame, series: str, data: RaceData, takes_X: bool
+                     ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """One series of the input example as ``attention_maps`` takes it: the history, and the
+    raw covariates for a model trained with them."""
+    rows = example[example[SERIES] == series]
+    history = rows[TARGET].dropna().to_numpy(np.float32)
+    if not takes_X:
+        return history, None, None
+    known = rows[list(data.known_future)].to_numpy(np.float32) if data.known_future else None
+    static = rows[list(data.static)].iloc[0].to_numpy(np.float32) if data.static else None
+    return history, known, static
 
 
 def _log_forecast_plot(prepared: PreparedRace, backtest: BacktestResult) -> None:
@@ -396,12 +439,16 @@ def _log_and_register(prepared: PreparedRace, candidate: CandidateConfig,
     config, data = prepared.config, prepared.data
     assert outcome.estimator is not None and outcome.forecast is not None
     assert outcome.example is not None and outcome.example_forecast is not None
+    assert outcome.forecast_input is not None
+    takes_X = bool(outcome.covariates)
     info = log_forecaster(outcome.estimator, horizon=config.horizon,
                           levels=config.forecast_levels, frequency=config.frequency,
                           input_example=outcome.example,
-                          example_output=outcome.example_forecast)
-    outcome.problems += _reproduction_problems(info.model_uri, data.long, outcome.forecast,
-                                               config.horizon)
+                          example_output=outcome.example_forecast,
+                          known_future=data.known_future if takes_X else (),
+                          static=data.static if takes_X else ())
+    outcome.problems += _reproduction_problems(info.model_uri, outcome.forecast_input,
+                                               outcome.forecast, config.horizon)
     if outcome.problems:
         mlflow.log_text("\n".join(outcome.problems), "problems.txt")
     version = registry.register_version(info, config.registry.model_name, {
@@ -422,12 +469,14 @@ def _log_and_register(prepared: PreparedRace, candidate: CandidateConfig,
     mlflow.set_tags({"registered_version": version.version, "valid": str(outcome.valid)})
 
 
-def _input_example(prepared: PreparedRace) -> pd.DataFrame:
-    """The last rows of the first series: enough history for any candidate, small to store."""
-    long = prepared.data.long
-    keep = long[SERIES].drop_duplicates().iloc[:INPUT_EXAMPLE_SERIES]
-    rows = min(prepared.plan.window, INPUT_EXAMPLE_ROWS)
-    example = long[long[SERIES].isin(keep)].groupby(SERIES, sort=False).tail(rows)
+def _input_example(prepared: PreparedRace, forecast_input: pd.DataFrame) -> pd.DataFrame:
+    """The last rows of the first series of the forecast input (with covariates, their future
+    rows included): enough history for any candidate, small to store."""
+    keep = forecast_input[SERIES].drop_duplicates().iloc[:INPUT_EXAMPLE_SERIES]
+    future = int(forecast_input[TARGET].isna().any()) * prepared.config.horizon
+    rows = min(prepared.plan.window, INPUT_EXAMPLE_ROWS) + future
+    example = forecast_input[forecast_input[SERIES].isin(keep)].groupby(
+        SERIES, sort=False).tail(rows)
     return example.reset_index(drop=True)
 
 
@@ -617,7 +666,9 @@ def _leaderboard(outcomes: list[CandidateOutcome], metric: str, baseline: str) -
         "candidate": o.name, "model": o.model, **o.scores,
         "valid": o.valid, "status": o.status, "baseline": o.name == baseline,
         "version": o.version, "train_seconds": o.train_seconds,
-        "backtest_seconds": o.backtest_seconds, "note": o.error or "; ".join(o.problems),
+        "backtest_seconds": o.backtest_seconds,
+        "note": o.error or "; ".join(
+            [*o.problems, *(["ignores covariates"] if o.ignores_covariates else [])]),
     } for o in outcomes]
     table = pd.DataFrame(rows)
     table["_order"] = [0 if o.valid else 1 if o.status == "ok" else 2 for o in outcomes]

@@ -29,13 +29,14 @@ from forecaster.data import (
     DataError,
     DataProblem,
     counted,
+    covariate_problems,
     expected_timestamps,
     fill_gaps,
     listed,
-    long_to_panel,
     panel_problems,
     panel_to_long,
     series_id,
+    split_long,
     timestamp_text,
 )
 from forecaster.datasets import load_m4_hourly, wide_to_long
@@ -99,13 +100,16 @@ class DataReport:
 
 @dataclass(frozen=True)
 class RaceData:
-    """The training data of a race: long frame, panel, a fingerprint of both, and what
+    """The training data of a race: long frame, panels, a fingerprint of them, and what
     ``data.fill`` changed."""
 
-    long: pd.DataFrame  # series_id (str), timestamp, target
+    long: pd.DataFrame  # series_id (str), timestamp, target, then any covariates
     panel: pd.DataFrame  # sktime pd-multiindex (series_id, timestamp) -> target
     fingerprint: str  # sha256 of the values, ids, timestamps and dtypes
     report: DataReport = field(default_factory=DataReport)
+    X: pd.DataFrame | None = None  # the covariates on the panel's index: known-future, static
+    known_future: tuple[str, ...] = ()
+    static: tuple[str, ...] = ()
 
     @property
     def lengths(self) -> pd.Series:
@@ -145,13 +149,18 @@ def _read_file(config: DataConfig) -> tuple[pd.DataFrame, Names]:
                               f"{config.path.name} (its columns: {list(map(str, frame.columns))})")
         return wide_to_long(frame.set_index(time)), {SERIES: None, TIME: str(time),
                                                      TARGET: None}
-    mapping = config.columns.model_dump()  # our name -> file column
+    columns = config.columns
+    mapping = {SERIES: columns.series_id, TIME: columns.timestamp, TARGET: columns.target}
     missing = [f"data.columns.{ours}: column {theirs!r} not found in {config.path.name} "
                f"(its columns: {list(map(str, frame.columns))})"
                for ours, theirs in mapping.items() if theirs not in frame.columns]
-    if missing:
-        raise ConfigError(missing)
-    long = frame[list(mapping.values())].rename(columns={v: k for k, v in mapping.items()})
+    # covariates keep their own names: those are the names the served model asks for
+    problems = [f"data.columns.{problem}" for problem in covariate_problems(
+        frame, columns.known_future, columns.static, series=columns.series_id)]
+    if missing or problems:
+        raise ConfigError(missing + problems)
+    long = frame[[*mapping.values(), *columns.covariates]].rename(
+        columns={v: k for k, v in mapping.items()})
     return long, dict(mapping)
 
 
@@ -252,6 +261,7 @@ def read_source(config: DataConfig) -> tuple[pd.DataFrame, list[DataProblem], Na
     the columns."""
     long, names = _read_file(config) if config.path is not None else _read_loader(config)
     long, problems = _parse(long, names)
+    long = long.astype(dict.fromkeys(config.columns.covariates, np.float64))
     if config.max_series is not None:
         keep = set(long[SERIES].drop_duplicates().iloc[: config.max_series])
         long = long[long[SERIES].isin(keep)]
@@ -292,10 +302,15 @@ def load_race_data(config: DataConfig, frequency: str | None = None, *, min_leng
     if long.empty and not problems:
         raise ConfigError("data: the source holds no rows")
     fill = config.fill
-    panel = long_to_panel(long)
+    covariates = config.columns.covariates
+    # the target and any covariates, filled together so that X keeps y's rows
+    panel = long.set_index([SERIES, TIME])[[TARGET, *covariates]].sort_index()
     filled = pd.DataFrame(columns=["missing_timestamps", "missing_values"])
     if fill.missing != "error":
         panel, filled = fill_gaps(panel, frequency, fill.missing)
+        if config.columns.static:  # a filled row keeps its series' static values
+            statics = list(config.columns.static)
+            panel[statics] = panel[statics].groupby(level=0, sort=False).transform("first")
     problems += panel_problems(panel, name="data", frequency=frequency,
                                column_names={TARGET: names.get(TARGET, TARGET)})
     # a series' length once its gaps are filled: a gap is reported as such, not as shortness
@@ -321,11 +336,13 @@ def load_race_data(config: DataConfig, frequency: str | None = None, *, min_leng
     report = DataReport(fill.missing, fill.short, min_length, {
         str(key): (int(row.missing_timestamps), int(row.missing_values))
         for key, row in filled.iterrows()}, dropped)
-    if report.changed:  # the canonical frames again: series back in order, no emptied level
+    if report.changed:  # the canonical frame again: series back in order, no emptied level
         long = panel_to_long(panel).astype({SERIES: str})
-        panel = long_to_panel(long)
         logger.warning("data (%s): %s", source_description(config), report.summary())
-    return RaceData(long=long, panel=panel, fingerprint=fingerprint(long), report=report)
+    known_future, static = config.columns.known_future, config.columns.static
+    y, X = split_long(long, known_future, static)
+    return RaceData(long=long, panel=y, fingerprint=fingerprint(long), report=report, X=X,
+                    known_future=tuple(known_future), static=tuple(static))
 
 
 def _span(index: pd.MultiIndex, frequency: str | None) -> int:

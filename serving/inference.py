@@ -18,8 +18,8 @@ import numpy as np
 import pandas as pd
 import pydantic_core
 
-from serving.model import Forecasts, ServedModel
-from serving.schemas import ForecastRequest
+from serving.model import Forecasts, ServedModel, model_input
+from serving.schemas import ForecastRequest, Series
 
 # one series of a request, as the batching dispatcher queues it
 Item = tuple[ServedModel, np.ndarray]
@@ -68,7 +68,7 @@ def prepare(request: ForecastRequest, model: ServedModel, max_series: int) -> Pr
             raise RequestError(("series", i, "values"), "history_too_short",
                                f"series {series.id!r} has {len(series.values)} values; the "
                                f"model needs at least {info.min_history}")
-        histories.append(np.asarray(series.values, dtype=np.float32))
+        histories.append(_model_input(i, series, model, request.horizon))
     timestamps = [_future_times(s.start, s.freq, len(s.values), request.horizon)
                   if s.start is not None else None for s in request.series]
     return PreparedRequest(model, [s.id for s in request.series], histories, request.horizon,
@@ -120,6 +120,36 @@ def render(prepared: PreparedRequest, forecasts: Forecasts) -> bytes:
     body = {"model": {"name": info.name, "version": info.version, "alias": info.alias},
             "forecasts": entries}
     return pydantic_core.to_json(body)
+
+
+def _model_input(i: int, series: Series, model: ServedModel, horizon: int) -> np.ndarray:
+    """One series as the model takes it, its covariates checked against the model's."""
+    info = model.info
+    known, static = series.covariates or {}, series.static or {}
+    for field, given, names in (("covariates", known, info.covariates),
+                                ("static", static, info.static)):
+        unknown = [name for name in given if name not in names]
+        if unknown:
+            raise RequestError(("series", i, field, unknown[0]), "unknown_covariate",
+                               f"series {series.id!r}: the model takes no {field} "
+                               f"{unknown[0]!r}; it takes {names or 'none'}")
+    expected = len(series.values) + horizon
+    for name in info.covariates:
+        if name not in known:
+            raise RequestError(("series", i, "covariates", name), "missing_covariate",
+                               f"series {series.id!r} lacks the known-future covariate "
+                               f"{name!r}: {expected} values, len(values) + horizon")
+        if len(known[name]) != expected:
+            raise RequestError(("series", i, "covariates", name), "covariate_length",
+                               f"series {series.id!r}: {len(known[name])} values; expected "
+                               f"len(values) + horizon = {len(series.values)} + {horizon} = "
+                               f"{expected}")
+    for name in info.static:
+        if name not in static:
+            raise RequestError(("series", i, "static", name), "missing_covariate",
+                               f"series {series.id!r} lacks the static covariate {name!r}")
+    return model_input(series.values, horizon, [known[n] for n in info.covariates],
+                       [static[n] for n in info.static])
 
 
 def _levels(requested: list[float] | None, available: list[float]

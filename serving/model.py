@@ -1,16 +1,17 @@
 """The served model: a registry version loaded, checked and warmed up, behind one numeric call.
 
-``ServedModel.predict`` maps raw histories to forecasts (series, horizon, 1 + levels): the
-point forecast, then the model's quantiles in ascending order. A neural champion answers all
-series in one forward pass (``NeuralForecaster.forecast_histories``); an sktime baseline is a
-local model and is refitted on each history, as the pyfunc model does.
+``ServedModel.predict`` maps one array per series to forecasts (series, horizon, 1 + levels):
+the point forecast, then the model's quantiles in ascending order. The array is the raw
+history (time,), or for a model with covariates the :func:`model_input` layout. A neural
+champion answers all series in one forward pass (``NeuralForecaster.forecast_histories``); an
+sktime baseline is a local model and is refitted on each history, as the pyfunc model does.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -47,6 +48,32 @@ class ServedModel:
     @property
     def version(self) -> int:
         return self.info.version
+
+
+def model_input(values: Sequence[float], steps: int, known: Sequence[Sequence[float]] = (),
+                static: Sequence[float] = ()) -> np.ndarray:
+    """One series as ``ServedModel.predict`` takes it. Without covariates: the history (time,).
+    With them: a table (rows, 1 + known + static) of the target, then each known-future
+    covariate, then each static one repeated, in the order of the model's ``covariates`` and
+    ``static``; with known-future covariates (len(values) + steps values each) the table
+    holds the ``steps`` ahead as rows whose target is NaN."""
+    history = np.asarray(values, dtype=np.float32)
+    if not known and not static:
+        return history
+    steps = steps if known else 0
+    rows = len(history) + steps
+    return np.column_stack([np.concatenate([history, np.full(steps, np.nan, np.float32)]),
+                            *(np.asarray(k, np.float32) for k in known),
+                            *(np.full(rows, v, np.float32) for v in static)])
+
+
+def _split_input(array: np.ndarray, n_known: int
+                 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """A :func:`model_input` array -> the history, its known-future covariates, its statics."""
+    if array.ndim == 1:
+        return array, None, None
+    history = array[~np.isnan(array[:, 0]), 0]
+    return history, array[:, 1:1 + n_known], array[0, 1 + n_known:]
 
 
 def resolve_alias(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
@@ -86,16 +113,13 @@ def load_version(client: MlflowClient, version: ModelVersion, alias: str,
 def served_model(pyfunc: mlflow.pyfunc.PyFuncModel, meta: VersionMeta, alias: str,
                  warmup_batch: int = max(WARMUP_BATCHES)) -> ServedModel:
     """A loaded pyfunc model, checked and warmed up; ValueError when this API cannot serve it
-    (a model with covariates, a forecast of the wrong shape)."""
+    (a forecast of the wrong shape)."""
     wrapper = pyfunc.unwrap_python_model()
     # a model from code runs pipelines/pyfunc_model.py as its own module: compare by name
     if type(wrapper).__name__ != ForecasterModel.__name__:
         raise ValueError(f"{meta.name} v{meta.version} is not a forecaster pyfunc model")
     if wrapper.kind == NEURAL:
         estimator: NeuralForecaster = wrapper.estimator
-        if estimator.covariates_ or estimator.static_covariates_:
-            raise ValueError("models trained with covariates need them in the request, which "
-                             "this API does not take")
         levels, min_history = list(estimator.levels_), int(estimator.min_history_)
         predict, batches = _neural_predict(estimator), (*WARMUP_BATCHES, warmup_batch)
     else:
@@ -108,7 +132,8 @@ def served_model(pyfunc: mlflow.pyfunc.PyFuncModel, meta: VersionMeta, alias: st
             name=meta.name, version=meta.version, alias=alias,
             model_class=tags.get(TAG_MODEL_CLASS, type(wrapper.estimator).__name__),
             candidate=tags.get(TAG_CANDIDATE, ""), horizon=wrapper.horizon, quantiles=levels,
-            min_history=min_history, frequency=wrapper.frequency,
+            min_history=min_history, covariates=wrapper.known_future, static=wrapper.static,
+            frequency=wrapper.frequency,
             trained_at=meta.trained_at, run_id=meta.run_id,
             metrics={m: value for m in METRICS
                      if math.isfinite(value := tag_number(tags.get(m)))},
@@ -136,7 +161,11 @@ def check_and_warm_up(model: ServedModel, batch_sizes: list[int]) -> None:
     info = model.info
     length = max(info.min_history, 2 * info.horizon, 48)
     steps = np.arange(length, dtype=np.float32)
-    history = 10 + np.sin(2 * np.pi * steps / 24) + 0.01 * steps
+    # a sine on a slope, with a covariate calendar of ones every seventh step and statics of 1
+    known = [(np.arange(length + info.horizon) % 7 == 0).astype(np.float32)] * len(
+        info.covariates)
+    history = model_input(10 + np.sin(2 * np.pi * steps / 24) + 0.01 * steps, info.horizon,
+                          known, [1.0] * len(info.static))
     expected = (info.horizon, 1 + len(info.quantiles))
     for size in batch_sizes:
         forecasts = model.predict([history] * size)
@@ -152,9 +181,13 @@ def check_and_warm_up(model: ServedModel, batch_sizes: list[int]) -> None:
 
 def _neural_predict(estimator: NeuralForecaster) -> Callable[[list[np.ndarray]], Forecasts]:
     median = estimator.levels_.index(0.5)
+    n_known = len(estimator.covariates_)
 
-    def predict(histories: list[np.ndarray]) -> Forecasts:
-        quantiles = estimator.forecast_histories(histories)  # (N, H, levels), one forward
+    def predict(inputs: list[np.ndarray]) -> Forecasts:
+        histories, known, static = zip(*(_split_input(a, n_known) for a in inputs), strict=True)
+        quantiles = estimator.forecast_histories(  # (N, H, levels), one forward pass
+            histories, covariates=known if estimator.covariates_ else None,
+            static=np.stack(static) if estimator.static_covariates_ else None)
         return list(np.concatenate([quantiles[..., median:median + 1], quantiles], axis=-1))
 
     return predict
@@ -163,15 +196,21 @@ def _neural_predict(estimator: NeuralForecaster) -> Callable[[list[np.ndarray]],
 def _baseline_predict(wrapper: ForecasterModel) -> Callable[[list[np.ndarray]], Forecasts]:
     levels = sorted(wrapper.levels)
     columns = [POINT, *map(quantile_column, levels)]
+    covariates = [*wrapper.known_future, *wrapper.static]
 
-    def predict(histories: list[np.ndarray]) -> Forecasts:
+    def predict(inputs: list[np.ndarray]) -> Forecasts:
         results: Forecasts = []
-        for history in histories:  # local models: one fit per series, each may fail alone
-            frame = pd.DataFrame({SERIES: "series", TIME: np.arange(len(history)),
-                                  TARGET: history})
+        for array in inputs:  # local models: one fit per series, each may fail alone
+            table = array.reshape(len(array), -1)
+            frame = pd.DataFrame({SERIES: "series", TIME: np.arange(len(table)),
+                                  TARGET: table[:, 0],
+                                  **{name: table[:, 1 + i] for i, name in enumerate(covariates)}})
+            # with known-future covariates, the rows ahead are those the request carried
+            steps = int(np.isnan(table[:, 0]).sum()) if wrapper.known_future else wrapper.horizon
             try:
-                forecast = forecast_history(wrapper.estimator, frame, wrapper.horizon, levels,
-                                            wrapper.frequency)
+                forecast = forecast_history(wrapper.estimator, frame, steps, levels,
+                                            wrapper.frequency, wrapper.known_future,
+                                            wrapper.static)
                 results.append(forecast[columns].to_numpy(np.float64))
             except Exception as error:  # noqa: BLE001 - reported for this series only
                 results.append(error)

@@ -1,8 +1,8 @@
 """The HTTP API's request and response bodies (pydantic): what the OpenAPI schema publishes.
 
 Checks that need no model live here (finite numbers, non-empty series, unique ids, a positive
-horizon); checks against the served model (its horizon, quantile levels and minimum history)
-are in :mod:`serving.inference`.
+horizon); checks against the served model (its horizon, quantile levels, minimum history and
+covariates) are in :mod:`serving.inference`. Every model forbids keys it does not define.
 """
 
 from __future__ import annotations
@@ -45,6 +45,12 @@ class Series(BaseModel):
     values: list[FiniteFloat] = Field(min_length=1, description="the history, oldest first")
     start: datetime | None = Field(default=None, description="time of the first value")
     freq: str | None = Field(default=None, description="pandas frequency, e.g. 'h' or '15min'")
+    covariates: dict[str, list[FiniteFloat]] | None = Field(
+        default=None, description="known-future covariates by name (GET /model lists those "
+        "the model takes): len(values) + horizon values each, the history's then the steps "
+        "ahead")
+    static: dict[str, FiniteFloat] | None = Field(
+        default=None, description="static covariates by name: one value per series")
 
     @field_validator("freq")
     @classmethod
@@ -113,6 +119,10 @@ class ModelInfo(BaseModel):
     horizon: int
     quantiles: list[float]
     min_history: int
+    covariates: list[str] = Field(
+        default_factory=list, description="known-future covariates each series must carry")
+    static: list[str] = Field(
+        default_factory=list, description="static covariates each series must carry")
     frequency: str
     trained_at: datetime | None
     run_id: str | None

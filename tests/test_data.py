@@ -17,6 +17,7 @@ from forecaster.data import (
     panel_arrays,
     panel_to_long,
     series_groups,
+    split_long,
     validate_panel,
 )
 from forecaster.datasets import (
@@ -43,25 +44,62 @@ def _long_frame() -> pd.DataFrame:
 
 # ---------------------------------------------------------------- long <-> panel
 def test_long_to_panel_builds_a_sorted_multiindex_panel() -> None:
-    long = _long_frame()
+    long = _long_frame().drop(columns="temperature")
     panel = long_to_panel(long)
     assert list(panel.index.names) == [SERIES, TIME]
-    assert list(panel.columns) == [TARGET, "temperature"]  # target first, then covariates
+    assert list(panel.columns) == [TARGET]
     assert panel.index.is_monotonic_increasing
     assert len(panel) == len(long) == 21
     assert panel.loc[("y", 3), TARGET] == long.query("series_id == 'y' and timestamp == 3")[
         TARGET].item()
 
 
-def test_long_panel_round_trip_is_lossless_with_a_covariate() -> None:
-    long = _long_frame()
-    back = panel_to_long(long_to_panel(long))
+def test_long_to_panel_refuses_a_column_it_would_not_keep() -> None:
+    """A covariate never becomes a second target in y: the error says how to split it off."""
+    with pytest.raises(ValueError, match=r"column\(s\) \['temperature'\] besides .* are neither "
+                                         r"known_future nor static covariates.*split_long"):
+        long_to_panel(_long_frame())
+
+
+def test_split_long_gives_y_and_x_on_one_index() -> None:
+    long = _long_frame().assign(size=lambda f: f[SERIES].map({"x": 1.0, "y": 2.0, "z": 3.0}))
+    y, X = split_long(long, known_future=["temperature"], static=["size"])
+    assert list(y.columns) == [TARGET]
+    assert list(X.columns) == ["temperature", "size"]  # known-future, then static
+    pd.testing.assert_index_equal(X.index, y.index)
+    assert y.index.is_monotonic_increasing and list(y.index.names) == [SERIES, TIME]
+    row = long.query("series_id == 'z' and timestamp == 4")
+    assert y.loc[("z", 4), TARGET] == row[TARGET].item()
+    assert X.loc[("z", 4), "temperature"] == row["temperature"].item()
+    assert (X.loc["y", "size"] == 2.0).all()
+    # the target and the covariates round-trip through the long format
+    back = panel_to_long(y.join(X))
     expected = long.sort_values([SERIES, TIME]).reset_index(drop=True)
-    pd.testing.assert_frame_equal(back, expected[[SERIES, TIME, TARGET, "temperature"]])
+    pd.testing.assert_frame_equal(back, expected[[SERIES, TIME, TARGET, "temperature", "size"]])
+
+
+def test_split_long_without_covariates_has_no_x() -> None:
+    y, X = split_long(_long_frame().drop(columns="temperature"))
+    assert X is None and list(y.columns) == [TARGET]
+
+
+def test_split_long_reports_every_covariate_problem_at_once() -> None:
+    long = _long_frame().assign(
+        label="a", size=lambda f: np.arange(len(f), dtype=float), region=1.0)
+    with pytest.raises(ValueError) as error:
+        split_long(long, known_future=["temperature", "promo", "label"],
+                   static=["size", "temperature", TARGET])
+    message = str(error.value)
+    assert "known_future: column 'promo' not found" in message
+    assert "known_future: column 'label' is not numeric (dtype" in message
+    assert "static: column 'size' varies within series ['x', 'y', 'z']" in message
+    assert "static: column 'temperature' is named twice" in message
+    assert "static: 'target' is the target column, not a covariate" in message
+    assert "column(s) ['region'] besides" in message
 
 
 def test_panel_long_round_trip_is_lossless() -> None:
-    panel = long_to_panel(_long_frame())
+    panel = long_to_panel(_long_frame().drop(columns="temperature"))
     pd.testing.assert_frame_equal(long_to_panel(panel_to_long(panel)), panel)
 
 
@@ -80,7 +118,7 @@ def test_long_to_panel_rejects_missing_key_columns() -> None:
 
 
 def test_series_groups_and_panel_arrays_keep_order_and_values() -> None:
-    panel = long_to_panel(_long_frame())
+    panel = _valid_panel()
     groups = series_groups(panel)
     assert [len(frame) for _, frame in groups] == [7, 5, 9]
     ids, arrays = panel_arrays(panel, [TARGET])
@@ -92,7 +130,8 @@ def test_series_groups_and_panel_arrays_keep_order_and_values() -> None:
 
 # ---------------------------------------------------------------- validate_panel
 def _valid_panel() -> pd.DataFrame:
-    return long_to_panel(_long_frame())
+    y, X = split_long(_long_frame(), known_future=["temperature"])
+    return y.join(X)
 
 
 def test_validate_panel_accepts_a_clean_panel() -> None:

@@ -19,11 +19,17 @@ import torch
 from forecaster import (
     LSTMForecaster,
     NeuralForecaster,
-    TCNForecaster,
     TransformerForecaster,
 )
 from forecaster.data import SERIES, TARGET, TIME
-from tests.conftest import LENGTHS, estimator_classes, estimator_variants, sine_series, tiny
+from tests.conftest import (
+    LENGTHS,
+    estimator_classes,
+    estimator_variants,
+    make_panel,
+    sine_series,
+    tiny,
+)
 
 H = 4
 FH = list(range(1, H + 1))
@@ -199,23 +205,6 @@ def test_update_moves_the_forecast_origin_and_keeps_the_network(sine_panel) -> N
     np.testing.assert_allclose(prediction[TARGET].to_numpy(), expected.ravel(), rtol=1e-6)
     for name, tensor in _weights(model).items():
         torch.testing.assert_close(tensor, weights[name], rtol=0, atol=0)
-
-
-def test_forecast_histories_ignores_the_target_in_the_horizon_rows(sine_panel) -> None:
-    """With covariates, each history carries horizon_ extra rows for the known-future
-    covariates; the target written in those rows lies after the origin and must be ignored."""
-    X = _covariates(sine_panel)
-    model = tiny(TCNForecaster, static_covariates=("static",)).fit(sine_panel, X=X, fh=FH)
-    n = LENGTHS["a"]
-    history = np.column_stack([
-        np.concatenate([sine_panel.loc["a", TARGET].to_numpy(), np.zeros(H)]),
-        (np.arange(n + H) % 5 == 0).astype(float),
-        np.full(n + H, 1.0),
-    ])
-    altered = history.copy()
-    altered[n:, 0] = [50.0, -80.0, 1e4, 7.0]
-    np.testing.assert_array_equal(model.forecast_histories([history]),
-                                  model.forecast_histories([altered]))
 
 
 # ---------------------------------------------------------------- learning
@@ -415,13 +404,46 @@ def test_too_short_context_is_rejected_naming_the_series(pretrained_lstm, sine_p
         copy.deepcopy(pretrained_lstm).fit(context, fh=FH)
 
 
-def test_too_short_series_at_predict_is_named(sine_panel) -> None:
-    """A series too short to forecast is fine for training (it gives no windows), so fit
-    accepts it; predict must then name it by its id, not by its position in the sine_panel."""
+def test_a_series_shorter_than_min_history_in_fit_is_forecast(sine_panel) -> None:
+    """A global model forecasts every series it was fitted on: min_history_ drops to the
+    shortest series, whose forecast reads a left-padded, masked window."""
     y = pd.concat([sine_panel, _single("tiny", np.array([0.1, 0.2]))])
     model = tiny(LSTMForecaster).fit(y, fh=FH)
-    with pytest.raises(ValueError, match=r"tiny.* has 2 observations"):
-        model.predict()
+    assert model.min_history_ == 2
+    prediction = model.predict()
+    pd.testing.assert_index_equal(prediction.index, _expected_index({**LENGTHS, "tiny": 2}, FH))
+    assert np.isfinite(prediction.to_numpy()).all()
+
+
+@pytest.mark.parametrize("cls", estimator_classes())
+def test_every_family_with_default_arguments_forecasts_every_fitted_series(cls) -> None:
+    """Default architectures (input_len 168, or 336 for the Transformer) on a panel whose
+    shortest series is below input_len // 4: training comes from the long series, and the short
+    one is forecast all the same."""
+    lengths = {"long_1": 120, "long_2": 110, "short": 20}
+    model = cls(max_epochs=1, steps_per_epoch=1, verbose=False).fit(make_panel(lengths), fh=FH)
+    assert model.input_len // 4 > 20
+    assert model.min_history_ == 20
+    prediction = model.predict()
+    pd.testing.assert_index_equal(prediction.index, _expected_index(lengths, FH))
+    assert np.isfinite(prediction.to_numpy()).all()
+
+
+def test_an_explicit_min_history_above_a_series_is_refused_at_fit(sine_panel) -> None:
+    with pytest.raises(ValueError, match=r"y series .*'c'.* has 48 observations, fewer than "
+                                         r"min_history=50"):
+        tiny(LSTMForecaster, min_history=50).fit(sine_panel, fh=FH)
+
+
+def test_min_train_length_trains_a_panel_of_that_length() -> None:
+    """The race plans folds with min_train_length: a panel of series that long trains, and
+    one observation fewer does not."""
+    model = tiny(LSTMForecaster)
+    need = model.min_train_length(H)
+    assert need == model.input_len // 4 + H + H
+    tiny(LSTMForecaster).fit(make_panel({"a": need, "b": need}), fh=FH)
+    with pytest.raises(ValueError, match="no series is long enough for training"):
+        tiny(LSTMForecaster).fit(make_panel({"a": need - 1, "b": need - 1}), fh=FH)
 
 
 def test_forecast_histories_rejects_a_too_short_history(fitted_lstm) -> None:
@@ -522,6 +544,96 @@ def test_inf_in_training_covariates_is_rejected(sine_panel) -> None:
     X.loc[("c", 4), "promo"] = np.inf
     with pytest.raises(ValueError, match=r"X series .*'c'.* non-finite value \(inf\)"):
         tiny(LSTMForecaster).fit(sine_panel, X=X, fh=FH)
+
+
+def _raw_covariates(panel: pd.DataFrame, future: pd.DataFrame, model: NeuralForecaster
+                    ) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:
+    """Histories, raw known-future covariates (history then horizon rows) and static rows per
+    series, as forecast_histories takes them."""
+    X = _covariates(panel)
+    histories = [panel.loc[key, TARGET].to_numpy() for key in LENGTHS]
+    known = [np.concatenate([X.loc[key, model.covariates_].to_numpy(),
+                             future.loc[key, model.covariates_].to_numpy()]) for key in LENGTHS]
+    static = np.array([[STATIC[key]] for key in LENGTHS])
+    return histories, known, static
+
+
+def test_forecast_histories_with_raw_covariates_equals_predict(covariate_model,
+                                                                sine_panel) -> None:
+    """The numeric path takes raw covariates and scales them itself: exactly sktime's numbers."""
+    future = _future_covariates()
+    histories, known, static = _raw_covariates(sine_panel, future, covariate_model)
+    quantiles = covariate_model.forecast_histories(histories, list(LENGTHS), covariates=known,
+                                                   static=static)
+    median = quantiles[..., covariate_model.levels_.index(0.5)].ravel()
+    np.testing.assert_array_equal(covariate_model.predict(X=future)[TARGET].to_numpy(), median)
+    bands = covariate_model.predict_quantiles(X=future, alpha=covariate_model.levels_)
+    np.testing.assert_array_equal(bands.to_numpy(), quantiles.reshape(-1, quantiles.shape[-1]))
+    # the covariates are read: a promotion calendar flipped moves the forecast
+    flipped = [np.column_stack([1.0 - k[:, 0]]) for k in known]
+    assert not np.allclose(covariate_model.forecast_histories(
+        histories, covariates=flipped, static=static), quantiles)
+
+
+def test_fewer_steps_of_covariates_hold_the_last_row(covariate_model, sine_panel) -> None:
+    histories, known, static = _raw_covariates(sine_panel, _future_covariates(),
+                                               covariate_model)
+    short = [k[: len(h) + 2] for h, k in zip(histories, known, strict=True)]
+    held = [np.concatenate([k, np.repeat(k[-1:], H - 2, 0)]) for k in short]
+    np.testing.assert_array_equal(
+        covariate_model.forecast_histories(histories, covariates=short, static=static),
+        covariate_model.forecast_histories(histories, covariates=held, static=static))
+
+
+def test_a_covariate_model_without_covariates_names_the_series_and_length(
+        covariate_model, sine_panel) -> None:
+    histories, known, static = _raw_covariates(sine_panel, _future_covariates(),
+                                               covariate_model)
+    with pytest.raises(ValueError, match=r"known-future covariates \['promo'\].*series 'a': "
+                                         r"80 \+ 4 = 84 rows"):
+        covariate_model.forecast_histories(histories, list(LENGTHS), static=static)
+    too_short = [known[0], known[1][:-H], known[2]]  # series b without its future rows
+    with pytest.raises(ValueError, match=r"series 'b': covariates have 64 rows; expected "
+                                         r"64 \+ 4 = 68"):
+        covariate_model.forecast_histories(histories, list(LENGTHS), covariates=too_short,
+                                           static=static)
+    two_columns = [np.column_stack([k, k]) for k in known]
+    with pytest.raises(ValueError, match=r"series 'a': covariates of shape \(84, 2\); expected "
+                                         r"1 column"):
+        covariate_model.forecast_histories(histories, list(LENGTHS), covariates=two_columns,
+                                           static=static)
+    with pytest.raises(ValueError, match=r"static covariates \['static'\]: pass `static`"):
+        covariate_model.forecast_histories(histories, list(LENGTHS), covariates=known)
+    with pytest.raises(ValueError, match=r"static covariates of shape \(2, 1\); expected "
+                                         r"\(series, \['static'\]\) = \(3, 1\)"):
+        covariate_model.forecast_histories(histories, list(LENGTHS), covariates=known,
+                                           static=static[:2])
+    with pytest.raises(ValueError, match=r"series 'c': a history is one target value per time "
+                                         r"step, shape \(time,\); got shape \(48, 2\)"):
+        covariate_model.forecast_histories(
+            [histories[0], histories[1], np.column_stack([histories[2], histories[2]])],
+            list(LENGTHS), covariates=known, static=static)
+
+
+def test_covariates_for_a_model_without_them_are_refused(fitted_lstm, sine_panel) -> None:
+    histories = [sine_panel.loc[key, TARGET].to_numpy() for key in LENGTHS]
+    with pytest.raises(ValueError, match="trained without known-future covariates"):
+        fitted_lstm.forecast_histories(histories, covariates=[np.zeros(len(h) + H)
+                                                              for h in histories])
+    with pytest.raises(ValueError, match="trained without static covariates"):
+        fitted_lstm.forecast_histories(histories, static=np.zeros((3, 1)))
+
+
+def test_static_covariates_alone_need_no_x_at_predict(sine_panel) -> None:
+    X = _covariates(sine_panel)[["static"]]
+    model = tiny(LSTMForecaster, static_covariates=("static",)).fit(sine_panel, X=X, fh=FH)
+    assert model.covariates_ == []
+    prediction = model.predict()
+    pd.testing.assert_index_equal(prediction.index, _expected_index(LENGTHS, FH))
+    expected = model.forecast_histories([sine_panel.loc[key, TARGET].to_numpy() for key in LENGTHS],
+                                        static=[[STATIC[key]] for key in LENGTHS])
+    np.testing.assert_array_equal(prediction[TARGET].to_numpy(),
+                                  expected[..., model.levels_.index(0.5)].ravel())
 
 
 # ---------------------------------------------------------------- attention maps

@@ -134,9 +134,10 @@ def test_the_covariate_that_drives_the_target_gets_the_larger_weight() -> None:
     model = HybridForecaster(d_model=16, segment_len=1, input_len=24, dropout=0.0,
                              max_epochs=6, steps_per_epoch=60, batch_size=64, verbose=False)
     model.fit(y, X=X, fh=range(1, 7))
-    first = np.column_stack([y.loc["s0", TARGET], X.loc["s0"]])
-    history = np.concatenate([first, np.column_stack([np.zeros(6), X.loc["s0"][-6:]])])
-    importance = model.covariate_importance(history)
+    known = X.loc["s0"].to_numpy()
+    # the history's covariates, then the horizon's (here the last ones again)
+    importance = model.covariate_importance(y.loc["s0", TARGET].to_numpy(),
+                                            np.concatenate([known, known[-6:]]))
     assert set(importance) == {"driver", "noise"}
     assert importance["driver"] > 2 * importance["noise"], importance
 
