@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from forecaster import (
     GRUForecaster,
+    HybridForecaster,
     LSTMForecaster,
     RNNForecaster,
     TCNForecaster,
@@ -63,6 +64,7 @@ M4_MODELS: dict[str, Callable[[], BaseForecaster]] = {
     "GRU": lambda: log_target(GRUForecaster(verbose=False)),
     "TCN": lambda: log_target(TCNForecaster(verbose=False)),
     "Transformer": lambda: log_target(TransformerForecaster(verbose=False)),
+    "Hybrid": lambda: log_target(HybridForecaster(verbose=False)),
 }
 
 # ETTh1: input 336 as in the published tables, MSE loss since MSE is the headline metric,
@@ -73,6 +75,7 @@ ETT_MODELS: dict[str, Callable[..., BaseForecaster]] = {
         patch_len=16, patch_stride=8, d_model=32, encoder_layers=2, dropout=0.2,
         learning_rate=1e-3, batch_size=128, **kw),
     "LSTM": lambda **kw: LSTMForecaster(**kw),
+    "Hybrid": lambda **kw: HybridForecaster(**kw),
 }
 
 
