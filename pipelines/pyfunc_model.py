@@ -39,6 +39,7 @@ from sktime.forecasting.base import BaseForecaster
 
 from forecaster import NeuralForecaster
 from forecaster.data import SERIES, TARGET, TIME, long_to_panel, validate_panel
+from pipelines.candidates import min_history
 from pipelines.forecasts import (
     POINT,
     forecast_frame,
@@ -107,6 +108,7 @@ class ForecasterModel(PythonModel):
         config = context.model_config
         self.kind, self.horizon = config["kind"], int(config["horizon"])
         self.levels, self.frequency = list(config["levels"]), config["frequency"]
+        self.min_history = int(config["min_history"])  # the shortest history it forecasts from
         path = Path(context.artifacts[ARTIFACT])
         if self.kind == NEURAL:
             self.estimator: BaseForecaster = NeuralForecaster.load_model(path)
@@ -158,7 +160,8 @@ def log_forecaster(estimator: BaseForecaster, *, horizon: int, levels: list[floa
                 python_model=Path(__file__),
                 artifacts={ARTIFACT: str(path)},
                 model_config={"kind": NEURAL if neural else SKTIME, "horizon": horizon,
-                              "levels": levels, "frequency": frequency},
+                              "levels": levels, "frequency": frequency,
+                              "min_history": min_history(estimator)},
                 signature=signature,
                 input_example=input_example,
                 # explicit pins: inferring them would load the model again in a subprocess
