@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ import mlflow
 import pandas as pd
 import pytest
 from mlflow import MlflowClient
+from prometheus_client.parser import text_string_to_metric_families
 from sktime.forecasting.base import BaseForecaster
 
 from forecaster import LSTMForecaster, NeuralForecaster
@@ -133,9 +135,13 @@ def serving(tracking_uri: str, log: Path, arguments: list[str], ready: str = "/r
             **settings: str) -> Iterator[str]:
     """``forecaster serve ARGUMENTS`` on a free loopback port of the registry at
     ``tracking_uri`` (``settings`` as in running_service); yields its URL once ``ready``
-    answers 200."""
+    answers 200, and for /readyz once every worker has loaded its model (/readyz reaches one
+    worker)."""
     port = _free_port()
+    # a BentoML home of its own: every `bentoml serve` empties the home's Prometheus folder
+    # when it starts, which would wipe the metrics of the other servers running meanwhile
     env = clean_environment(MLFLOW_TRACKING_URI=tracking_uri,
+                            BENTOML_HOME=str(log.parent / f"bentoml-home-{port}"),
                             **{f"{ENV_PREFIX}{name.upper()}": v for name, v in settings.items()})
     command = [sys.executable, "-m", "cli.main", "serve", "--host", "127.0.0.1",
                "--port", str(port), *arguments]
@@ -144,10 +150,26 @@ def serving(tracking_uri: str, log: Path, arguments: list[str], ready: str = "/r
         try:
             wait_for_ok(url + ready, timeout=SERVICE_START_TIMEOUT_S,
                         alive=lambda: server.poll() is None)
+            if ready == "/readyz":
+                _wait_for_loads(url, int(settings.get("workers", "1")), server)
         except TimeoutError:
             pytest.fail(f"the service did not answer {ready}:\n"
                         f"{log.read_text(errors='replace')[-3000:]}")
         yield url
+
+
+def _wait_for_loads(url: str, workers: int, server: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + SERVICE_START_TIMEOUT_S
+    while time.monotonic() < deadline and server.poll() is None:
+        text = urllib.request.urlopen(f"{url}/metrics", timeout=30).read().decode()
+        loads = sum(sample.value for family in text_string_to_metric_families(text)
+                    for sample in family.samples
+                    if sample.name == "forecaster_model_loads_total"
+                    and sample.labels.get("outcome") == "loaded")
+        if loads >= workers:
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"not every one of {workers} workers loaded a model")
 
 
 def call(url: str, body: bytes | dict | None = None, method: str | None = None,
