@@ -3,7 +3,9 @@
 Input: a DataFrame with ``series_id``, ``timestamp`` and ``target`` (each series' history).
 Output: the forecast frame of :mod:`pipelines.forecasts`: ``series_id``, ``timestamp``,
 ``y_pred`` and one ``q_<level>`` column per quantile level. The ``horizon`` param (at most the
-trained horizon for neural models) sets how many steps ahead.
+trained horizon for neural models) sets how many steps ahead. The model config records the
+shortest history the model forecasts from (``min_history``, see
+``pipelines.candidates.min_history``), which the service reads.
 
 The model is logged as "models from code": MLflow copies this file into the model and runs it
 when the model loads, so no class of ours is pickled. What the file reads is the artifact

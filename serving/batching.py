@@ -33,7 +33,6 @@ parts not yet in a forward pass are never computed.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -81,8 +80,7 @@ def batched(function: Callable[[Sequence[list[Any]]], list[Any]], max_batch_size
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if task is not None and task.cancelling():  # our caller has gone
-                with contextlib.suppress(ValueError):
-                    dispatcher._queue.remove(job)  # absent once in a forward pass
+                _drop(dispatcher, job)
                 raise
             return on_overload()  # the dispatcher shed it
         if isinstance(result, Exception):
@@ -96,3 +94,13 @@ def batched(function: Callable[[Sequence[list[Any]]], list[Any]], max_batch_size
         return results
 
     return call
+
+
+def _drop(dispatcher: CorkDispatcher, job: Job) -> None:
+    """Take ``job`` out of the queue if it is still there (by identity: jobs compare by value,
+    and their data hold arrays). The deque is changed in place, as the dispatcher's
+    controller may be waiting on its length."""
+    for position, queued in enumerate(dispatcher._queue):
+        if queued is job:
+            del dispatcher._queue[position]
+            return

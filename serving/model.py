@@ -23,6 +23,7 @@ from datetime import datetime, timezone
 import mlflow
 import numpy as np
 import pandas as pd
+import torch
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
@@ -49,7 +50,7 @@ class ServedModel:
     info: ModelInfo
     predict: Callable[[list[np.ndarray]], Forecasts]
     # what the model computes in: a history whose second moment overflows it is refused
-    dtype: np.dtype = np.dtype(np.float32)
+    dtype: np.dtype
 
     @property
     def version(self) -> int:
@@ -121,7 +122,7 @@ def served_model(pyfunc: mlflow.pyfunc.PyFuncModel, meta: VersionMeta, alias: st
                              "this API does not take")
         levels = list(estimator.levels_)
         predict, batches = _neural_predict(estimator), (*WARMUP_BATCHES, warmup_batch)
-        dtype = np.dtype(str(next(estimator.network_.parameters()).dtype).removeprefix("torch."))
+        dtype = torch.empty(0, dtype=next(estimator.network_.parameters()).dtype).numpy().dtype
     else:
         # one check suffices: a local model refits per series, nothing to warm up
         levels = sorted(wrapper.levels)

@@ -167,7 +167,7 @@ class Forecaster:
                 responses={503: {"model": ErrorResponse, "description": "no model loaded yet"}})
     async def model_info(self) -> Response:
         """The served version, its horizon, quantile levels, shortest usable history, training
-        time and backtest metrics."""
+        time, backtest metrics and, for a model refitted on each series, its cost per series."""
         model = self.watcher.current
         if model is None:
             return _no_model(self)

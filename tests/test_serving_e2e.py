@@ -20,6 +20,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +42,7 @@ from tests.conftest import sine_series
 from tests.pipeline_support import LSTM, clean_mlflow_environment
 from tests.serving_support import (
     call,
+    call_with_headers,
     make_registry,
     race,
     register,
@@ -307,13 +309,15 @@ def overflowing_lstm(panel: pd.DataFrame) -> NeuralForecaster:
     return estimator
 
 
-def test_readyz_says_why_until_the_named_model_serves(tmp_path: Path,
-                                                       sine_panel: pd.DataFrame) -> None:
+def test_a_service_started_before_its_model(tmp_path: Path, sine_panel: pd.DataFrame) -> None:
+    """/readyz says why it is not ready until the model and alias named on the command line
+    exist and load; then a non-finite forecast is a 500, and requests that wait longer than
+    max_latency_ms (1 ms here) for a forward pass are shed with a 503 and Retry-After."""
     name, alias = "later", "blue"
     with clean_mlflow_environment():
         store = make_registry(tmp_path, sine_panel, seeds=(0,))  # another model @champion
         with serving(store.uri, tmp_path / "serve.log", ["--model-name", name, "--alias", alias],
-                     ready="/livez", poll_seconds="1") as url:
+                     ready="/livez", poll_seconds="1", max_latency_ms="1") as url:
 
             def readyz_says(words: str) -> dict:
                 deadline = time.monotonic() + 60
@@ -353,6 +357,18 @@ def test_readyz_says_why_until_the_named_model_serves(tmp_path: Path,
             text = urllib.request.urlopen(f"{url}/metrics").read().decode()
             assert metric(text, "forecaster_nonfinite_forecasts_total",
                           model_version=str(version)) == 1
+
+            many = {"series": [{"id": str(i), "values": fine["values"]} for i in range(200)],
+                    "horizon": 3}
+            with ThreadPoolExecutor(16) as clients:
+                answers = list(clients.map(lambda _: call_with_headers(f"{url}/forecast", many),
+                                           range(64)))
+            shed = [(text, headers) for status, text, headers in answers if status == 503]
+            assert shed and all(status in (200, 503) for status, _, _ in answers)
+            assert all("waited longer than max_latency_ms=1 for a forward pass" in text
+                       and headers["retry-after"] == "1" for text, headers in shed)
     log = (tmp_path / "serve.log").read_text(errors="replace")
     errors = [line for line in log.splitlines() if "non-finite values" in line]
     assert len(errors) == 1 and "[ERROR]" in errors[0]
+    sheds = [line for line in log.splitlines() if "waited longer than max_latency_ms" in line]
+    assert len(sheds) == len(shed) and all("[WARNING]" in line for line in sheds)
