@@ -1,16 +1,18 @@
 """Serving benchmark: throughput and latency of POST /forecast against its peers.
 
-    python -m benchmarks.serving [--repeats 3] [--seconds 10] [--clients 64]
+    python -m benchmarks.serving [--repeats 3] [--seconds 10] [--clients 64] [--models ...]
 
 Trains the benchmark models once (benchmarks/serving_lstm.yaml: LSTMs with hidden size 128,
 two layers, input length 96, horizon 48; one reads its input step by step, one in 24-step
-segments) into their own MLflow store. In each repeat it starts every server on loopback and
-drives it with closed-loop clients that each post one series: the service (two workers) with
-adaptive batching on and off, and, for the step-by-step LSTM, ``mlflow models serve -w 2`` of
-the same registered version. The load generator shares the machine's cores with the server
-under test, for every peer alike. Prints medians over the repeats, the ratios to mlflow and to
-batching off measured in the same repeats, and the ratio to the bare forward pass at batch 64
-(what the model alone could answer).
+segments; and the seasonal naive baseline, which the service refits on each series) into their
+own MLflow store. In each repeat it starts every server on loopback and drives it with
+closed-loop clients that each post one series: the service (two workers) with adaptive
+batching on and off, and, for the step-by-step LSTM, ``mlflow models serve -w 2`` of the same
+registered version; the baseline also with one client posting BIG_REQUEST series at a time.
+The load generator shares the machine's cores with the server under test, for every peer
+alike. Prints medians over the repeats, the ratios to mlflow and to batching off measured in
+the same repeats, and the ratio to the bare model call (what the model alone could answer: a
+network's forward pass at batch 64, the baseline's refits one after another).
 """
 
 from __future__ import annotations
@@ -40,10 +42,13 @@ from serving.model import load_version
 ROOT = Path(__file__).resolve().parents[1]
 RACE = ROOT / "benchmarks" / "serving_lstm.yaml"
 INPUT, HORIZON = 96, 48
-MODELS = ("lstm-step", "lstm-segmented")  # candidate names in RACE, served by alias
-# (model, server); mlflow only for the model the issue's reference timings describe
+MODELS = ("lstm-step", "lstm-segmented", "snaive")  # candidate names in RACE, served by alias
+# (model, server); mlflow only for the model the issue's reference timings describe; batching
+# does not apply to the baseline, whose series run on the service's refit threads
 PEERS = [("lstm-step", "batching on"), ("lstm-step", "batching off"), ("lstm-step", "mlflow"),
-         ("lstm-segmented", "batching on"), ("lstm-segmented", "batching off")]
+         ("lstm-segmented", "batching on"), ("lstm-segmented", "batching off"),
+         ("snaive", "batching on")]
+BIG_REQUEST = 64  # series per request of the baseline's single-client run
 
 
 def free_port() -> int:
@@ -69,20 +74,24 @@ def prepare_store(store: Path) -> tuple[dict[str, str], str, dict[str, int]]:
 
 
 def bare_forward(name: str, version: int, history: np.ndarray) -> dict[int, float]:
-    """Median seconds of the model's forward pass at batch sizes 1 and 64."""
+    """Median seconds of the model's call at batch sizes 1 and 64 (for a refitted model, 64
+    times its call on one series: it refits them one after another)."""
     import torch
 
     torch.set_num_threads(1)
     client = MlflowClient()
     model = load_version(client, client.get_model_version(name, str(version)), "bench")
+    refits = model.info.refit_cost is not None
     times = {}
-    for batch in (1, 64):
+    for batch in (1,) if refits else (1, 64):
         samples = []
-        for _ in range(30):
+        for _ in range(5 if refits else 30):
             start = time.perf_counter()
             model.predict([history] * batch)
             samples.append(time.perf_counter() - start)
         times[batch] = float(np.median(samples))
+    if refits:
+        times[64] = 64 * times[1]
     return times
 
 
@@ -92,9 +101,9 @@ def example_history() -> np.ndarray:
     return first["target"].to_numpy(np.float32)[-INPUT:]
 
 
-def service_body(history: np.ndarray) -> bytes:
-    return json.dumps({"series": [{"id": "H1", "values": history.tolist()}],
-                       "horizon": HORIZON}).encode()
+def service_body(history: np.ndarray, series: int = 1) -> bytes:
+    return json.dumps({"series": [{"id": f"H{i + 1}", "values": history.tolist()}
+                                  for i in range(series)], "horizon": HORIZON}).encode()
 
 
 def mlflow_body(history: np.ndarray) -> bytes:
@@ -131,32 +140,36 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--store", type=Path, default=Path("/tmp/forecaster-serving-bench"))
+    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS),
+                        help="the models to serve (default: all)")
     args = parser.parse_args()
 
     env, name, versions = prepare_store(args.store)
     history = example_history()
-    floors = {model: bare_forward(name, versions[model], history) for model in MODELS}
+    floors = {model: bare_forward(name, versions[model], history) for model in args.models}
     logs = args.store / "logs"
     logs.mkdir(exist_ok=True)
-    results: dict[tuple[str, str, int], list[LoadResult]] = {}
-    runs = [(r, *peer) for r in range(args.repeats) for peer in PEERS]
+    results: dict[tuple[str, str, int, int], list[LoadResult]] = {}
+    runs = [(r, *peer) for r in range(args.repeats) for peer in PEERS if peer[0] in args.models]
     for repeat, model, server in tqdm(runs, desc="serving benchmark"):
         port = free_port()
         log = logs / f"{model}-{server.replace(' ', '-')}-{repeat}.log"
         process = start_server(server, port, env, name, model, versions[model], log)
         url = f"http://127.0.0.1:{port}"
         try:
+            loads = [(args.clients, 1), (1, 1)] + ([(1, BIG_REQUEST)] if model == "snaive" else [])
             if server == "mlflow":
                 wait_for_ok(f"{url}/ping", timeout=180, alive=lambda p=process: p.poll() is None)
-                endpoint, body = f"{url}/invocations", mlflow_body(history)
+                endpoint, bodies = f"{url}/invocations", {1: mlflow_body(history)}
             else:
                 wait_until_ready(url, timeout=180, alive=lambda p=process: p.poll() is None)
-                endpoint, body = f"{url}/forecast", service_body(history)
-            for clients in (args.clients, 1):
-                result = run_load(endpoint, body, clients, args.seconds)
-                results.setdefault((model, server, clients), []).append(result)
-                tqdm.write(f"{model:>14} {server:>12} {clients:>3} clients: "
-                           f"{result.throughput:7.1f} series/s, p50 "
+                endpoint = f"{url}/forecast"
+                bodies = {n: service_body(history, n) for _, n in loads}
+            for clients, series in loads:
+                result = run_load(endpoint, bodies[series], clients, args.seconds)
+                results.setdefault((model, server, clients, series), []).append(result)
+                tqdm.write(f"{model:>14} {server:>12} {clients:>3} clients x {series:>3} "
+                           f"series: {result.throughput * series:7.1f} series/s, p50 "
                            f"{result.percentile(50):6.1f} ms, p99 {result.percentile(99):6.1f} "
                            f"ms, failures {dict(result.failures)}")
         finally:
@@ -165,35 +178,37 @@ def main() -> None:
     print(table(results, floors, args.clients, args.repeats))
 
 
-def table(results: dict[tuple[str, str, int], list[LoadResult]],
+def table(results: dict[tuple[str, str, int, int], list[LoadResult]],
           floors: dict[str, dict[int, float]], clients: int, repeats: int) -> str:
-    def rate(model: str, server: str, n: int) -> float:
-        runs = results.get((model, server, n))
-        return float(np.median([r.throughput for r in runs])) if runs else np.nan
+    def rate(model: str, server: str, n: int, series: int = 1) -> float:
+        runs = results.get((model, server, n, series))
+        return float(np.median([r.throughput * series for r in runs])) if runs else np.nan
 
     rows = []
-    for (model, server, n), runs in sorted(results.items(),
-                                           key=lambda kv: (kv[0][0] != MODELS[0], -kv[0][2])):
-        throughput = rate(model, server, n)
+    for (model, server, n, series), runs in sorted(
+            results.items(), key=lambda kv: (MODELS.index(kv[0][0]), -kv[0][2], kv[0][3])):
+        throughput = rate(model, server, n, series)
         rows.append({
-            "model": model, "server": server, "clients": n, "series/s": throughput,
+            "model": model, "server": server, "clients": n, "series/request": series,
+            "series/s": throughput,
             "p50 ms": np.median([r.percentile(50) for r in runs]),
             "p95 ms": np.median([r.percentile(95) for r in runs]),
             "p99 ms": np.median([r.percentile(99) for r in runs]),
             "failed": int(sum(r.errors for r in runs)),
             "x mlflow": throughput / rate(model, "mlflow", n) if n == clients else np.nan,
-            "x off": throughput / rate(model, "batching off", n),
+            "x off": throughput / rate(model, "batching off", n) if series == 1 else np.nan,
             "x floor": throughput / (64 / floors[model][64]),
         })
     for model, floor in floors.items():
-        rows.append({"model": model, "server": "bare forward pass", "clients": 64,
+        rows.append({"model": model, "server": "bare model call", "clients": 64,
                      "series/s": 64 / floor[64], "p50 ms": floor[64] * 1000, "x floor": 1.0})
-        rows.append({"model": model, "server": "bare forward pass", "clients": 1,
+        rows.append({"model": model, "server": "bare model call", "clients": 1,
                      "series/s": 1 / floor[1], "p50 ms": floor[1] * 1000})
     note = (f"medians over {repeats} repeats of {clients} and 1 closed-loop clients posting one "
-            "series each; x mlflow and x off: throughput over that of mlflow models serve -w 2 "
-            "and of batching off, same model, clients and repeats; x floor: throughput over the "
-            "bare forward pass at batch 64 (64 / its time)")
+            f"series each (and for snaive, 1 client posting {BIG_REQUEST}); x mlflow and x off: "
+            "throughput over that of mlflow models serve -w 2 and of batching off, same model, "
+            "clients and repeats; x floor: throughput over the bare model call at batch 64 (64 "
+            "/ its time; for snaive, 64 refits one after another)")
     return pd.DataFrame(rows).to_markdown(index=False, floatfmt=".1f") + "\n\n" + note
 
 

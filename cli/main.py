@@ -1,13 +1,77 @@
-"""The ``forecaster`` command line."""
+"""The ``forecaster`` command line: race models into MLflow, retrain on a schedule, serve the
+champion over HTTP, benchmark."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+import textwrap
 from pathlib import Path
 
-from pipelines.schedule import PUSH_JOB
+from pipelines.schedule import PUSH_JOB, RunAtStart
+from serving.config import ENV_PREFIX, ServingConfig
+
+PUSHGATEWAY_VARIABLE = "PUSHGATEWAY_URL"
+
+EXAMPLES = """\
+examples:
+  forecaster train configs/quick.yaml        race the demo's candidates, promote the best
+  forecaster models --name m4-hourly-quick   registered versions, champion and challenger
+  forecaster serve --port 3000               serve m4-hourly-quick@champion (Swagger UI at /)
+  forecaster serve --model-name m4-hourly --alias challenger
+  forecaster schedule --run-at-start configs/m4_hourly.yaml --cron "0 3 * * *"
+  forecaster bench m4-hourly --models LSTMForecaster ThetaForecaster
+"""
+
+
+def _environment_help() -> str:
+    # the fields with an alias are read from MLflow's own variables, listed apart
+    settings = textwrap.fill(", ".join(ENV_PREFIX + name.upper()
+                                       for name, field in ServingConfig.model_fields.items()
+                                       if field.validation_alias is None),
+                             width=90, initial_indent="    ", subsequent_indent="    ")
+    return f"""\
+environment:
+  MLFLOW_TRACKING_URI   where races track runs and register models, and where `serve` and
+                        `models` read them (default: sqlite:///mlflow.db in the working
+                        directory, artifacts in ./mlartifacts)
+  MLFLOW_REGISTRY_URI   the model registry, if not the tracking store
+  {ENV_PREFIX}*          the service's settings (`serve`), over its --config file:
+{settings}
+  {PUSHGATEWAY_VARIABLE}       the Prometheus Pushgateway `schedule` and `train` push to
+  FORECASTER_DATA_DIR   the folder of the reference data sets (m4/, ett/) for `bench`
+                        (default: ../shared/data beside the checkout)
+"""
+
+
+class _RunAtStartAction(argparse.Action):
+    """``--run-at-start [MODE]``: bare, it means "always". argparse hands this flag the word
+    after it, so ``--run-at-start CONFIG`` would read the config as a mode: a word that is
+    no mode is the positional config instead."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: str | None, option_string: str | None = None) -> None:
+        modes = [mode.value for mode in RunAtStart]
+        if values is not None and values not in modes:
+            if getattr(namespace, "config", None) is not None:
+                parser.error(f"argument {option_string}: invalid choice: {values!r} (choose "
+                             f"from {', '.join(modes)})")
+            namespace.config = Path(values)
+            values = None
+        setattr(namespace, self.dest, values or self.const)
+
+
+class _ConfigAction(argparse.Action):
+    """The positional config, which ``--run-at-start`` may have taken already."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Path | None, option_string: str | None = None) -> None:
+        if values is None:  # absent: argparse reports the default, which must not overwrite
+            return
+        if getattr(namespace, self.dest, None) is not None:
+            parser.error(f"unrecognized arguments: {values}")
+        setattr(namespace, self.dest, values)
 
 
 def _bench(args: argparse.Namespace) -> None:
@@ -73,6 +137,9 @@ def _models(args: argparse.Namespace) -> None:
 def _schedule(args: argparse.Namespace) -> None:
     import logging
 
+    if args.config is None:
+        args.usage_error("the following arguments are required: config")
+
     from pipelines.schedule import schedule_command
 
     # a long-running service: its log is its only account of what it did
@@ -87,7 +154,8 @@ def _schedule(args: argparse.Namespace) -> None:
 def _serve(args: argparse.Namespace) -> None:
     from serving.serve_command import serve
 
-    serve(args.host, args.port, config=args.config, first_forecast=args.first_forecast)
+    serve(args.host, args.port, config=args.config, first_forecast=args.first_forecast,
+          model_name=args.model_name, alias=args.alias)
 
 
 def _export_bento(args: argparse.Namespace) -> None:
@@ -98,7 +166,9 @@ def _export_bento(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="forecaster", description=__doc__)
+    parser = argparse.ArgumentParser(prog="forecaster", description=__doc__,
+                                     epilog=EXAMPLES + "\n" + _environment_help(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
 
     bench = commands.add_parser("bench", help="train and score models on a reference data set")
@@ -111,10 +181,23 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(run=_bench)
 
     train = commands.add_parser(
-        "train", help="run one race now: backtest, track, register, promote the best")
+        "train", help="run one race now: backtest, track, register, promote the best",
+        description="Run one race now: backtest every candidate of CONFIG on the same folds, "
+                    "refit each on all the data, and promote the best to the alias champion "
+                    "if it beats the current one.",
+        epilog="Where the results go: runs (parameters, per-fold metrics, learning curves, "
+               "plots, the leaderboard) to the MLflow tracking store, in an experiment named "
+               "after the race; each candidate's model to the model registry as a new version "
+               "of registry.model_name, its metrics as tags; the winner gets the alias "
+               "champion (else challenger). The store is the config's tracking.tracking_uri, "
+               "overridden by $MLFLOW_TRACKING_URI (default: sqlite:///mlflow.db in the "
+               "working directory, artifacts in ./mlartifacts); the registry is "
+               "$MLFLOW_REGISTRY_URI or tracking.registry_uri, else the tracking store. "
+               "`forecaster models` lists the versions; `forecaster serve` serves the "
+               "champion.")
     train.add_argument("config", type=Path, help="race config (YAML), e.g. configs/quick.yaml")
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
-    train.add_argument("--pushgateway", default=os.environ.get("PUSHGATEWAY_URL"),
+    train.add_argument("--pushgateway", default=os.environ.get(PUSHGATEWAY_VARIABLE),
                        help="push the training metrics of `forecaster schedule` to this "
                             "Pushgateway when the race ends, e.g. for a CronJob "
                             "(default: $PUSHGATEWAY_URL, else none)")
@@ -132,7 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     schedule = commands.add_parser(
         "schedule", help="retrain on a cron schedule (long-running), with Prometheus metrics")
-    schedule.add_argument("config", type=Path, help="race config (YAML), read again at each run")
+    schedule.add_argument("config", type=Path, nargs="?", action=_ConfigAction,
+                          help="race config (YAML), read again at each run")
     schedule.add_argument("--cron", default="0 3 * * *",
                           help='five-field crontab expression (default: "0 3 * * *")')
     schedule.add_argument("--timezone", default="UTC", help="time zone of --cron (default UTC)")
@@ -140,16 +224,17 @@ def build_parser() -> argparse.ArgumentParser:
                           help="port of the /metrics endpoint (default 9101)")
     schedule.add_argument("--metrics-addr", default="0.0.0.0",
                           help="address the /metrics endpoint binds (default 0.0.0.0)")
-    schedule.add_argument("--pushgateway", default=os.environ.get("PUSHGATEWAY_URL"),
+    schedule.add_argument("--pushgateway", default=os.environ.get(PUSHGATEWAY_VARIABLE),
                           help="Prometheus Pushgateway to push the metrics to after each run, "
                                "e.g. pushgateway:9091 (default: $PUSHGATEWAY_URL, else none)")
     schedule.add_argument("--push-job", default=PUSH_JOB,
                           help="job name of the pushed metrics")
-    schedule.add_argument("--run-at-start", nargs="?", const="always", default="never",
-                          choices=["always", "never", "if-no-champion"],
+    schedule.add_argument("--run-at-start", nargs="?", action=_RunAtStartAction,
+                          const=RunAtStart.ALWAYS.value, default=RunAtStart.NEVER.value,
+                          metavar="{" + ",".join(mode.value for mode in RunAtStart) + "}",
                           help="train once at start: bare flag = always; if-no-champion trains "
                                "only while the registry has no champion (default: never)")
-    schedule.set_defaults(run=_schedule)
+    schedule.set_defaults(run=_schedule, usage_error=schedule.error)
 
     serve = commands.add_parser(
         "serve", help="serve the registry's champion over HTTP (BentoML), following its alias")
@@ -158,6 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", type=Path,
                        help="serving config (YAML); the environment overrides it "
                             "(FORECASTER_*, MLFLOW_TRACKING_URI)")
+    serve.add_argument("--model-name", help="registered model to serve, over the config and "
+                                            "$FORECASTER_MODEL_NAME (default m4-hourly-quick)")
+    serve.add_argument("--alias", help="its alias to follow, over the config and "
+                                       "$FORECASTER_MODEL_ALIAS (default champion)")
     serve.add_argument("--first-forecast", type=Path, metavar="RACE_CONFIG",
                        help="once ready, forecast the first series of this race config's data "
                             "and print it with the curl command that does the same")

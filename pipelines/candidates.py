@@ -12,7 +12,7 @@ from __future__ import annotations
 import ast
 import inspect
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from sktime.forecasting.base import BaseForecaster
@@ -110,12 +110,49 @@ def min_train_length(candidate: CandidateConfig, config: RaceConfig) -> int:
         estimator = build_estimator(candidate, config)
     if is_neural(estimator):
         return estimator.min_train_length(config.horizon)
-    params = estimator.get_params(deep=False)
-    sp = params.get("sp") or 1
-    if candidate.model == "NaiveForecaster":
-        return max(sp, params.get("window_length") or 1)
-    # seasonal decomposition (Theta) and seasonal ETS need two full seasons
-    return max(2 * sp, 4)
+    return min_history(estimator)  # a baseline trains on the history it forecasts from
+
+
+def min_history(estimator: BaseForecaster) -> int:
+    """The fewest observations of a series ``estimator`` forecasts from: a fitted network's own
+    ``min_history_``; for a baseline, which refits on each history, what its fit and its
+    prediction intervals need (each rule found by experiment: tests/test_min_history.py)."""
+    if is_neural(estimator):
+        return int(estimator.min_history_)
+    return BASELINE_MIN_HISTORY[type(estimator).__name__](estimator.get_params(deep=False))
+
+
+def _naive_min_history(params: dict[str, Any]) -> int:
+    sp, window = params["sp"] or 1, params["window_length"] or 1
+    # the last season and one residual for the intervals; the mean of a season; a drift
+    # through a season, which sktime's intervals leave undefined at exactly sp + 1 values
+    extra = {"last": 1, "mean": 0, "drift": 2}[params["strategy"]]
+    return max(sp + extra, window)
+
+
+def _theta_min_history(params: dict[str, Any]) -> int:
+    # two full seasons to deseasonalise; two values for the smoothing's residual variance
+    return max(2 * params["sp"], 2) if params["deseasonalize"] else 2
+
+
+def _ets_min_history(params: dict[str, Any]) -> int:
+    sp, auto = params["sp"] or 1, params["auto"]
+    heuristic = params["initialization_method"] == "heuristic"
+    need = 2 if params["trend"] is not None or auto else 1  # a trend starts from a difference
+    if heuristic:
+        need = max(need, 10)  # statsmodels' heuristic start reads ten values
+    if sp > 1 and (params["seasonal"] is not None or auto):
+        need = max(need, 2 * sp)  # two full seasons start the seasonal states
+        if heuristic:  # ten values besides the half seasons lost at either end
+            need = max(need, 10 + 2 * (sp // 2))
+    return need
+
+
+BASELINE_MIN_HISTORY: dict[str, Callable[[dict[str, Any]], int]] = {
+    "NaiveForecaster": _naive_min_history,
+    "ThetaForecaster": _theta_min_history,
+    "AutoETS": _ets_min_history,
+}
 
 
 def interval_problem(candidate: CandidateConfig, config: RaceConfig) -> str | None:

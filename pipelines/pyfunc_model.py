@@ -7,7 +7,9 @@ series ends with ``horizon`` future rows whose ``target`` is empty (NaN) and who
 hold the values ahead (see :func:`future_layout`). Output: the forecast frame of
 :mod:`pipelines.forecasts`: ``series_id``, ``timestamp``, ``y_pred`` and one ``q_<level>``
 column per quantile level. The ``horizon`` param (at most the trained horizon for neural
-models) sets how many steps ahead.
+models) sets how many steps ahead. The model config records the shortest
+history the model forecasts from (``min_history``, see ``pipelines.candidates.min_history``),
+which the service reads.
 
 The model is logged as "models from code": MLflow copies this file into the model and runs it
 when the model loads, so no class of ours is pickled. What the file reads is the artifact
@@ -44,6 +46,7 @@ from sktime.forecasting.base import BaseForecaster
 
 from forecaster import NeuralForecaster
 from forecaster.data import SERIES, TARGET, TIME, split_long, validate_panel
+from pipelines.candidates import min_history
 from pipelines.forecasts import (
     POINT,
     forecast_frame,
@@ -170,6 +173,7 @@ class ForecasterModel(PythonModel):
         # the covariates the model takes (models logged before covariates existed take none)
         self.known_future = list(config.get("known_future", []))
         self.static = list(config.get("static", []))
+        self.min_history = int(config["min_history"])  # the shortest history it forecasts from
         path = Path(context.artifacts[ARTIFACT])
         if self.kind == NEURAL:
             self.estimator: BaseForecaster = NeuralForecaster.load_model(path)
@@ -230,7 +234,8 @@ def log_forecaster(estimator: BaseForecaster, *, horizon: int, levels: list[floa
                 artifacts={ARTIFACT: str(path)},
                 model_config={"kind": NEURAL if neural else SKTIME, "horizon": horizon,
                               "levels": levels, "frequency": frequency,
-                              "known_future": known_future, "static": static},
+                              "known_future": known_future, "static": static,
+                              "min_history": min_history(estimator)},
                 signature=signature,
                 input_example=input_example,
                 # explicit pins: inferring them would load the model again in a subprocess

@@ -2,9 +2,10 @@
 
 Values come, highest priority first, from the environment (``FORECASTER_<FIELD>``, plus the
 MLflow variables ``MLFLOW_TRACKING_URI`` and ``MLFLOW_REGISTRY_URI``), then from the YAML file
-named by ``FORECASTER_SERVING_CONFIG`` (``forecaster serve --config``), then the defaults here.
-BentoML reads the batching and worker settings when it imports the service, so they are fixed
-for the life of a server; everything else is read when the service starts.
+named by ``FORECASTER_SERVING_CONFIG`` (``forecaster serve --config``), then the defaults here;
+``forecaster serve --model-name/--alias`` set their variables. BentoML reads the batching,
+worker and timeout settings when it imports the service, so they are fixed for the life of a
+server; everything else is read when the service starts.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from pipelines.schema_errors import describe
 
-CONFIG_FILE_VARIABLE = "FORECASTER_SERVING_CONFIG"
+ENV_PREFIX = "FORECASTER_"  # FORECASTER_<FIELD> sets a field
+CONFIG_FILE_VARIABLE = f"{ENV_PREFIX}SERVING_CONFIG"
 # written into a Bento's sources by `forecaster export-bento`: the model that Bento serves
 PINNED_MODEL_FILE = Path(__file__).resolve().parents[1] / "pinned_model.txt"
 
@@ -27,7 +29,7 @@ PINNED_MODEL_FILE = Path(__file__).resolve().parents[1] / "pinned_model.txt"
 class ServingConfig(BaseSettings):
     """Where the model comes from, how requests are batched, and the service's limits."""
 
-    model_config = SettingsConfigDict(env_prefix="FORECASTER_", extra="forbid",
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid",
                                       populate_by_name=True)
 
     tracking_uri: str = Field(default="sqlite:///mlflow.db", validation_alias=AliasChoices(
@@ -46,6 +48,12 @@ class ServingConfig(BaseSettings):
     max_latency_ms: int = Field(default=1000, gt=0)
     workers: int = Field(default=1, ge=1)
     threads: int = Field(default=1, ge=1, description="torch threads per forward pass")
+    # a model refitted on each series (an sktime baseline) forecasts series in parallel on
+    # this many threads per worker, one series of each request in turn
+    refit_threads: int = Field(default=2, ge=1)
+    # BentoML answers 504 past this; a request of a refitted model estimated to take longer
+    # (from its series and their lengths) is refused with a 503 before any work starts
+    timeout_seconds: float = Field(default=60.0, gt=0)
     max_series_per_request: int = Field(default=1000, ge=1)
     max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
     access_log: bool = False  # one log line per request costs more CPU than a forward pass

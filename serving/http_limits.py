@@ -1,4 +1,5 @@
-"""An ASGI middleware that refuses request bodies over a size limit with a 413."""
+"""The service's ASGI middlewares: request bodies over a size limit get a 413, and /readyz
+says why no model is served."""
 
 from __future__ import annotations
 
@@ -52,3 +53,21 @@ class BodySizeLimit:
                                                                "type": "body_too_large"}]},
                                 status_code=413)
         await response(scope, receive, send)
+
+
+class ExplainNotReady:
+    """Answers ``path`` (/readyz) with a 503 naming ``reason()`` while it is not None. BentoML's
+    own answer says only that ``__is_ready__()`` returned False."""
+
+    def __init__(self, app: ASGIApp, path: str, reason: Callable[[], str | None]):
+        self.app, self.path, self.reason = app, path, reason
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] == self.path:
+            why = self.reason()
+            if why is not None:
+                response = JSONResponse({"error": f"not ready: {why}", "detail": []},
+                                        status_code=503)
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)

@@ -1,10 +1,14 @@
 """The request path as plain functions, tested without a server.
 
     prepare   a parsed request checked against the served model -> PreparedRequest
+    admit     a refitted model's request, its cost and the load -> refused before any work?
     forward   the series of many requests in one model call     -> forecasts per request
     render    a request's forecasts                             -> response JSON
 
-A ``RequestError`` names the field and the problem; the HTTP layer turns it into a 400.
+A ``RequestError`` names the field and the problem; the HTTP layer turns it into a 400. A
+``ServiceBusy`` says why the service cannot answer now (a 503, with Retry-After when waiting
+helps); a ``ModelOutputError`` withholds a forecast with NaN or infinite values (a 500): no
+non-finite number reaches a response.
 """
 
 from __future__ import annotations
@@ -23,6 +27,34 @@ from serving.schemas import ForecastRequest, Series
 
 # one series of a request, as the batching dispatcher queues it
 Item = tuple[ServedModel, np.ndarray]
+
+
+class ServiceBusy(Exception):
+    """The service cannot answer this request in time; ``retry_after``: seconds after which
+    trying again may succeed, None when it would not (the request alone is too costly)."""
+
+    def __init__(self, reason: str, message: str, retry_after: int | None):
+        super().__init__(message)
+        self.reason, self.message, self.retry_after = reason, message, retry_after
+
+    def body(self) -> dict:
+        return {"error": self.message, "detail": []}
+
+    def headers(self) -> dict[str, str]:
+        return {} if self.retry_after is None else {"Retry-After": str(self.retry_after)}
+
+
+class ModelOutputError(RuntimeError):
+    """The model forecast NaN or infinite values for a series: its fault, not the request's."""
+
+    def __init__(self, model: ServedModel, index: int, series_id: str):
+        self.loc = ("series", index)
+        super().__init__(f"model {model.info.name} v{model.version} forecast non-finite values "
+                         f"for series {series_id!r} (series.{index}); the forecast is withheld")
+
+    def body(self) -> dict:
+        return {"error": str(self), "detail": [{"loc": list(self.loc), "msg": str(self),
+                                               "type": "model_output_not_finite"}]}
 
 
 class RequestError(ValueError):
@@ -68,11 +100,30 @@ def prepare(request: ForecastRequest, model: ServedModel, max_series: int) -> Pr
             raise RequestError(("series", i, "values"), "history_too_short",
                                f"series {series.id!r} has {len(series.values)} values; the "
                                f"model needs at least {info.min_history}")
-        histories.append(_model_input(i, series, model, request.horizon))
+        values = _representable(series.values, i, series.id, model.dtype)
+        histories.append(_model_input(i, series, values, model, request.horizon))
     timestamps = [_future_times(s.start, s.freq, len(s.values), request.horizon)
                   if s.start is not None else None for s in request.series]
     return PreparedRequest(model, [s.id for s in request.series], histories, request.horizon,
                            levels, columns, timestamps)
+
+
+def admit(cost: float, finish: float, timeout: float, series: int) -> None:
+    """Refuse (ServiceBusy) a request of ``series`` series for a refitted model before any work
+    starts: when its estimated work, ``cost`` seconds, exceeds ``timeout`` by itself, or when it
+    would be answered ``finish`` seconds from now (after its share of the work in progress),
+    past ``timeout``."""
+    if cost > timeout:
+        each = cost / series
+        raise ServiceBusy("too_costly", f"this request needs about {cost:.0f} s of model time "
+                          f"({series} series, each refitted on its history: about "
+                          f"{each * 1000:.0f} ms each), over the service's timeout of "
+                          f"{timeout:g} s; send at most {int(timeout / each)} such series per "
+                          "request", retry_after=None)
+    if finish > timeout:
+        raise ServiceBusy("busy", f"the service is busy: with the work in progress this request "
+                          f"would be answered in about {finish:.0f} s, past its timeout of "
+                          f"{timeout:g} s", retry_after=math.ceil(finish - timeout))
 
 
 def forward(jobs: Sequence[Sequence[Item]],
@@ -111,6 +162,8 @@ def render(prepared: PreparedRequest, forecasts: Forecasts) -> bytes:
             raise RequestError(("series", i, "values"), "model_failed",
                                f"series {series_id!r} could not be forecast: {forecast}")
         values = forecast[:horizon].T  # (1 + levels, horizon)
+        if not np.isfinite(values).all():
+            raise ModelOutputError(prepared.model, i, series_id)
         entry = {"id": series_id, "mean": values[0].tolist(),
                  "quantiles": {key: values[1 + c].tolist()
                                for key, c in zip(keys, prepared.columns, strict=True)}}
@@ -122,8 +175,10 @@ def render(prepared: PreparedRequest, forecasts: Forecasts) -> bytes:
     return pydantic_core.to_json(body)
 
 
-def _model_input(i: int, series: Series, model: ServedModel, horizon: int) -> np.ndarray:
-    """One series as the model takes it, its covariates checked against the model's."""
+def _model_input(i: int, series: Series, values: np.ndarray, model: ServedModel,
+                 horizon: int) -> np.ndarray:
+    """One series (its ``values`` in the model's dtype) as the model takes it, its covariates
+    checked against the model's."""
     info = model.info
     known, static = series.covariates or {}, series.static or {}
     for field, given, names in (("covariates", known, info.covariates),
@@ -148,8 +203,22 @@ def _model_input(i: int, series: Series, model: ServedModel, horizon: int) -> np
         if name not in static:
             raise RequestError(("series", i, "static", name), "missing_covariate",
                                f"series {series.id!r} lacks the static covariate {name!r}")
-    return model_input(series.values, horizon, [known[n] for n in info.covariates],
-                       [static[n] for n in info.static])
+    return model_input(values, horizon, [known[n] for n in info.covariates],
+                       [static[n] for n in info.static], dtype=values.dtype)
+
+
+def _representable(values: list[float], index: int, series_id: str, dtype: np.dtype
+                   ) -> np.ndarray:
+    """The history in the model's dtype; RequestError when its sum of squares overflows that
+    dtype: every model scales or fits by second moments, which would be infinite."""
+    with np.errstate(over="ignore"):
+        history = np.asarray(values, dtype=dtype)
+        if np.isfinite(np.square(history).sum()):
+            return history
+    raise RequestError(("series", index, "values"), "value_too_large",
+                       f"series {series_id!r} has values too large for the model, which "
+                       f"computes in {dtype}: the sum of their squares overflows it (largest "
+                       f"magnitude {max(map(abs, values)):.3g})")
 
 
 def _levels(requested: list[float] | None, available: list[float]

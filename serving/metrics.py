@@ -20,6 +20,13 @@ FORWARD_SECONDS = Histogram(
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5))
 VALIDATION_FAILURES = Counter(
     "forecaster_validation_failures", "Requests refused as invalid, by reason", ["reason"])
+REQUESTS_REFUSED = Counter(
+    "forecaster_requests_refused", "Requests answered 503 before their forecast: overloaded "
+    "(shed from the batch queue), busy (work in progress would delay them past the timeout), "
+    "too_costly (over the timeout alone)", ["reason"])
+NONFINITE_FORECASTS = Counter(
+    "forecaster_nonfinite_forecasts", "Requests answered 500 because the model forecast NaN "
+    "or infinite values", ["model_version"])
 MODEL_LOADS = Counter(
     "forecaster_model_loads", "Model loads by outcome: loaded (first), swapped, failed",
     ["outcome"])

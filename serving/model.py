@@ -5,19 +5,26 @@ the point forecast, then the model's quantiles in ascending order. The array is 
 history (time,), or for a model with covariates the :func:`model_input` layout. A neural
 champion answers all series in one forward pass (``NeuralForecaster.forecast_histories``); an
 sktime baseline is a local model and is refitted on each history, as the pyfunc model does.
+The model states what the service needs to know: the shortest history it takes (recorded when
+the race logged it), the covariates it takes, the dtype it computes in, and for a refitted
+model the cost of a series by its length, measured at warm-up.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
+import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
 import mlflow
 import numpy as np
 import pandas as pd
+import torch
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
@@ -25,15 +32,14 @@ from mlflow.exceptions import MlflowException
 from forecaster import NeuralForecaster
 from forecaster.data import SERIES, TARGET, TIME
 from pipelines.backtest import METRICS
+from pipelines.candidates import min_history as min_history_of
 from pipelines.forecasts import POINT, quantile_column
 from pipelines.pyfunc_model import NEURAL, ForecasterModel, forecast_history
 from pipelines.registry import TAG_CANDIDATE, TAG_MODEL_CLASS, tag_number
-from serving.schemas import ModelInfo
+from serving.schemas import ModelInfo, RefitCost
 
 logger = logging.getLogger(__name__)
 
-# a baseline needs a few points to fit at all; its own fit reports anything stricter
-BASELINE_MIN_HISTORY = 2
 # warm-up batch sizes: the first forward at a new size allocates, later ones reuse
 WARMUP_BATCHES = (1, 8, 64)
 
@@ -44,6 +50,8 @@ Forecasts = list[np.ndarray | Exception]  # per series: (horizon, 1 + levels), o
 class ServedModel:
     info: ModelInfo
     predict: Callable[[list[np.ndarray]], Forecasts]
+    # what the model computes in: a history whose second moment overflows it is refused
+    dtype: np.dtype
 
     @property
     def version(self) -> int:
@@ -51,20 +59,20 @@ class ServedModel:
 
 
 def model_input(values: Sequence[float], steps: int, known: Sequence[Sequence[float]] = (),
-                static: Sequence[float] = ()) -> np.ndarray:
+                static: Sequence[float] = (), dtype: np.dtype | type = np.float32) -> np.ndarray:
     """One series as ``ServedModel.predict`` takes it. Without covariates: the history (time,).
     With them: a table (rows, 1 + known + static) of the target, then each known-future
     covariate, then each static one repeated, in the order of the model's ``covariates`` and
     ``static``; with known-future covariates (len(values) + steps values each) the table
-    holds the ``steps`` ahead as rows whose target is NaN."""
-    history = np.asarray(values, dtype=np.float32)
+    holds the ``steps`` ahead as rows whose target is NaN. ``dtype``: the model's."""
+    history = np.asarray(values, dtype=dtype)
     if not known and not static:
         return history
     steps = steps if known else 0
     rows = len(history) + steps
-    return np.column_stack([np.concatenate([history, np.full(steps, np.nan, np.float32)]),
-                            *(np.asarray(k, np.float32) for k in known),
-                            *(np.full(rows, v, np.float32) for v in static)])
+    return np.column_stack([np.concatenate([history, np.full(steps, np.nan, dtype)]),
+                            *(np.asarray(k, dtype) for k in known),
+                            *(np.full(rows, v, dtype) for v in static)])
 
 
 def _split_input(array: np.ndarray, n_known: int
@@ -103,29 +111,50 @@ class VersionMeta:
                    _trained_at(client, version))
 
 
+def why_missing(client: MlflowClient, name: str, alias: str) -> str:
+    """Why ``name@alias`` resolves to nothing: no such registered model, or no such alias."""
+    try:
+        model = client.get_registered_model(name)
+    except MlflowException as error:
+        if error.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return f"no registered model named {name!r}"
+        raise
+    return f"registered model {name!r} has no alias {alias!r} (its aliases: " \
+           f"{sorted(model.aliases) or 'none'})"
+
+
 def load_version(client: MlflowClient, version: ModelVersion, alias: str,
-                 warmup_batch: int = max(WARMUP_BATCHES)) -> ServedModel:
+                 warmup_batch: int = max(WARMUP_BATCHES), refit_threads: int = 1
+                 ) -> ServedModel:
     """Load a registered version from the registry, check that it forecasts, warm it up."""
     pyfunc = mlflow.pyfunc.load_model(f"models:/{version.name}/{version.version}")
-    return served_model(pyfunc, VersionMeta.of(client, version), alias, warmup_batch)
+    return served_model(pyfunc, VersionMeta.of(client, version), alias, warmup_batch,
+                        refit_threads)
 
 
 def served_model(pyfunc: mlflow.pyfunc.PyFuncModel, meta: VersionMeta, alias: str,
-                 warmup_batch: int = max(WARMUP_BATCHES)) -> ServedModel:
-    """A loaded pyfunc model, checked and warmed up; ValueError when this API cannot serve it
-    (a forecast of the wrong shape)."""
+                 warmup_batch: int = max(WARMUP_BATCHES), refit_threads: int = 1
+                 ) -> ServedModel:
+    """A loaded pyfunc model, checked and warmed up (a refitted model's cost per series timed
+    on ``refit_threads`` threads); ValueError when this API cannot serve it (a forecast of
+    the wrong shape)."""
     wrapper = pyfunc.unwrap_python_model()
     # a model from code runs pipelines/pyfunc_model.py as its own module: compare by name
     if type(wrapper).__name__ != ForecasterModel.__name__:
         raise ValueError(f"{meta.name} v{meta.version} is not a forecaster pyfunc model")
     if wrapper.kind == NEURAL:
         estimator: NeuralForecaster = wrapper.estimator
-        levels, min_history = list(estimator.levels_), int(estimator.min_history_)
+        levels = list(estimator.levels_)
         predict, batches = _neural_predict(estimator), (*WARMUP_BATCHES, warmup_batch)
+        dtype = torch.empty(0, dtype=next(estimator.network_.parameters()).dtype).numpy().dtype
     else:
         # one check suffices: a local model refits per series, nothing to warm up
-        levels, min_history = sorted(wrapper.levels), BASELINE_MIN_HISTORY
+        levels = sorted(wrapper.levels)
         predict, batches = _baseline_predict(wrapper), (1,)
+        dtype = np.dtype(np.float64)  # statsmodels and pandas compute in float64
+    # recorded when the race logged the model; versions logged before it was recorded state
+    # it through their estimator
+    min_history = getattr(wrapper, "min_history", None) or min_history_of(wrapper.estimator)
     tags = meta.tags
     model = ServedModel(
         info=ModelInfo(
@@ -138,12 +167,16 @@ def served_model(pyfunc: mlflow.pyfunc.PyFuncModel, meta: VersionMeta, alias: st
             metrics={m: value for m in METRICS
                      if math.isfinite(value := tag_number(tags.get(m)))},
             loaded_at=datetime.now(timezone.utc)),
-        predict=predict)
+        predict=predict, dtype=dtype)
     check_and_warm_up(model, sorted({min(b, warmup_batch) for b in batches}))
+    if wrapper.kind != NEURAL:
+        model = dataclasses.replace(model, info=model.info.model_copy(
+            update={"refit_cost": measure_refit_cost(model, refit_threads)}))
     return model
 
 
-def load_bento_model(tag: str, warmup_batch: int = max(WARMUP_BATCHES)) -> ServedModel:
+def load_bento_model(tag: str, warmup_batch: int = max(WARMUP_BATCHES), refit_threads: int = 1
+                     ) -> ServedModel:
     """A model that ``forecaster export-bento`` put in the BentoML model store."""
     import bentoml
 
@@ -153,19 +186,18 @@ def load_bento_model(tag: str, warmup_batch: int = max(WARMUP_BATCHES)) -> Serve
     return served_model(bentoml.mlflow.load_model(stored),
                         VersionMeta(meta["name"], int(meta["version"]), meta["tags"],
                                     meta.get("run_id"), trained_at),
-                        meta["alias"], warmup_batch)
+                        meta["alias"], warmup_batch, refit_threads)
 
 
 def check_and_warm_up(model: ServedModel, batch_sizes: list[int]) -> None:
     """Forecast a synthetic history at these batch sizes; an error or a wrong shape raises."""
     info = model.info
-    length = max(info.min_history, 2 * info.horizon, 48)
-    steps = np.arange(length, dtype=np.float32)
-    # a sine on a slope, with a covariate calendar of ones every seventh step and statics of 1
+    length = _check_length(info)
+    # a covariate calendar of ones every seventh step and statics of 1, for models taking them
     known = [(np.arange(length + info.horizon) % 7 == 0).astype(np.float32)] * len(
         info.covariates)
-    history = model_input(10 + np.sin(2 * np.pi * steps / 24) + 0.01 * steps, info.horizon,
-                          known, [1.0] * len(info.static))
+    history = model_input(_synthetic_history(length), info.horizon, known,
+                          [1.0] * len(info.static), dtype=model.dtype)
     expected = (info.horizon, 1 + len(info.quantiles))
     for size in batch_sizes:
         forecasts = model.predict([history] * size)
@@ -177,6 +209,33 @@ def check_and_warm_up(model: ServedModel, batch_sizes: list[int]) -> None:
                                  f"values; expected finite values of shape {expected}")
         if len(forecasts) != size:
             raise ValueError(f"{len(forecasts)} forecasts for {size} histories")
+
+
+def measure_refit_cost(model: ServedModel, threads: int) -> RefitCost:
+    """The cost of a series for a model refitted on each one: wall time per series at two
+    history lengths, with ``threads`` threads forecasting at once (the GIL and the shared cores
+    count), and the line through them."""
+    lengths = (_check_length(model.info), 4 * _check_length(model.info))
+    per_series = []
+    with ThreadPoolExecutor(threads) as pool:
+        for length in lengths:
+            histories = [_synthetic_history(length).astype(model.dtype)] * (2 * threads)
+            start = time.perf_counter()
+            list(pool.map(lambda history: model.predict([history]), histories))
+            per_series.append((time.perf_counter() - start) / len(histories))
+    per_value = max(0.0, (per_series[1] - per_series[0]) / (lengths[1] - lengths[0]))
+    return RefitCost(fixed=max(per_series[0] - per_value * lengths[0], 0.0),
+                     per_value=per_value)
+
+
+def _check_length(info: ModelInfo) -> int:
+    return max(info.min_history, 2 * info.horizon, 48)
+
+
+def _synthetic_history(length: int) -> np.ndarray:
+    """A daily-seasonal history with a slight trend, which every model forecasts."""
+    steps = np.arange(length, dtype=np.float32)
+    return 10 + np.sin(2 * np.pi * steps / 24) + 0.01 * steps
 
 
 def _neural_predict(estimator: NeuralForecaster) -> Callable[[list[np.ndarray]], Forecasts]:

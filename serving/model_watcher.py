@@ -5,6 +5,8 @@ version, the thread loads, checks and warms that version up while the old one ke
 then swaps one reference. A request holds the model it was checked against until it is
 answered, so requests in flight finish on the old model. A version that fails to load is
 counted, logged and not tried again until the alias moves; the old model keeps serving.
+``last_error`` says why no model is served (no such model, no such alias, the load's error):
+/readyz answers it.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from collections.abc import Callable
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 
-from serving.model import ServedModel, load_version, resolve_alias
+from serving.model import ServedModel, load_version, resolve_alias, why_missing
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +52,8 @@ class ModelWatcher:
         "failed", "unchanged" or "missing" (no such model or alias yet)."""
         version = resolve_alias(self.client, self.name, self.alias)
         if version is None:
-            self.last_error = f"{self.name}@{self.alias} does not exist (yet)"
+            self.last_error = f"{self.name}@{self.alias} does not exist: " \
+                              f"{why_missing(self.client, self.name, self.alias)}"
             return "missing"
         number = int(version.version)
         if (self.current is not None and self.current.version == number) \
@@ -61,7 +64,8 @@ class ModelWatcher:
         except Exception as error:  # noqa: BLE001 - any failure keeps the old model serving
             kept = f"keeping v{self.current.version}" if self.current else "no model is served"
             logger.exception("%s v%s failed to load; %s", self.name, number, kept)
-            self.failed_version, self.last_error = number, f"v{number}: {error}"
+            self.failed_version = number
+            self.last_error = f"loading {self.name} v{number} failed: {error}"
             self._report("failed", self.current)
             return "failed"
         outcome = "loaded" if self.current is None else "swapped"
@@ -100,7 +104,7 @@ class PinnedModel:
             outcome = "loaded"
         except Exception as error:
             logger.exception("the pinned model failed to load")
-            self.last_error, outcome = str(error), "failed"
+            self.last_error, outcome = f"loading the pinned model failed: {error}", "failed"
         if self._on_outcome is not None:
             self._on_outcome(outcome, self.current)
 

@@ -1,14 +1,15 @@
 """The HTTP API's request and response bodies (pydantic): what the OpenAPI schema publishes.
 
-Checks that need no model live here (finite numbers, non-empty series, unique ids, a positive
-horizon); checks against the served model (its horizon, quantile levels, minimum history and
-covariates) are in :mod:`serving.inference`. Every model forbids keys it does not define.
+Checks that need no model live here (strict types: "7" is not a horizon nor ``true`` a value;
+finite numbers, non-empty series, unique ids, a positive horizon); checks against the served
+model (its horizon, quantile levels, minimum history, covariates and the range of its dtype)
+are in :mod:`serving.inference`. Every model forbids keys it does not define.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from datetime import datetime
+from datetime import date, datetime
 from typing import Annotated
 
 import pandas as pd
@@ -39,11 +40,13 @@ QuantileLevel = Annotated[float, Field(ge=0, le=1), AfterValidator(_strictly_ins
 class Series(BaseModel):
     """One series' history, oldest value first."""
 
-    model_config = ConfigDict(extra="forbid")
+    # strict: JSON's types as they are, no string or boolean taken for a number
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     id: str = Field(min_length=1, max_length=256, description="the series' name, echoed back")
     values: list[FiniteFloat] = Field(min_length=1, description="the history, oldest first")
-    start: datetime | None = Field(default=None, description="time of the first value")
+    start: datetime | date | None = Field(
+        default=None, description="time of the first value: an ISO 8601 date or date-time")
     freq: str | None = Field(default=None, description="pandas frequency, e.g. 'h' or '15min'")
     covariates: dict[str, list[FiniteFloat]] | None = Field(
         default=None, description="known-future covariates by name (GET /model lists those "
@@ -73,7 +76,7 @@ class Series(BaseModel):
 class ForecastRequest(BaseModel):
     """Histories to forecast, how far ahead, and which quantile levels."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     series: list[Series] = Field(min_length=1, description="one or more series")
     horizon: int = Field(ge=1, description="steps ahead, at most the model's horizon")
@@ -108,6 +111,18 @@ class ForecastResponse(BaseModel):
     forecasts: list[SeriesForecast]
 
 
+class RefitCost(BaseModel):
+    """The time a model refitted on each series takes per series of ``length`` values: ``fixed
+    + per_value * length`` seconds of a worker's refit threads, measured at load with every
+    thread busy."""
+
+    fixed: float
+    per_value: float
+
+    def seconds(self, length: int) -> float:
+        return self.fixed + self.per_value * length
+
+
 class ModelInfo(BaseModel):
     """The served model: registry coordinates, what it can forecast, how it scored."""
 
@@ -128,6 +143,10 @@ class ModelInfo(BaseModel):
     run_id: str | None
     metrics: dict[str, float] = Field(description="backtest metrics recorded at registration")
     loaded_at: datetime
+    refit_cost: RefitCost | None = Field(
+        default=None, description="for a model refitted on each series (an sktime baseline): "
+        "its cost per series; a request it would not answer within the service's timeout is "
+        "refused. None for a network, which answers many series in one forward pass")
 
 
 class ErrorDetail(BaseModel):

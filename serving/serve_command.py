@@ -9,20 +9,28 @@ import subprocess
 import sys
 from pathlib import Path
 
-from serving.config import CONFIG_FILE_VARIABLE, load_serving_config
+from serving.config import CONFIG_FILE_VARIABLE, ENV_PREFIX, load_serving_config
 from serving.first_forecast import curl_command, example_request, post_forecast, wait_until_ready
 
 SERVICE = "serving.service:Forecaster"
 
 
 def serve(host: str, port: int, config: Path | None = None,
-          first_forecast: Path | None = None) -> None:
+          first_forecast: Path | None = None, model_name: str | None = None,
+          alias: str | None = None) -> None:
     """Serve in the foreground until Ctrl-C; with ``first_forecast``, also post and print one
-    forecast once the service is ready. Bad settings fail here, before BentoML starts."""
+    forecast once the service is ready. ``model_name`` and ``alias`` override the settings'.
+    Bad settings fail here, before BentoML starts."""
     env = dict(os.environ)
     if config is not None:
         env[CONFIG_FILE_VARIABLE] = str(Path(config).resolve())
     settings = load_serving_config(env.get(CONFIG_FILE_VARIABLE))
+    # the environment beats the config file (serving.config); these arguments beat both
+    overrides = {"model_name": model_name, "model_alias": alias}
+    for field, value in overrides.items():
+        if value is not None:
+            env[f"{ENV_PREFIX}{field.upper()}"] = value
+    settings = settings.model_copy(update={k: v for k, v in overrides.items() if v is not None})
     uri = settings.tracking_uri
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         # the workers may run elsewhere: pin the embedded store to this directory

@@ -2,7 +2,14 @@
 
     POST /forecast   forecasts for one or more series (adaptively batched)
     GET  /model      the served model: registry version, horizon, levels, backtest metrics
-    GET  /readyz     200 once a model is loaded and warmed up; /livez, /metrics: BentoML's
+    GET  /readyz     200 once a model is loaded and warmed up, else 503 saying why;
+                     /livez, /metrics: BentoML's
+
+A network's series go through the batching dispatcher (serving.batching); a model refitted on
+each series (an sktime baseline) runs them on a pool of threads shared fairly between requests
+(serving.fair_pool), and a request it would not answer within the timeout is refused before
+any work starts. A refused request is a 503 with the reason (and Retry-After when waiting
+helps), logged as one WARNING line.
 
 Run it with ``forecaster serve`` (or ``bentoml serve serving.service:Forecaster``); settings
 come from :mod:`serving.config`.
@@ -12,33 +19,67 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 from functools import partial
 from typing import Any
 
 import anyio
 import bentoml
 import mlflow
+import numpy as np
 import pydantic
 import torch
-from bentoml.exceptions import ServiceUnavailable
+from fastapi import FastAPI
 from mlflow import MlflowClient
 from pydantic import ConfigDict
-from starlette.applications import Starlette
-from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
 
 from serving import metrics
 from serving.batching import batched
 from serving.config import load_serving_config
-from serving.http_limits import BodySizeLimit
-from serving.inference import Item, RequestError, forward, prepare, render
+from serving.fair_pool import FairPool
+from serving.http_limits import BodySizeLimit, ExplainNotReady
+from serving.inference import (
+    Item,
+    ModelOutputError,
+    PreparedRequest,
+    RequestError,
+    ServiceBusy,
+    admit,
+    forward,
+    prepare,
+    render,
+)
 from serving.model import Forecasts, ServedModel, load_bento_model, load_version
 from serving.model_watcher import ModelWatcher, PinnedModel
-from serving.schemas import ForecastRequest, ForecastResponse, Series
+from serving.schemas import ErrorResponse, ForecastRequest, ForecastResponse, ModelInfo, Series
 
 logger = logging.getLogger(__name__)
 CONFIG = load_serving_config()
+# GET routes beside BentoML's POST APIs: a FastAPI app puts them in the OpenAPI document; the
+# docs themselves are BentoML's (/ and /docs.json)
+ROUTES = FastAPI(title="forecaster", docs_url=None, redoc_url=None, openapi_url=None)
+
+
+class _OneLineRefusal(logging.Filter):
+    """BentoML logs each body the request schema refuses at ERROR with pydantic's traceback;
+    a 400 is the client's mistake, and the answer names the field: one WARNING line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, pydantic.ValidationError):
+            first = error.errors()[0]
+            where = ".".join(map(str, first["loc"])) or "body"
+            # BentoML's message is "Exception on %s [%s]" % (path, method)
+            path, method = record.args if len(record.args or ()) == 2 else ("?", "?")
+            record.msg = "%s %s: 400, %d invalid field(s), the first %s: %s"
+            record.args = (method, path, error.error_count(), where, first["msg"])
+            record.exc_info = record.exc_text = None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+logging.getLogger("bentoml._internal.server.http_app").addFilter(_OneLineRefusal())
 
 
 class ForecastInput(ForecastRequest):
@@ -56,19 +97,11 @@ class ForecastInput(ForecastRequest):
             raise
 
 
-async def model_info(_: Request) -> Response:
-    service = bentoml.get_current_service()
-    model = service.watcher.current if service is not None else None
-    if model is None:
-        return _no_model(service)
-    return Response(model.info.model_dump_json(), media_type="application/json")
-
-
-@bentoml.asgi_app(Starlette(routes=[Route("/", model_info, methods=["GET"])]), path="/model")
+@bentoml.asgi_app(ROUTES, path="/")
 @bentoml.service(
     name="forecaster",
     workers=CONFIG.workers,
-    traffic={"timeout": 60},
+    traffic={"timeout": CONFIG.timeout_seconds},
     logging={"access": {"enabled": CONFIG.access_log}},
     tracing={} if CONFIG.trace_requests else {"excluded_urls": ["/forecast"]},
 )
@@ -79,12 +112,14 @@ class Forecaster:
         mlflow.set_registry_uri(CONFIG.registry_uri or CONFIG.tracking_uri)
         if CONFIG.bento_model:  # an exported Bento: its own model, whatever the registry says
             self.watcher = PinnedModel(partial(load_bento_model, CONFIG.bento_model,
-                                               CONFIG.max_batch_size), on_outcome=_report_load)
+                                               CONFIG.max_batch_size, CONFIG.refit_threads),
+                                       on_outcome=_report_load)
         else:
             self.watcher = ModelWatcher(MlflowClient(), CONFIG.model_name, CONFIG.model_alias,
                                         CONFIG.poll_seconds, on_outcome=_report_load,
                                         loader=partial(load_version,
-                                                       warmup_batch=CONFIG.max_batch_size))
+                                                       warmup_batch=CONFIG.max_batch_size,
+                                                       refit_threads=CONFIG.refit_threads))
         self.watcher.start()  # the registry's model loads in the background: see /readyz
         # concurrent requests share forward passes (serving.batching explains the set-up)
         self._batched = batched(_forward, CONFIG.max_batch_size, CONFIG.max_latency_ms,
@@ -92,6 +127,7 @@ class Forecaster:
         # without batching, one forward pass at a time per worker, as BentoML runs a
         # non-batchable API (its `threads` setting, default 1); batching has one batch in flight
         self._unbatched = anyio.CapacityLimiter(1)
+        self._refits = FairPool(CONFIG.refit_threads)
 
     def __is_ready__(self) -> bool:
         return self.watcher.current is not None
@@ -111,29 +147,65 @@ class Forecaster:
                                                   quantiles=quantiles)
         try:
             prepared = prepare(request, model, CONFIG.max_series_per_request)
-            items = prepared.items()
-            if self._batched is not None:
-                forecasts = await self._batched(items)
-            else:
-                forecasts = (await anyio.to_thread.run_sync(_forward, [items],
-                                                             limiter=self._unbatched))[0]
-            body = render(prepared, forecasts)
+            body = render(prepared, await self._forecasts(prepared))
         except RequestError as error:
             metrics.VALIDATION_FAILURES.labels(reason=error.reason).inc()
             return JSONResponse(error.body(), status_code=400)
+        except ServiceBusy as error:
+            metrics.REQUESTS_REFUSED.labels(reason=error.reason).inc()
+            logger.warning("503 for a request of %d series: %s", len(series), error)
+            return JSONResponse(error.body(), status_code=503, headers=error.headers())
+        except ModelOutputError as error:
+            metrics.NONFINITE_FORECASTS.labels(model_version=str(model.version)).inc()
+            logger.error("500: %s", error)
+            return JSONResponse(error.body(), status_code=500)
         # the body is already JSON: BentoML's own serialisation would derive a JSON schema
         # per response, which costs more than the forecast
         return Response(body, media_type="application/json")
+
+    @ROUTES.get("/model", response_model=ModelInfo, summary="The served model",
+                responses={503: {"model": ErrorResponse, "description": "no model loaded yet"}})
+    async def model_info(self) -> Response:
+        """The served version, its horizon, quantile levels, shortest usable history, training
+        time, backtest metrics and, for a model refitted on each series, its cost per series."""
+        model = self.watcher.current
+        if model is None:
+            return _no_model(self)
+        return Response(model.info.model_dump_json(), media_type="application/json")
+
+    async def _forecasts(self, prepared: PreparedRequest) -> Forecasts:
+        items = prepared.items()
+        cost = prepared.model.info.refit_cost
+        if cost is not None:  # a local model: one fit per series, shared fairly
+            costs = [cost.seconds(len(history)) for _, history in items]
+            admit(sum(costs), self._refits.finish_estimate(sum(costs)), CONFIG.timeout_seconds,
+                  len(items))
+            return await self._refits.run([partial(_forward_one, item) for item in items],
+                                          costs)
+        if self._batched is not None:
+            return await self._batched(items)
+        forecasts: Forecasts = []
+        for start in range(0, len(items), CONFIG.max_batch_size):  # one pass at most per batch
+            forecasts += (await anyio.to_thread.run_sync(
+                _forward, [items[start:start + CONFIG.max_batch_size]],
+                limiter=self._unbatched))[0]
+        return forecasts
 
 
 Forecaster.add_asgi_middleware(BodySizeLimit, max_bytes=CONFIG.max_body_bytes,
                                on_reject=lambda: metrics.VALIDATION_FAILURES.labels(
                                    reason="body_too_large").inc())
+Forecaster.add_asgi_middleware(ExplainNotReady, path="/readyz",
+                               reason=lambda: _why_no_model(bentoml.get_current_service()))
 
 
 def _forward(jobs: list[list[Item]]) -> list[Forecasts]:
     return forward(jobs, observe=lambda model, n, seconds: metrics.observe_forward(
         model.version, n, seconds))
+
+
+def _forward_one(item: Item) -> np.ndarray | Exception:
+    return _forward([[item]])[0][0]
 
 
 def _report_load(outcome: str, model: ServedModel | None) -> None:
@@ -147,12 +219,22 @@ def _report_load(outcome: str, model: ServedModel | None) -> None:
 
 
 def _overloaded() -> None:
-    raise ServiceUnavailable("the service is overloaded: the request waited longer than "
-                             f"max_latency_ms={CONFIG.max_latency_ms} for a forward pass")
+    raise ServiceBusy("overloaded", "the service is overloaded: the request waited longer than "
+                      f"max_latency_ms={CONFIG.max_latency_ms} for a forward pass",
+                      retry_after=math.ceil(CONFIG.max_latency_ms / 1000))
+
+
+def _why_no_model(service: Forecaster | None) -> str | None:
+    """Why no model is served (None while one is)."""
+    if service is None:
+        return "the service is starting"
+    if service.watcher.current is not None:
+        return None
+    return service.watcher.last_error or \
+        f"{CONFIG.model_name}@{CONFIG.model_alias} is loading"
 
 
 def _no_model(service: Forecaster | None) -> Response:
-    why = service.watcher.last_error if service is not None else None
-    return JSONResponse({"error": f"no model is loaded yet ({why or 'loading'}); "
-                                  "see GET /readyz", "detail": []}, status_code=503)
+    return JSONResponse({"error": f"no model is served: {_why_no_model(service)}",
+                         "detail": []}, status_code=503)
 

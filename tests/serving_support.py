@@ -1,6 +1,6 @@
-"""For the serving tests: a small MLflow registry (tiny LSTMs logged and registered the way the
-race does it, in a SQLite store under a temporary folder), or a real race into one, and a real
-``forecaster serve`` on it."""
+"""For the serving tests: a small MLflow registry (tiny LSTMs or a seasonal naive baseline
+logged and registered the way the race does it, in a SQLite store under a temporary folder), or
+a real race into one, and a real ``forecaster serve`` on it."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -20,6 +21,8 @@ import mlflow
 import pandas as pd
 import pytest
 from mlflow import MlflowClient
+from prometheus_client.parser import text_string_to_metric_families
+from sktime.forecasting.base import BaseForecaster
 
 from forecaster import LSTMForecaster, NeuralForecaster
 from forecaster.data import SERIES, TARGET, panel_to_long
@@ -28,7 +31,8 @@ from pipelines.config import RaceConfig
 from pipelines.pyfunc_model import log_forecaster
 from pipelines.race import RaceResult, run_race
 from pipelines.sources import load_race_data
-from serving.first_forecast import wait_until_ready
+from serving.config import ENV_PREFIX
+from serving.first_forecast import wait_for_ok
 from tests.conftest import _free_port, _stop, tiny
 from tests.pipeline_support import clean_mlflow_environment, race_config
 
@@ -49,16 +53,20 @@ def train_lstm(panel: pd.DataFrame, seed: int) -> NeuralForecaster:
     return model.fit(panel, fh=list(range(1, HORIZON + 1)))
 
 
-def register(estimator: NeuralForecaster, panel: pd.DataFrame, tags: dict | None = None
-             ) -> int:
-    """Log and register ``estimator`` in the active tracking store; its version number."""
+def register(estimator: BaseForecaster, panel: pd.DataFrame, tags: dict | None = None,
+             name: str = MODEL_NAME, levels: list[float] | None = None) -> int:
+    """Log and register ``estimator`` in the active tracking store as a version of ``name``
+    (a network's levels are its own; a baseline's are ``levels``); its version number."""
     example = panel_to_long(panel).groupby("series_id").tail(30)
+    model_class = type(estimator).__name__
     with mlflow.start_run():
-        info = log_forecaster(estimator, horizon=HORIZON, levels=list(estimator.levels_),
-                              frequency="h", input_example=example)
-    version = registry.register_version(info, MODEL_NAME, {
-        registry.TAG_CANDIDATE: "lstm", registry.TAG_MODEL_CLASS: "LSTMForecaster",
-        "mase": "0.75", "smape": "12.5", **(tags or {})})
+        info = log_forecaster(estimator, horizon=HORIZON,
+                              levels=levels or list(estimator.levels_), frequency="h",
+                              input_example=example)
+    version = registry.register_version(info, name, {
+        registry.TAG_CANDIDATE: model_class.removesuffix("Forecaster").lower(),
+        registry.TAG_MODEL_CLASS: model_class, "mase": "0.75", "smape": "12.5",
+        **(tags or {})})
     return int(version.version)
 
 
@@ -117,38 +125,75 @@ def running_service(config: RaceConfig, log: Path, **settings: str) -> Iterator[
     """``forecaster serve`` on a free loopback port, serving the champion of the race that
     ``config`` describes; ``settings``: more serving settings by field name (workers="2"),
     passed as FORECASTER_* variables. Yields its URL once /readyz answers."""
+    with serving(config.tracking_uri, log, ["--model-name", config.registered_model],
+                 **settings) as url:
+        yield url
+
+
+@contextmanager
+def serving(tracking_uri: str, log: Path, arguments: list[str], ready: str = "/readyz",
+            **settings: str) -> Iterator[str]:
+    """``forecaster serve ARGUMENTS`` on a free loopback port of the registry at
+    ``tracking_uri`` (``settings`` as in running_service); yields its URL once ``ready``
+    answers 200, and for /readyz once every worker has loaded its model (/readyz reaches one
+    worker)."""
     port = _free_port()
-    env = clean_environment(MLFLOW_TRACKING_URI=config.tracking_uri,
-                            FORECASTER_MODEL_NAME=config.registered_model,
-                            **{f"FORECASTER_{name.upper()}": v for name, v in settings.items()})
+    # a BentoML home of its own: every `bentoml serve` empties the home's Prometheus folder
+    # when it starts, which would wipe the metrics of the other servers running meanwhile
+    env = clean_environment(MLFLOW_TRACKING_URI=tracking_uri,
+                            BENTOML_HOME=str(log.parent / f"bentoml-home-{port}"),
+                            **{f"{ENV_PREFIX}{name.upper()}": v for name, v in settings.items()})
     command = [sys.executable, "-m", "cli.main", "serve", "--host", "127.0.0.1",
-               "--port", str(port)]
+               "--port", str(port), *arguments]
     url = f"http://127.0.0.1:{port}"
     with started(command, log, env) as server:
         try:
-            wait_until_ready(url, timeout=SERVICE_START_TIMEOUT_S,
-                             alive=lambda: server.poll() is None)
+            wait_for_ok(url + ready, timeout=SERVICE_START_TIMEOUT_S,
+                        alive=lambda: server.poll() is None)
+            if ready == "/readyz":
+                _wait_for_loads(url, int(settings.get("workers", "1")), server)
         except TimeoutError:
-            pytest.fail(f"the service did not get ready:\n"
+            pytest.fail(f"the service did not answer {ready}:\n"
                         f"{log.read_text(errors='replace')[-3000:]}")
         yield url
 
 
-def call(url: str, body: bytes | dict | None = None, method: str | None = None
-         ) -> tuple[int, dict | str]:
+def _wait_for_loads(url: str, workers: int, server: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + SERVICE_START_TIMEOUT_S
+    while time.monotonic() < deadline and server.poll() is None:
+        text = urllib.request.urlopen(f"{url}/metrics", timeout=30).read().decode()
+        loads = sum(sample.value for family in text_string_to_metric_families(text)
+                    for sample in family.samples
+                    if sample.name == "forecaster_model_loads_total"
+                    and sample.labels.get("outcome") == "loaded")
+        if loads >= workers:
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"not every one of {workers} workers loaded a model")
+
+
+def call(url: str, body: bytes | dict | None = None, method: str | None = None,
+         timeout: float = 30) -> tuple[int, dict | str]:
     """Its status and its body, parsed when JSON: a 4xx is an answer here, not an error."""
-    data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, method=method,
-                                     headers={"content-type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            status, text = response.status, response.read().decode()
-    except urllib.error.HTTPError as error:
-        status, text = error.code, error.read().decode()
+    status, text, _ = call_with_headers(url, body, method, timeout)
     try:
         return status, json.loads(text)
     except json.JSONDecodeError:
         return status, text
+
+
+def call_with_headers(url: str, body: bytes | dict | None = None, method: str | None = None,
+                      timeout: float = 30) -> tuple[int, str, dict[str, str]]:
+    """Its status, its body as text and its headers (names in lower case)."""
+    data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, method=method,
+                                     headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            status, text, headers = response.status, response.read().decode(), response.headers
+    except urllib.error.HTTPError as error:
+        status, text, headers = error.code, error.read().decode(), error.headers
+    return status, text, {k.lower(): v for k, v in headers.items()}
 
 
 def series_of(panel: pd.DataFrame) -> list[dict]:

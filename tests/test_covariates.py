@@ -290,7 +290,7 @@ def test_the_request_schema_stays_strict() -> None:
     for bad, loc, kind in [
         ({**series, "covariatez": {}}, ("series", 0, "covariatez"), "extra_forbidden"),
         ({**series, "covariates": {"promo": [0.0, "x", 1.0]}},
-         ("series", 0, "covariates", "promo", 1), "float_parsing"),
+         ("series", 0, "covariates", "promo", 1), "float_type"),  # strict: no strings
         ({**series, "static": {"size": float("nan")}}, ("series", 0, "static", "size"),
          "finite_number"),
     ]:

@@ -94,7 +94,8 @@ def _race_file(tmp_path: Path, frame: pd.DataFrame, **data: Any) -> Path:
     return tmp_path / "race.yaml"
 
 
-NEED = ("the race needs at least 60 (candidate 'snaive' trains on at least 52, and 2 fold(s) "
+# seasonal naive at sp 52 trains on sp + 1 (pipelines.candidates.min_history); the folds add 8
+NEED = ("the race needs at least 61 (candidate 'snaive' trains on at least 53, and 2 fold(s) "
         "of horizon 4 take 8 more)")
 EVERY_PROBLEM = [
     f"data column 'store' is empty in 1 row (data row {len(_dirty())})",
@@ -189,7 +190,7 @@ def test_fill_interpolate_and_drop_repair_the_data(tmp_path: Path) -> None:
     assert list(data.long.columns) == [SERIES, TIME, TARGET]
     report = data.report
     assert report.filled == {"store_01": (1, 0), "store_02": (0, 1)}
-    assert report.dropped == {"store_05": SHORT_WEEKS} and report.required == 60
+    assert report.dropped == {"store_05": SHORT_WEEKS} and report.required == 61
     assert report.counts() == {"data.filled_series": 2, "data.filled_timestamps": 1,
                                "data.filled_values": 1, "data.dropped_series": 1,
                                "data.dropped_observations": SHORT_WEEKS}
@@ -265,5 +266,5 @@ def test_a_race_on_repaired_data_logs_what_was_filled_and_dropped(
     assert f"dropped 'store_05': {SHORT_WEEKS} observations" in text
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("filled 1 missing timestamp and 1 NaN value in 2 series by interpolate "
-               "(store_01, store_02); dropped 1 series shorter than the race's 60 "
+               "(store_01, store_02); dropped 1 series shorter than the race's 61 "
                "observations (store_05)" in w for w in warnings), warnings

@@ -1,34 +1,53 @@
 """The service's request path as plain functions, without a server: schemas, checks against
-the model, the batched forward pass, rendering, hot swap, batching and the body limit."""
+the model, the batched forward pass, a refitted baseline, rendering (never a non-finite number),
+admission, the fair pool, hot swap, batching, the middlewares and the log filter."""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
+import logging
+import threading
 import time
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pandas as pd
 import pytest
 from pydantic import ValidationError
+from sktime.forecasting.naive import NaiveForecaster
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
-from forecaster.data import SERIES, TARGET
+from forecaster.data import SERIES, TARGET, panel_to_long
 from pipelines import registry as race_registry
+from pipelines.forecasts import POINT, quantile_column
 from serving.batching import batched
 from serving.config import load_serving_config
-from serving.http_limits import BodySizeLimit
-from serving.inference import RequestError, forward, prepare, render
+from serving.fair_pool import FairPool
+from serving.http_limits import BodySizeLimit, ExplainNotReady
+from serving.inference import (
+    ModelOutputError,
+    RequestError,
+    ServiceBusy,
+    admit,
+    forward,
+    prepare,
+    render,
+)
 from serving.model import ServedModel, load_version, resolve_alias
 from serving.model_watcher import ModelWatcher
 from serving.schemas import ForecastRequest
+from tests.conftest import PERIOD, sine_series
 from tests.pipeline_support import clean_mlflow_environment
-from tests.serving_support import HORIZON, MODEL_NAME, Registry, make_registry
+from tests.serving_support import HORIZON, MODEL_NAME, Registry, make_registry, register
+
+BASELINE = "serving-test-baseline"
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +60,17 @@ def store(tmp_path_factory: pytest.TempPathFactory, sine_panel: pd.DataFrame) ->
 def champion(store: Registry) -> ServedModel:
     version = resolve_alias(store.client, MODEL_NAME, "champion")
     return load_version(store.client, version, "champion", warmup_batch=8)
+
+
+@pytest.fixture(scope="module")
+def baseline(store: Registry, sine_panel: pd.DataFrame) -> ServedModel:
+    """Seasonal naive (sp = the panel's period) registered as a race registers it, and served
+    as the service serves it: refitted on each history, on two threads."""
+    estimator = NaiveForecaster(strategy="last", sp=PERIOD).fit(
+        sine_panel, fh=list(range(1, HORIZON + 1)))
+    number = register(estimator, sine_panel, name=BASELINE, levels=[0.1, 0.5, 0.9])
+    return load_version(store.client, store.client.get_model_version(BASELINE, str(number)),
+                        "champion", refit_threads=2)
 
 
 def histories(panel: pd.DataFrame) -> dict[str, list[float]]:
@@ -92,9 +122,10 @@ def test_unseen_series_are_forecast_from_their_history(champion: ServedModel) ->
 
 
 def test_timestamps_follow_start_and_freq(champion: ServedModel) -> None:
-    request = ForecastRequest.model_validate({"series": [
+    # as JSON, as over HTTP: the schema is strict, and only JSON spells a time as a string
+    request = ForecastRequest.model_validate_json(json.dumps({"series": [
         {"id": "x", "values": [1.0] * 30, "start": "2024-03-01T00:00:00", "freq": "h"},
-        {"id": "y", "values": [2.0] * 30}], "horizon": 2})
+        {"id": "y", "values": [2.0] * 30}], "horizon": 2}))
     first, second = answer(request, champion)["forecasts"]
     assert first["timestamps"] == ["2024-03-02T06:00:00", "2024-03-02T07:00:00"]
     assert "timestamps" not in second
@@ -113,6 +144,171 @@ def test_one_forward_pass_per_model_in_a_batch(store: Registry, champion: Served
     assert not np.allclose(results[0][0], results[1][0])  # version 2 answered job 2
 
 
+def test_a_baseline_is_refitted_on_each_history(baseline: ServedModel,
+                                                sine_panel: pd.DataFrame) -> None:
+    body = answer(request_for(sine_panel, quantiles=[0.1, 0.9]), baseline)
+    pyfunc = mlflow.pyfunc.load_model(f"models:/{BASELINE}/{baseline.version}")
+    expected = pyfunc.predict(panel_to_long(sine_panel), params={"horizon": HORIZON})
+    assert [f["id"] for f in body["forecasts"]] == ["a", "b", "c"]
+    for forecast in body["forecasts"]:
+        rows = expected[expected[SERIES] == forecast["id"]]
+        np.testing.assert_allclose(forecast["mean"], rows[POINT], rtol=1e-9)
+        for level in (0.1, 0.9):
+            np.testing.assert_allclose(forecast["quantiles"][f"{level:g}"],
+                                       rows[quantile_column(level)], rtol=1e-9)
+
+
+def test_the_minimum_history_comes_from_the_model(store: Registry, champion: ServedModel,
+                                                  baseline: ServedModel) -> None:
+    assert champion.info.min_history == store.estimators[champion.version].min_history_
+    assert baseline.info.min_history == PERIOD + 1  # the last season and one residual
+    shortest = {"id": "a", "values": sine_series(PERIOD + 1).tolist()}
+    forecast = answer(ForecastRequest.model_validate({"series": [shortest], "horizon": 3}),
+                      baseline)["forecasts"][0]
+    assert len(forecast["mean"]) == 3
+    too_short = {"series": [shortest, {"id": "b", "values": [1.0] * PERIOD}], "horizon": 3}
+    with pytest.raises(RequestError) as caught:
+        prepare(ForecastRequest.model_validate(too_short), baseline, max_series=100)
+    assert (caught.value.loc, caught.value.reason) == (("series", 1, "values"),
+                                                       "history_too_short")
+    assert f"has {PERIOD} values; the model needs at least {PERIOD + 1}" in caught.value.message
+
+
+def test_a_refitted_models_cost_is_measured_at_load(champion: ServedModel,
+                                                    baseline: ServedModel) -> None:
+    cost = baseline.info.refit_cost
+    assert cost is not None and cost.fixed >= 0 and cost.per_value >= 0
+    assert 0 < cost.seconds(100) < 5  # a naive refit: milliseconds, not seconds
+    assert champion.info.refit_cost is None  # a network: one forward pass for all series
+
+
+# ---------------------------------------------------------------- never a non-finite number
+def test_values_that_overflow_the_models_dtype_are_refused(champion: ServedModel,
+                                                           baseline: ServedModel) -> None:
+    huge = [1e19, 0.0] * 20
+    # the network computes in float32, where the scale of these values overflows
+    assert not np.isfinite(champion.predict([np.asarray(huge, np.float32)])[0]).all()
+    body = {"series": [{"id": "fine", "values": [1e15] * 40}, {"id": "huge", "values": huge}],
+            "horizon": 2}
+    with pytest.raises(RequestError) as caught:
+        prepare(ForecastRequest.model_validate(body), champion, max_series=100)
+    assert (caught.value.loc, caught.value.reason) == (("series", 1, "values"),
+                                                       "value_too_large")
+    assert "'huge'" in caught.value.message and "float32" in caught.value.message
+    # the baseline computes in float64, where they are fine
+    forecast = answer(ForecastRequest.model_validate(body), baseline)["forecasts"][1]
+    assert np.isfinite(forecast["mean"]).all() and max(forecast["mean"]) == pytest.approx(1e19)
+
+
+def test_a_non_finite_forecast_is_withheld(champion: ServedModel,
+                                           sine_panel: pd.DataFrame) -> None:
+    prepared = prepare(request_for(sine_panel), champion, max_series=100)
+    forecasts = forward([prepared.items()])[0]
+    render(prepared, forecasts)  # finite: rendered
+    forecasts[1] = forecasts[1].copy()
+    forecasts[1][2, -1] = np.inf  # the highest level of a step
+    with pytest.raises(ModelOutputError) as caught:
+        render(prepared, forecasts)
+    assert "series 'b' (series.1)" in str(caught.value)
+    assert caught.value.body()["detail"][0]["loc"] == ["series", 1]
+
+
+# ---------------------------------------------------------------- admission (refitted models)
+def test_a_request_too_costly_alone_is_refused_without_retry() -> None:
+    with pytest.raises(ServiceBusy) as caught:
+        admit(cost=12.0, finish=12.0, timeout=10.0, series=100)
+    error = caught.value
+    assert (error.reason, error.retry_after, error.headers()) == ("too_costly", None, {})
+    assert "about 12 s" in error.message and "at most 83 such series" in error.message
+
+
+def test_a_request_delayed_past_the_timeout_is_refused_with_retry_after() -> None:
+    admit(cost=6.0, finish=9.5, timeout=10.0, series=60)  # in time: admitted
+    with pytest.raises(ServiceBusy) as caught:
+        admit(cost=6.0, finish=13.2, timeout=10.0, series=60)
+    assert (caught.value.reason, caught.value.headers()) == ("busy", {"Retry-After": "4"})
+    assert "about 13 s" in caught.value.message
+
+
+# ---------------------------------------------------------------- the fair pool
+def test_the_pool_takes_one_series_of_each_request_in_turn() -> None:
+    order: list[str] = []
+
+    def task(name: str) -> str:
+        order.append(name)
+        time.sleep(0.02)
+        return name.upper()
+
+    async def scenario() -> tuple[list, list]:
+        pool = FairPool(threads=1)
+        big = asyncio.ensure_future(pool.run([lambda i=i: task(f"big{i}") for i in range(10)],
+                                             [1.0] * 10))
+        await asyncio.sleep(0.03)  # the big request is running
+        small = await pool.run([lambda: task("small")], [1.0])
+        return await big, small
+
+    big, small = asyncio.run(scenario())
+    assert big == [f"BIG{i}" for i in range(10)] and small == ["SMALL"]
+    assert order.index("small") <= 3  # after the series in progress, not after all ten
+
+
+def test_a_cancelled_request_leaves_the_pool_and_its_series_never_run() -> None:
+    ran: list[int] = []
+
+    def task(i: int) -> int:
+        ran.append(i)
+        time.sleep(0.02)
+        return i
+
+    async def scenario() -> float:
+        pool = FairPool(threads=1)
+        request = asyncio.ensure_future(pool.run([lambda i=i: task(i) for i in range(50)],
+                                                 [0.5] * 50))
+        await asyncio.sleep(0.05)
+        assert pool.finish_estimate(1.0) == pytest.approx(2.0)  # 1 + min(cost left, 1)
+        request.cancel()  # as BentoML's timeout does
+        with pytest.raises(asyncio.CancelledError):
+            await request
+        await asyncio.sleep(0.2)
+        return pool.finish_estimate(1.0)
+
+    assert asyncio.run(scenario()) == 1.0  # nothing left in progress
+    assert len(ran) <= 5
+
+
+def test_a_failing_task_fails_its_request_and_drops_the_rest() -> None:
+    ran: list[int] = []
+
+    def task(i: int) -> int:
+        ran.append(i)
+        if i == 1:
+            raise RuntimeError("boom")
+        return i
+
+    async def scenario() -> None:
+        await FairPool(threads=1).run([lambda i=i: task(i) for i in range(5)], [1.0] * 5)
+
+    with pytest.raises(RuntimeError, match="boom"):
+        asyncio.run(scenario())
+    assert ran == [0, 1]
+
+
+def test_the_estimate_shares_the_threads_with_the_requests_in_progress() -> None:
+    release = threading.Event()
+
+    async def scenario() -> list[float]:
+        pool = FairPool(threads=1)
+        work = asyncio.ensure_future(pool.run([release.wait, release.wait], [1.5, 1.5]))
+        await asyncio.sleep(0.02)
+        estimates = [pool.finish_estimate(1.0), pool.finish_estimate(5.0)]
+        release.set()
+        await work
+        return estimates
+
+    # 3 s in progress: a 1 s request waits for 1 s of it, a 5 s request for all 3 s
+    assert asyncio.run(scenario()) == [2.0, 8.0]
+
+
 # ---------------------------------------------------------------- bad input, by field
 @pytest.mark.parametrize("body, loc, kind", [
     ({"series": [{"id": "a", "values": [1.0, float("nan")]}], "horizon": 2},
@@ -120,7 +316,7 @@ def test_one_forward_pass_per_model_in_a_batch(store: Registry, champion: Served
     ({"series": [{"id": "a", "values": [1.0, float("inf")]}], "horizon": 2},
      ("series", 0, "values", 1), "finite_number"),
     ({"series": [{"id": "a", "values": [1.0, "x"]}], "horizon": 2},
-     ("series", 0, "values", 1), "float_parsing"),
+     ("series", 0, "values", 1), "float_type"),
     ({"series": [{"id": "a", "values": []}], "horizon": 2}, ("series", 0, "values"),
      "too_short"),
     ({"series": [], "horizon": 2}, ("series",), "too_short"),
@@ -136,6 +332,19 @@ def test_one_forward_pass_per_model_in_a_batch(store: Registry, champion: Served
       "horizon": 1}, ("series", 0, "freq"), "value_error"),
     ({"series": [{"id": "a", "values": [1.0]}], "horizon": 1, "quantiles": [1.5]},
      ("quantiles", 0), "less_than_equal"),
+    # strict types: no string or boolean is taken for a number
+    ({"series": [{"id": "a", "values": [1.0]}], "horizon": "7"}, ("horizon",), "int_type"),
+    ({"series": [{"id": "a", "values": [1.0]}], "horizon": True}, ("horizon",), "int_type"),
+    ({"series": [{"id": "a", "values": [1.0]}], "horizon": 7.0}, ("horizon",), "int_type"),
+    ({"series": [{"id": "a", "values": [1.0, True]}], "horizon": 1},
+     ("series", 0, "values", 1), "float_type"),
+    ({"series": [{"id": "a", "values": ["1.5"]}], "horizon": 1},
+     ("series", 0, "values", 0), "float_type"),
+    ({"series": [{"id": "a", "values": [1.0]}], "horizon": 1, "quantiles": ["0.5"]},
+     ("quantiles", 0), "float_type"),
+    ({"series": [{"id": 7, "values": [1.0]}], "horizon": 1}, ("series", 0, "id"), "string_type"),
+    ({"series": [{"id": "a", "values": [1.0], "start": 1700000000, "freq": "h"}],
+      "horizon": 1}, ("series", 0, "start", "datetime"), "datetime_type"),
 ])
 def test_schema_errors_name_the_field(body: dict, loc: tuple, kind: str) -> None:
     with pytest.raises(ValidationError) as caught:
@@ -194,10 +403,30 @@ def test_the_watcher_loads_swaps_and_survives_a_broken_version(
     assert outcomes == ["loaded", "swapped", "failed", "swapped"]
 
 
-def test_a_missing_alias_is_reported_not_raised(store: Registry) -> None:
+def test_a_missing_model_or_alias_is_reported_not_raised(store: Registry) -> None:
     watcher = ModelWatcher(store.client, MODEL_NAME, "no-such-alias", poll_seconds=60)
     assert watcher.poll() == "missing" and watcher.current is None
-    assert "does not exist" in watcher.last_error
+    assert watcher.last_error == f"{MODEL_NAME}@no-such-alias does not exist: registered " \
+        f"model {MODEL_NAME!r} has no alias 'no-such-alias' (its aliases: ['champion'])"
+    watcher = ModelWatcher(store.client, "no-such-model", "champion", poll_seconds=60)
+    assert watcher.poll() == "missing"
+    assert watcher.last_error.endswith("no registered model named 'no-such-model'")
+
+
+def test_readyz_says_why_no_model_is_served() -> None:
+    async def ready(_: Request) -> JSONResponse:
+        return JSONResponse({}, status_code=200)
+
+    why: list[str | None] = ["no registered model named 'x'"]
+    app = ExplainNotReady(Starlette(routes=[Route("/readyz", ready), Route("/other", ready)]),
+                          path="/readyz", reason=lambda: why[0])
+    client = TestClient(app)
+    answer_ = client.get("/readyz")
+    assert answer_.status_code == 503
+    assert answer_.json()["error"] == "not ready: no registered model named 'x'"
+    assert client.get("/other").status_code == 200  # other paths pass through
+    why[0] = None
+    assert client.get("/readyz").status_code == 200
 
 
 # ---------------------------------------------------------------- batching
@@ -240,6 +469,63 @@ def test_a_request_larger_than_a_batch_is_split_and_reassembled() -> None:
     assert sizes == [4, 4, 2]
 
 
+def test_a_caller_cancelled_in_the_queue_is_never_computed() -> None:
+    computed: list[int] = []
+
+    def slow(jobs):
+        computed.extend(x for job in jobs for x in job)
+        time.sleep(0.2)
+        return [list(job) for job in jobs]
+
+    async def scenario() -> list:
+        call = batched(slow, max_batch_size=8, max_latency_ms=5000, on_overload=lambda: None)
+        first = asyncio.ensure_future(call([1]))
+        await asyncio.sleep(0.05)  # its forward pass is running
+        gone = asyncio.ensure_future(call([2]))  # queued behind it
+        await asyncio.sleep(0.05)
+        gone.cancel()
+        with pytest.raises(asyncio.CancelledError):  # a cancellation, not a shed
+            await gone
+        return [await first, await call([3])]
+
+    assert asyncio.run(scenario()) == [[1], [3]]
+    assert computed == [1, 3]
+
+
+def test_requests_are_shed_only_once_they_have_waited_max_latency() -> None:
+    def shed() -> None:
+        raise ServiceBusy("overloaded", "shed", retry_after=1)
+
+    def passes(durations):
+        def forward_pass(jobs):
+            time.sleep(next(durations))
+            return [[2 * x for x in job] for job in jobs]
+        return forward_pass
+
+    async def eight_clients() -> list:
+        # one slow pass among fast ones: no request waits 800 ms, so none is shed
+        call = batched(passes(iter([0.01] * 14 + [0.5] + [0.01] * 500)), max_batch_size=64,
+                       max_latency_ms=800, on_overload=shed)
+        answers = []
+        for round_ in range(20):
+            answers += await asyncio.gather(*(call([round_]) for _ in range(8)))
+        return answers
+
+    async def one_waits_too_long() -> list:
+        call = batched(passes(itertools.chain([0.01] * 12, itertools.repeat(0.6))),
+                       max_batch_size=64, max_latency_ms=200, on_overload=shed)
+        for _ in range(12):  # BentoML's warm-up passes, which shed nothing alone in the queue
+            await call([0])
+        running = asyncio.ensure_future(call([1]))
+        await asyncio.sleep(0.05)
+        with pytest.raises(ServiceBusy):
+            await call([2])  # queued behind a 600 ms pass
+        return await running
+
+    assert asyncio.run(eight_clients()) == [[2 * r] for r in range(20) for _ in range(8)]
+    assert asyncio.run(one_waits_too_long()) == [2]
+
+
 # ---------------------------------------------------------------- limits and config
 def test_bodies_over_the_limit_get_413() -> None:
     async def echo(request: Request) -> JSONResponse:
@@ -256,6 +542,22 @@ def test_bodies_over_the_limit_get_413() -> None:
     assert chunked.status_code == 413
     assert client.post("/", content=iter([b"x" * 30, b"x" * 30])).json() == {"size": 60}
     assert len(rejected) == 2
+
+
+def test_a_refused_body_is_one_warning_line_without_traceback(
+        caplog: pytest.LogCaptureFixture) -> None:
+    import serving.service  # noqa: F401 - installs the filter on BentoML's logger
+
+    bentoml_logger = logging.getLogger("bentoml._internal.server.http_app")
+    try:
+        ForecastRequest.model_validate_json('{"series": [], "horizon": "7"}')
+    except ValidationError:
+        with caplog.at_level(logging.WARNING, logger=bentoml_logger.name):
+            bentoml_logger.error("Exception on %s [%s]", "/forecast", "POST", exc_info=True)
+    [record] = caplog.records
+    assert record.levelno == logging.WARNING and record.exc_info is None
+    assert record.getMessage() == "POST /forecast: 400, 2 invalid field(s), the first series: " \
+        "List should have at least 1 item after validation, not 0"
 
 
 def test_the_environment_overrides_the_config_file(tmp_path: Path,
