@@ -27,7 +27,13 @@ import pandas as pd
 import torch
 from sktime.forecasting.base import BaseForecaster, ForecastingHorizon
 
-from forecaster.data import panel_arrays, series_groups, validate_panel
+from forecaster.data import (
+    panel_arrays,
+    series_groups,
+    series_id,
+    series_label,
+    validate_panel,
+)
 from forecaster.models import build_model
 from forecaster.models.losses import make_loss
 from forecaster.trainer import (
@@ -155,10 +161,9 @@ class NeuralForecaster(BaseForecaster):
         key, shortest = min(((key, len(series)) for key, series in series_groups(y)),
                             key=lambda pair: pair[1])
         if self.min_history is not None and self.min_history > shortest:
-            label = "y" if key is None else f"y series {key!r}"
-            raise ValueError(f"{label} has {shortest} observations, fewer than min_history="
-                             f"{self.min_history}: it could not be forecast; lower min_history "
-                             "or leave the series out")
+            raise ValueError(f"{series_label('y', key)} has {shortest} observations, fewer "
+                             f"than min_history={self.min_history}: it could not be forecast; "
+                             "lower min_history or leave the series out")
         return min(self._min_history(), shortest)
 
     def _train_network(self, y: pd.DataFrame, X: pd.DataFrame | None, horizon: int) -> None:
@@ -262,7 +267,8 @@ class NeuralForecaster(BaseForecaster):
                           static: Sequence[Sequence[float]] | np.ndarray | None = None
                           ) -> Windows:
         """One window per history at its forecast origin, as ``forecast_histories`` reads them."""
-        names = list(range(len(histories))) if ids is None else list(ids)
+        # ids as the user wrote them: a one-level panel's group keys are 1-tuples
+        names = list(range(len(histories))) if ids is None else [series_id(i) for i in ids]
         if len(names) != len(histories):
             raise ValueError(f"{len(names)} ids for {len(histories)} histories")
         targets = []
@@ -402,7 +408,8 @@ class NeuralForecaster(BaseForecaster):
         frame = X.xs(key, level=list(range(X.index.nlevels - 1))) if key is not None else X
         missing = index.difference(frame.index)
         if len(missing):
-            raise ValueError(f"{what} lacks rows of series {key!r} at {list(missing[:3])}")
+            raise ValueError(f"{what} lacks rows of series {series_id(key)!r} at "
+                             f"{list(missing[:3])}")
         return frame.loc[index, columns].to_numpy(np.float32)
 
     # ------------------------------------------------------------------ helpers
