@@ -19,6 +19,8 @@ from __future__ import annotations
 import inspect
 import json
 import textwrap
+import threading
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +47,20 @@ from forecaster.trainer import (
 from forecaster.windows import Panel, Windows, WindowSampler
 
 DEFAULT_QUANTILES = (0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95)
+
+# While a network explains a forecast its attention modules keep their weights on themselves,
+# where a forward pass in another thread (the service forecasts and explains in two) would
+# overwrite them: every inference pass on a network holds its lock. Kept beside the network
+# rather than on it, as a lock cannot be pickled or deep-copied with the estimator.
+_INFERENCE_LOCKS: weakref.WeakKeyDictionary[torch.nn.Module, threading.Lock] = \
+    weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+
+
+def _inference_lock(network: torch.nn.Module) -> threading.Lock:
+    with _LOCKS_GUARD:
+        return _INFERENCE_LOCKS.setdefault(network, threading.Lock())
+
 WEIGHTS_FILE, CONFIG_FILE = "weights.pt", "config.json"
 
 # the fitted attributes that make up a trained network; pretrain keeps them across fit calls
@@ -249,8 +265,9 @@ class NeuralForecaster(BaseForecaster):
         name the series in error messages (default: their positions).
         """
         windows = self._forecast_windows(histories, ids, covariates, static)
-        device = self._network_device()
-        scaled = predict_scaled(self.network_, windows, device)  # (N, H, outputs)
+        with _inference_lock(self.network_):
+            device = self._network_device()
+            scaled = predict_scaled(self.network_, windows, device)  # (N, H, outputs)
         if self.residual_quantiles_ is not None:
             scaled = scaled + np.asarray(self.residual_quantiles_, np.float32)[None]
         # sorting rearranges crossed quantiles into valid ones (Chernozhukov et al., 2010)
@@ -743,7 +760,8 @@ class AttentionMapsMixin:
         self._check_trained()
         past, future = model_inputs(self._one_window(history, covariates, static),
                                     torch.device("cpu"))
-        maps = self.network_.cpu().attention_maps(past, future)
+        with _inference_lock(self.network_):
+            maps = self.network_.cpu().attention_maps(past, future)
         return {name: weights[0].numpy() for name, weights in maps.items()}
 
     def explain_histories(self, histories: Sequence[np.ndarray],
@@ -765,11 +783,12 @@ class AttentionMapsMixin:
         self._check_trained()
         names = list(range(len(histories))) if ids is None else list(ids)
         windows = self._forecast_windows(histories, ids, covariates, static)
-        device = self._network_device()
-        past, future = model_inputs(windows, device)
-        self.network_.eval()
-        with autocast(device):
-            explained = self.network_.explain(past, future)
+        with _inference_lock(self.network_):
+            device = self._network_device()
+            past, future = model_inputs(windows, device)
+            self.network_.eval()
+            with autocast(device):
+                explained = self.network_.explain(past, future)
         attention = explained["attention"].float().cpu().numpy()  # (N, H, input_len)
         observed = windows.past[:, :, 1].sum(axis=1).astype(int)  # left padding: the last ones
         importances = self._covariate_importances(explained) or [None] * len(names)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import threading
 from pathlib import Path
 
 import mlflow
@@ -118,6 +119,33 @@ def test_a_series_whose_observed_steps_no_token_reads_is_named(
     with pytest.raises(ValueError, match="series 'b': the model's attention reads none of its "
                                          "2 observed values"):
         model.explain_histories([np.ones(10), np.ones(2)], ["a", "b"])
+
+
+@pytest.mark.parametrize("cls", [TransformerForecaster, HybridForecaster])
+def test_forecasts_in_another_thread_leave_explanations_alone(
+        cls: type[NeuralForecaster], sine_panel: pd.DataFrame) -> None:
+    """The service forecasts and explains in two threads, on one network that keeps its
+    attention while explaining: a forecast pass meanwhile must not replace it."""
+    model = tiny(cls, input_len=24).fit(sine_panel, fh=[1, 2, 3])
+    histories = [np.sin(np.arange(40) / 3 + i) for i in range(8)]
+    expected = [e.attention for e in model.explain_histories(histories)]
+    others = [np.random.default_rng(i).normal(size=60) for i in range(64)]
+    stop = threading.Event()
+
+    def forecast() -> None:
+        while not stop.is_set():
+            model.forecast_histories(others)
+
+    thread = threading.Thread(target=forecast)
+    thread.start()
+    try:
+        for _ in range(200):
+            got = model.explain_histories(histories)
+            for explanation, attention in zip(got, expected, strict=True):
+                np.testing.assert_allclose(explanation.attention, attention, atol=1e-6)
+    finally:
+        stop.set()
+        thread.join()
 
 
 def _with_covariates(panel: pd.DataFrame) -> pd.DataFrame:
