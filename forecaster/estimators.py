@@ -47,6 +47,14 @@ from forecaster.trainer import (
 from forecaster.windows import Panel, Windows, WindowSampler
 
 DEFAULT_QUANTILES = (0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95)
+WEIGHTS_FILE, CONFIG_FILE = "weights.pt", "config.json"
+
+# the fitted attributes that make up a trained network; pretrain keeps them across fit calls
+TRAINED_ATTRIBUTES = [
+    "network_", "horizon_", "levels_", "model_kwargs_", "covariates_", "static_covariates_",
+    "covariate_loc_", "covariate_scale_", "residual_quantiles_", "history_", "min_history_",
+]
+
 
 # While a network explains a forecast its attention modules keep their weights on themselves,
 # where a forward pass in another thread (the service forecasts and explains in two) would
@@ -60,14 +68,6 @@ _LOCKS_GUARD = threading.Lock()
 def _inference_lock(network: torch.nn.Module) -> threading.Lock:
     with _LOCKS_GUARD:
         return _INFERENCE_LOCKS.setdefault(network, threading.Lock())
-
-WEIGHTS_FILE, CONFIG_FILE = "weights.pt", "config.json"
-
-# the fitted attributes that make up a trained network; pretrain keeps them across fit calls
-TRAINED_ATTRIBUTES = [
-    "network_", "horizon_", "levels_", "model_kwargs_", "covariates_", "static_covariates_",
-    "covariate_loc_", "covariate_scale_", "residual_quantiles_", "history_", "min_history_",
-]
 
 
 class NeuralForecaster(BaseForecaster):
