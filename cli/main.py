@@ -1,5 +1,5 @@
 """The ``forecaster`` command line: race models into MLflow, retrain on a schedule, serve the
-champion over HTTP, benchmark."""
+champion over HTTP, draw what a model's forecast attends to, benchmark."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ examples:
   forecaster serve --port 3000               serve m4-hourly-quick@champion (Swagger UI at /)
   forecaster serve --model-name m4-hourly --alias challenger
   forecaster schedule --run-at-start configs/m4_hourly.yaml --cron "0 3 * * *"
+  forecaster explain configs/quick.yaml --series history.csv --out heatmap.png
   forecaster bench m4-hourly --models LSTMForecaster ThetaForecaster
 """
 
@@ -158,6 +159,39 @@ def _serve(args: argparse.Namespace) -> None:
           model_name=args.model_name, alias=args.alias)
 
 
+def _explain(args: argparse.Namespace) -> None:
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from forecaster.data import SERIES
+    from pipelines.explain import explain_series, model_uri, read_series
+    from pipelines.forecasts import POINT
+    from pipelines.tracking import explanation_figure
+
+    _quiet_mlflow()
+    uri = model_uri(args.model, args.alias)
+    frame = read_series(args.series)  # before the model loads: a wrong file fails fast
+    try:
+        wrapper = mlflow.pyfunc.load_model(uri).unwrap_python_model()
+    except MlflowException as error:
+        raise ValueError(f"cannot load {uri}: {error.message}") from None
+    series_id = args.id if args.id is not None else str(frame[SERIES].iloc[0])
+    horizon = args.horizon or wrapper.horizon
+    explained = explain_series(wrapper.estimator, frame, series_id, horizon, wrapper.frequency,
+                               wrapper.known_future, wrapper.static)
+    attention = explained.explanation.attention[:horizon]
+    figure = explanation_figure(explained.history, explained.forecast, attention,
+                                importance=explained.explanation.covariate_importance,
+                                title=f"{uri}: series {explained.series_id}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(args.out, dpi=args.dpi)
+    mean = attention.mean(axis=0)
+    steps = attention.shape[1]
+    top = ", ".join(f"{steps - p} back ({mean[p]:.3f})" for p in mean.argsort()[::-1][:5])
+    print(f"{args.out}: series {explained.series_id}, {horizon} forecast steps x {steps} input "
+          f"steps; most attended: {top}; first forecast {explained.forecast[POINT].iloc[0]:.4g}")
+
+
 def _export_bento(args: argparse.Namespace) -> None:
     from serving.export import export_bento
 
@@ -251,6 +285,30 @@ def build_parser() -> argparse.ArgumentParser:
                        help="once ready, forecast the first series of this race config's data "
                             "and print it with the curl command that does the same")
     serve.set_defaults(run=_serve)
+
+    explain = commands.add_parser(
+        "explain", help="draw one series' forecast above the attention behind it (PNG)",
+        description="Draw the forecast of one series above the heat map of its attention: a "
+                    "row per forecast step, a column per input time step (each row sums to 1), "
+                    "as POST /explain answers. For a network with attention; any other model is "
+                    "refused, naming the families that have it.")
+    explain.add_argument("model", metavar="CONFIG-or-MODEL-URI",
+                         help="a race config (YAML: its registered model at --alias, in its "
+                              "tracking store) or a model URI (models:/NAME@ALIAS, "
+                              "models:/NAME/VERSION, runs:/RUN/model, a folder)")
+    explain.add_argument("--series", type=Path, required=True, metavar="FILE",
+                         help="CSV or Parquet in the model's input layout: series_id, "
+                              "timestamp, target (and the model's covariates)")
+    explain.add_argument("--out", type=Path, required=True, metavar="PNG",
+                         help="where to write the figure")
+    explain.add_argument("--id", help="the series to explain (default: the file's first)")
+    explain.add_argument("--horizon", type=int,
+                         help="forecast steps to draw (default: the model's horizon)")
+    explain.add_argument("--alias", default="champion",
+                         help="with a CONFIG, the alias of its registered model (default "
+                              "champion)")
+    explain.add_argument("--dpi", type=int, default=120, help="resolution (default 120)")
+    explain.set_defaults(run=_explain)
 
     export = commands.add_parser(
         "export-bento", help="pin the current champion in a Bento that does not follow the "

@@ -9,7 +9,9 @@ sktime's pretrain workflow::
     model.predict()
 
 The same holds for a model read back with ``NeuralForecaster.load_model``. Forecasts come from
-one forward pass over all series at once: ``forecast_histories`` is that numeric path.
+one forward pass over all series at once: ``forecast_histories`` is that numeric path. The
+families with attention (``explains``) also explain forecasts: ``explain_histories`` gives the
+attention of each forecast step over the input time steps, in one forward pass as well.
 """
 
 from __future__ import annotations
@@ -17,7 +19,10 @@ from __future__ import annotations
 import inspect
 import json
 import textwrap
+import threading
+import weakref
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from string import Template
 from typing import Any, ClassVar
@@ -39,6 +44,7 @@ from forecaster.models.losses import make_loss
 from forecaster.trainer import (
     EpochRecord,
     TrainingSettings,
+    autocast,
     choose_device,
     model_inputs,
     predict_scaled,
@@ -54,6 +60,20 @@ TRAINED_ATTRIBUTES = [
     "network_", "horizon_", "levels_", "model_kwargs_", "covariates_", "static_covariates_",
     "covariate_loc_", "covariate_scale_", "residual_quantiles_", "history_", "min_history_",
 ]
+
+
+# While a network explains a forecast its attention modules keep their weights on themselves,
+# where a forward pass in another thread (the service forecasts and explains in two) would
+# overwrite them: every inference pass on a network holds its lock. Kept beside the network
+# rather than on it, as a lock cannot be pickled or deep-copied with the estimator.
+_INFERENCE_LOCKS: weakref.WeakKeyDictionary[torch.nn.Module, threading.Lock] = \
+    weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+
+
+def _inference_lock(network: torch.nn.Module) -> threading.Lock:
+    with _LOCKS_GUARD:
+        return _INFERENCE_LOCKS.setdefault(network, threading.Lock())
 
 
 class NeuralForecaster(BaseForecaster):
@@ -250,16 +270,27 @@ class NeuralForecaster(BaseForecaster):
         name the series in error messages (default: their positions).
         """
         windows = self._forecast_windows(histories, ids, covariates, static)
+        with _inference_lock(self.network_):
+            device = self._network_device()
+            scaled = predict_scaled(self.network_, windows, device)  # (N, H, outputs)
+        if self.residual_quantiles_ is not None:
+            scaled = scaled + np.asarray(self.residual_quantiles_, np.float32)[None]
+        # sorting rearranges crossed quantiles into valid ones (Chernozhukov et al., 2010)
+        return np.sort(windows.unscale(scaled), axis=-1)
+
+    def _check_trained(self) -> None:
+        """The numeric paths need a trained network only: fitted, pretrained or loaded."""
+        if not hasattr(self, "network_"):
+            self.check_is_fitted()  # sktime's NotFittedError
+
+    def _network_device(self) -> torch.device:
+        """The device forecasts run on; the network is moved there if it is elsewhere."""
         device = choose_device(self.device)
         if next(self.network_.parameters()).device != device:
             # moving only when needed: Module.to rebuilds an LSTM's flat weights, which a
             # forecast running concurrently in another thread may be reading
             self.network_.to(device)
-        scaled = predict_scaled(self.network_, windows, device)  # (N, H, outputs)
-        if self.residual_quantiles_ is not None:
-            scaled = scaled + np.asarray(self.residual_quantiles_, np.float32)[None]
-        # sorting rearranges crossed quantiles into valid ones (Chernozhukov et al., 2010)
-        return np.sort(windows.unscale(scaled), axis=-1)
+        return device
 
     def _forecast_windows(self, histories: Sequence[np.ndarray],
                           ids: Sequence[object] | None = None,
@@ -707,8 +738,24 @@ class TCNForecaster(NeuralForecaster):
                 {"channels": 4, "num_layers": 1, "loss": "mse", "segment_len": 1}]
 
 
+@dataclass(frozen=True)
+class Explanation:
+    """Why one series' forecast looks the way it does (see ``explain_histories``).
+
+    ``attention`` (horizon_, steps): row h is forecast step h + 1; column j is the
+    ``steps - j``-th last value of the history (the last ``steps = min(len(history),
+    input_len)`` values, oldest first). Each row sums to 1. ``covariate_importance``: each
+    covariate's mean variable-selection weight, for a network that weighs its inputs and was
+    trained with covariates; else None.
+    """
+
+    attention: np.ndarray
+    covariate_importance: dict[str, float] | None
+
+
 class AttentionMapsMixin:
-    """Forecasters whose network has attention: ``attention_maps`` explains a forecast."""
+    """Forecasters whose network has attention: ``attention_maps`` and ``explain_histories``
+    explain a forecast."""
 
     def attention_maps(self, history: np.ndarray, covariates: np.ndarray | None = None,
                        static: Sequence[float] | None = None) -> dict[str, np.ndarray]:
@@ -717,17 +764,75 @@ class AttentionMapsMixin:
         queries, keys) weights. The Transformer has encoder self-attention, decoder
         self-attention and cross-attention; the hybrid one map from horizon steps to encoder
         segments, then to horizon steps."""
-        self.check_is_fitted()
+        self._check_trained()
         past, future = model_inputs(self._one_window(history, covariates, static),
                                     torch.device("cpu"))
-        maps = self.network_.cpu().attention_maps(past, future)
+        with _inference_lock(self.network_):
+            maps = self.network_.cpu().attention_maps(past, future)
         return {name: weights[0].numpy() for name, weights in maps.items()}
+
+    def explain_histories(self, histories: Sequence[np.ndarray],
+                          ids: Sequence[object] | None = None, *,
+                          covariates: Sequence[np.ndarray] | None = None,
+                          static: Sequence[Sequence[float]] | np.ndarray | None = None
+                          ) -> list[Explanation]:
+        """The attention of each forecast step over the input time steps, per series: one
+        forward pass for all series, inputs as ``forecast_histories`` takes them.
+
+        The map is the network's last attention from the horizon steps to the history,
+        averaged over heads (the Transformer: its last decoder layer's cross-attention; the
+        hybrid: its attention over the encoder keys, renormalised), each input token's weight
+        spread equally over the time steps it reads. Columns are the observed steps only: for
+        a history shorter than ``input_len`` the weight on the left padding is left out and
+        each row renormalised over the observed steps. A ValueError names a series none of
+        whose observed steps any token reads.
+        """
+        self._check_trained()
+        names = list(range(len(histories))) if ids is None else list(ids)
+        windows = self._forecast_windows(histories, ids, covariates, static)
+        with _inference_lock(self.network_):
+            device = self._network_device()
+            past, future = model_inputs(windows, device)
+            self.network_.eval()
+            with autocast(device):
+                explained = self.network_.explain(past, future)
+        attention = explained["attention"].float().cpu().numpy()  # (N, H, input_len)
+        observed = windows.past[:, :, 1].sum(axis=1).astype(int)  # left padding: the last ones
+        importances = self._covariate_importances(explained) or [None] * len(names)
+        return [Explanation(_observed_attention(weights, steps, name), importance)
+                for weights, steps, name, importance in zip(attention, observed, names,
+                                                            importances, strict=True)]
+
+    def _covariate_importances(self, explained: dict[str, torch.Tensor]
+                               ) -> list[dict[str, float]] | None:
+        """Each series' covariate -> mean variable-selection weight over the input and the
+        horizon steps, from a network that reports the weights (``past`` and ``future``);
+        None for a model without covariates or a network that does not weigh its inputs."""
+        names = [*self.covariates_, *self.static_covariates_]
+        if not names or "past" not in explained:
+            return None
+        past = explained["past"][:, :, 2:].float().mean(dim=1)  # after the target and its mask
+        future = explained["future"].float().mean(dim=1)
+        both = ((past + future) / 2).cpu().numpy()
+        return [{name: float(w) for name, w in zip(names, row, strict=True)} for row in both]
 
     def _one_window(self, history: np.ndarray, covariates: np.ndarray | None,
                     static: Sequence[float] | None) -> Windows:
         return self._forecast_windows([history], None,
                                       None if covariates is None else [covariates],
                                       None if static is None else [static])
+
+
+def _observed_attention(weights: np.ndarray, steps: int, name: object) -> np.ndarray:
+    """A (horizon, input_len) map cut to its last ``steps`` columns, the observed ones, each
+    row renormalised over them."""
+    kept = weights[:, weights.shape[1] - steps:]
+    total = kept.sum(axis=1, keepdims=True)
+    if not (total > 0).all():
+        raise ValueError(f"series {name!r}: the model's attention reads none of its {steps} "
+                         "observed values (only the padding before them); send a longer "
+                         "history")
+    return kept / total
 
 
 _TRANSFORMER_PARAMETERS: _ParameterDocs = {
@@ -839,17 +944,10 @@ class HybridForecaster(AttentionMapsMixin, NeuralForecaster):
         horizon steps, for one history and its covariates (as ``attention_maps`` takes them).
         The target and its observed mask take the rest of each step's weight, so the values
         sum to at most 1."""
-        self.check_is_fitted()
-        names = [*self.covariates_, *self.static_covariates_]
-        if not names:
-            return {}
-        past, future = model_inputs(self._one_window(history, covariates, static),
-                                    torch.device("cpu"))
-        weights = self.network_.cpu().variable_weights(past, future)
-        past_weights = weights["past"][0, :, 2:].mean(0)  # after the target and the mask
-        future_weights = weights["future"][0].mean(0)
-        both = ((past_weights + future_weights) / 2).numpy()
-        return {name: float(w) for name, w in zip(names, both, strict=True)}
+        explanation, = self.explain_histories(
+            [history], covariates=None if covariates is None else [covariates],
+            static=None if static is None else [static])
+        return explanation.covariate_importance or {}
 
     @classmethod
     def _tiny_variants(cls) -> list[dict[str, Any]]:
@@ -859,3 +957,14 @@ class HybridForecaster(AttentionMapsMixin, NeuralForecaster):
 
 ESTIMATORS = (RNNForecaster, LSTMForecaster, GRUForecaster, TCNForecaster, TransformerForecaster,
               HybridForecaster)
+
+
+def explains(estimator: object) -> bool:
+    """Whether an estimator (or class) explains its forecasts with attention: the capability
+    that ``explain_histories`` states."""
+    return hasattr(estimator, "explain_histories")
+
+
+def explaining_families() -> list[str]:
+    """The estimator classes of ``ESTIMATORS`` that explain their forecasts."""
+    return [cls.__name__ for cls in ESTIMATORS if explains(cls)]

@@ -39,7 +39,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import mlflow
-import numpy as np
 import pandas as pd
 import yaml
 from pydantic import ValidationError
@@ -47,6 +46,7 @@ from sktime.forecasting.base import BaseForecaster, ForecastingHorizon
 from tqdm.auto import tqdm
 
 from forecaster.data import SERIES, TARGET, TIME
+from forecaster.estimators import explains
 from forecaster.trainer import EpochCallback, EpochRecord
 from pipelines import registry
 from pipelines.backtest import (
@@ -69,6 +69,7 @@ from pipelines.candidates import (
     takes_covariates,
 )
 from pipelines.config import CandidateConfig, RaceConfig
+from pipelines.explain import explain_series, series_inputs
 from pipelines.forecasts import forecast_frame, forecast_problems, future_index, horizon_of
 from pipelines.pyfunc_model import (
     forecast_history,
@@ -82,6 +83,7 @@ from pipelines.tracking import (
     attention_figure,
     configure_tracking,
     epoch_logger,
+    explanation_figure,
     flatten,
     forecast_figure,
     log_warnings,
@@ -383,11 +385,8 @@ def _backtest_and_refit(prepared: PreparedRace, candidate: CandidateConfig,
     outcome.example_forecast = forecast_history(
         final, outcome.example, config.horizon, levels, config.frequency,
         *((data.known_future, data.static) if takes_X else ((), ())))
-    if hasattr(final, "attention_maps"):  # the families that can explain their forecasts
-        first = outcome.example[SERIES].iloc[0]
-        mlflow.log_figure(attention_figure(
-            final.attention_maps(*_attention_input(outcome.example, first, data, takes_X)),
-            f"{candidate.name}: attention, series {first}"), "attention.png")
+    if explains(final):  # the families that can explain their forecasts
+        _log_attention(prepared, candidate, final, outcome.example, takes_X)
     bar.step("refit")
 
 
@@ -409,17 +408,25 @@ def _fold_forecast(prepared: PreparedRace, candidate: CandidateConfig,
     return forecast
 
 
-def _attention_input(example: pd.DataFrame, series: str, data: RaceData, takes_X: bool
-                     ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-    """One series of the input example as ``attention_maps`` takes it: the history, and the
-    raw covariates for a model trained with them."""
-    rows = example[example[SERIES] == series]
-    history = rows[TARGET].dropna().to_numpy(np.float32)
-    if not takes_X:
-        return history, None, None
-    known = rows[list(data.known_future)].to_numpy(np.float32) if data.known_future else None
-    static = rows[list(data.static)].iloc[0].to_numpy(np.float32) if data.static else None
-    return history, known, static
+def _log_attention(prepared: PreparedRace, candidate: CandidateConfig,
+                   final: BaseForecaster, example: pd.DataFrame, takes_X: bool) -> None:
+    """The first series of the input example: every attention module of the network
+    (attention.png), and its forecast above the attention over the input time steps
+    (explanation.png, what ``forecaster explain`` draws)."""
+    config, data = prepared.config, prepared.data
+    covariates = (data.known_future, data.static) if takes_X else ((), ())
+    first = example[SERIES].iloc[0]
+    rows = example[example[SERIES] == first]
+    mlflow.log_figure(attention_figure(final.attention_maps(*series_inputs(rows, *covariates)),
+                                       f"{candidate.name}: attention, series {first}"),
+                      "attention.png")
+    explained = explain_series(final, example, first, config.horizon, config.frequency,
+                               *covariates)
+    mlflow.log_figure(explanation_figure(
+        explained.history, explained.forecast, explained.explanation.attention,
+        config.selection.interval_coverage, explained.explanation.covariate_importance,
+        f"{candidate.name}: forecast and attention over the input, series {first}"),
+        "explanation.png")
 
 
 def _log_forecast_plot(prepared: PreparedRace, backtest: BacktestResult) -> None:

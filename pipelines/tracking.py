@@ -19,6 +19,7 @@ from typing import Any
 import mlflow
 import numpy as np
 import pandas as pd
+from matplotlib import dates
 from matplotlib.figure import Figure
 from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
@@ -174,16 +175,85 @@ def forecast_figure(history: pd.DataFrame, forecast: pd.DataFrame, coverage: flo
             ax.plot(truth.index, truth.to_numpy(), color="black", lw=1.2, label="actual")
         rows = forecast[forecast[SERIES] == key]
         ax.plot(rows[TIME], rows[POINT], color="tab:blue", lw=1.2, label="forecast")
-        bounds = [np.array([np.interp(level, levels, r) for r in
-                            rows[[quantile_column(q) for q in levels]].to_numpy()])
-                  for level in (low, high)]
-        ax.fill_between(rows[TIME], bounds[0], bounds[1], color="tab:blue", alpha=0.2,
-                        label=f"{coverage:.0%} interval")
+        ax.fill_between(rows[TIME], *_bounds(rows, levels, (low, high)), color="tab:blue",
+                        alpha=0.2, label=f"{coverage:.0%} interval")
         ax.set_title(str(key), fontsize=9, loc="left")
     axes[0].legend(loc="upper left", fontsize=8, ncols=4)
     if title:
         figure.suptitle(title)
     return figure
+
+
+def _bounds(rows: pd.DataFrame, levels: list[float], bounds: Iterable[float]
+            ) -> list[np.ndarray]:
+    """Each bound's values over the rows of a forecast frame, interpolated between its
+    quantile levels."""
+    quantiles = rows[[quantile_column(q) for q in levels]].to_numpy()
+    return [np.array([np.interp(level, levels, r) for r in quantiles]) for level in bounds]
+
+
+def explanation_figure(history: pd.Series, forecast: pd.DataFrame, attention: np.ndarray,
+                       coverage: float = 0.8, importance: Mapping[str, float] | None = None,
+                       title: str = "") -> Figure:
+    """One series' forecast above the attention behind it, on one time axis.
+
+    Above: the history the attention covers (its last ``attention.shape[1]`` values, the
+    five most-attended marked), the median forecast and its central ``coverage`` interval.
+    Below: the heat map, a row per forecast step (``attention.shape[0]``, the first at the
+    top) and a column per input time step, under the value it weighs. With ``importance``, a
+    bar per covariate at the bottom.
+    """
+    steps, horizon = attention.shape[1], attention.shape[0]
+    shown = history.iloc[-steps:]
+    rows = forecast.iloc[:horizon]
+    x_history, x_forecast = _positions(shown.index), _positions(pd.Index(rows[TIME]))
+    width = float(np.median(np.diff(x_history))) if steps > 1 else 1.0
+    levels = quantile_levels(rows)
+    low, high = (1 - coverage) / 2, (1 + coverage) / 2
+    panels = 3 if importance else 2
+    figure = Figure(figsize=(11, 7 + (1.6 if importance else 0)), layout="constrained")
+    grid = figure.add_gridspec(panels, 1, height_ratios=[1.0, 1.2, 0.6][:panels])
+    top = figure.add_subplot(grid[0])
+    top.plot(x_history, shown.to_numpy(), color="0.3", lw=1, label="history")
+    top.plot(x_forecast, rows[POINT].to_numpy(), color="tab:blue", lw=1.4, label="forecast")
+    top.fill_between(x_forecast, *_bounds(rows, levels, (low, high)), color="tab:blue",
+                     alpha=0.2, label=f"{coverage:.0%} interval")
+    mean = attention.mean(axis=0)
+    most = np.argsort(-mean, kind="stable")[:5]
+    top.scatter(x_history[most], shown.to_numpy()[most], s=30 + 400 * mean[most] / mean.max(),
+                facecolors="none", edgecolors="tab:red", lw=1.5, zorder=3,
+                label="most attended")
+    top.set_ylabel("value")
+    top.legend(loc="upper left", fontsize=8, ncols=4)
+    heat = figure.add_subplot(grid[1], sharex=top)
+    image = heat.imshow(attention, aspect="auto", cmap="viridis", interpolation="nearest",
+                        extent=(x_history[0] - width / 2, x_history[-1] + width / 2,
+                                horizon + 0.5, 0.5))
+    heat.set_ylabel("forecast step")
+    heat.set_xlabel("input time step (columns)")
+    heat.set_title("attention of each forecast step (row) over the input steps; each row sums "
+                   "to 1", fontsize=9, loc="left")
+    figure.colorbar(image, ax=heat, label="weight", shrink=0.9)
+    # imshow narrowed the shared axis to the input steps: widen it to the forecast
+    heat.set_xlim(x_history[0] - width / 2, x_forecast[-1] + width / 2)
+    if isinstance(shown.index, pd.DatetimeIndex):
+        top.xaxis_date()
+    if importance:
+        bars = figure.add_subplot(grid[2])
+        names = list(importance)
+        bars.barh(names, [importance[n] for n in names], color="tab:green")
+        bars.invert_yaxis()
+        bars.set_xlabel("covariate importance (mean variable-selection weight)")
+    if title:
+        figure.suptitle(title)
+    return figure
+
+
+def _positions(index: pd.Index) -> np.ndarray:
+    """x coordinates of times: matplotlib's date numbers for dates, else the numbers."""
+    if isinstance(index, pd.DatetimeIndex):
+        return dates.date2num(index.to_pydatetime())
+    return index.to_numpy(np.float64)
 
 
 def attention_figure(maps: Mapping[str, np.ndarray], title: str = "") -> Figure:

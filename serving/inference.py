@@ -65,7 +65,9 @@ class RequestError(ValueError):
         self.loc, self.reason, self.message = loc, reason, message
 
     def body(self) -> dict:
-        return {"error": f"{'.'.join(map(str, self.loc))}: {self.message}",
+        # an empty loc: the request as a whole (a model that cannot explain)
+        where = f"{'.'.join(map(str, self.loc))}: " if self.loc else ""
+        return {"error": f"{where}{self.message}",
                 "detail": [{"loc": list(self.loc), "msg": self.message, "type": self.reason}]}
 
 
@@ -102,7 +104,7 @@ def prepare(request: ForecastRequest, model: ServedModel, max_series: int) -> Pr
                                f"model needs at least {info.min_history}")
         values = _representable(series.values, i, series.id, model.dtype)
         histories.append(_model_input(i, series, values, model, request.horizon))
-    timestamps = [_future_times(s.start, s.freq, len(s.values), request.horizon)
+    timestamps = [step_times(s.start, s.freq, len(s.values), request.horizon)
                   if s.start is not None else None for s in request.series]
     return PreparedRequest(model, [s.id for s in request.series], histories, request.horizon,
                            levels, columns, timestamps)
@@ -127,11 +129,12 @@ def admit(cost: float, finish: float, timeout: float, series: int) -> None:
 
 
 def forward(jobs: Sequence[Sequence[Item]],
-            observe: Callable[[ServedModel, int, float], None] | None = None
-            ) -> list[Forecasts]:
+            observe: Callable[[ServedModel, int, float], None] | None = None,
+            call: Callable[[ServedModel, list[np.ndarray]], list] | None = None) -> list[list]:
     """Forecasts for the queued series of many requests: one model call per distinct model
     (during a swap, requests checked against the old model finish on it). ``observe`` receives
-    (model, series, seconds) of each call."""
+    (model, series, seconds) of each call; ``call`` replaces ``model.predict`` (explanations
+    are batched the same way)."""
     flat = [item for job in jobs for item in job]
     results: list = [None] * len(flat)
     by_model: dict[int, list[int]] = {}
@@ -140,7 +143,8 @@ def forward(jobs: Sequence[Sequence[Item]],
     for positions in by_model.values():
         model = flat[positions[0]][0]
         start = time.perf_counter()
-        forecasts = model.predict([flat[p][1] for p in positions])
+        inputs = [flat[p][1] for p in positions]
+        forecasts = model.predict(inputs) if call is None else call(model, inputs)
         if observe is not None:
             observe(model, len(positions), time.perf_counter() - start)
         for position, forecast in zip(positions, forecasts, strict=True):
@@ -237,7 +241,8 @@ def _levels(requested: list[float] | None, available: list[float]
     return levels, columns
 
 
-def _future_times(start: object, freq: str | None, observed: int, horizon: int) -> list[str]:
+def step_times(start: object, freq: str | None, first: int, count: int) -> list[str]:
+    """The times of ``count`` steps from step ``first`` (0: ``start``) of a series, ISO 8601."""
     offset = pd.tseries.frequencies.to_offset(freq)
-    first = pd.Timestamp(start) + observed * offset
-    return [t.isoformat() for t in pd.date_range(first, periods=horizon, freq=offset)]
+    origin = pd.Timestamp(start) + first * offset
+    return [t.isoformat() for t in pd.date_range(origin, periods=count, freq=offset)]

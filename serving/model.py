@@ -7,7 +7,9 @@ champion answers all series in one forward pass (``NeuralForecaster.forecast_his
 sktime baseline is a local model and is refitted on each history, as the pyfunc model does.
 The model states what the service needs to know: the shortest history it takes (recorded when
 the race logged it), the covariates it takes, the dtype it computes in, and for a refitted
-model the cost of a series by its length, measured at warm-up.
+model the cost of a series by its length, measured at warm-up. A network with attention also
+explains: ``ServedModel.explain`` maps the same arrays to ``Explanation``s in one forward pass
+(None for a model that cannot).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from mlflow.exceptions import MlflowException
 
 from forecaster import NeuralForecaster
 from forecaster.data import SERIES, TARGET, TIME
+from forecaster.estimators import Explanation, explains
 from pipelines.backtest import METRICS
 from pipelines.candidates import min_history as min_history_of
 from pipelines.forecasts import POINT, quantile_column
@@ -44,6 +47,7 @@ logger = logging.getLogger(__name__)
 WARMUP_BATCHES = (1, 8, 64)
 
 Forecasts = list[np.ndarray | Exception]  # per series: (horizon, 1 + levels), or its error
+Explanations = list[Explanation | Exception]  # per series, or its error
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,8 @@ class ServedModel:
     predict: Callable[[list[np.ndarray]], Forecasts]
     # what the model computes in: a history whose second moment overflows it is refused
     dtype: np.dtype
+    # the attention behind the forecasts of the same inputs; None: the model has none
+    explain: Callable[[list[np.ndarray]], Explanations] | None = None
 
     @property
     def version(self) -> int:
@@ -146,11 +152,13 @@ def served_model(pyfunc: mlflow.pyfunc.PyFuncModel, meta: VersionMeta, alias: st
         estimator: NeuralForecaster = wrapper.estimator
         levels = list(estimator.levels_)
         predict, batches = _neural_predict(estimator), (*WARMUP_BATCHES, warmup_batch)
+        explain = _neural_explain(estimator) if explains(estimator) else None
         dtype = torch.empty(0, dtype=next(estimator.network_.parameters()).dtype).numpy().dtype
     else:
         # one check suffices: a local model refits per series, nothing to warm up
         levels = sorted(wrapper.levels)
         predict, batches = _baseline_predict(wrapper), (1,)
+        explain = None
         dtype = np.dtype(np.float64)  # statsmodels and pandas compute in float64
     # recorded when the race logged the model; versions logged before it was recorded state
     # it through their estimator
@@ -162,12 +170,12 @@ def served_model(pyfunc: mlflow.pyfunc.PyFuncModel, meta: VersionMeta, alias: st
             model_class=tags.get(TAG_MODEL_CLASS, type(wrapper.estimator).__name__),
             candidate=tags.get(TAG_CANDIDATE, ""), horizon=wrapper.horizon, quantiles=levels,
             min_history=min_history, covariates=wrapper.known_future, static=wrapper.static,
-            frequency=wrapper.frequency,
+            frequency=wrapper.frequency, explains=explain is not None,
             trained_at=meta.trained_at, run_id=meta.run_id,
             metrics={m: value for m in METRICS
                      if math.isfinite(value := tag_number(tags.get(m)))},
             loaded_at=datetime.now(timezone.utc)),
-        predict=predict, dtype=dtype)
+        predict=predict, dtype=dtype, explain=explain)
     check_and_warm_up(model, sorted({min(b, warmup_batch) for b in batches}))
     if wrapper.kind != NEURAL:
         model = dataclasses.replace(model, info=model.info.model_copy(
@@ -250,6 +258,24 @@ def _neural_predict(estimator: NeuralForecaster) -> Callable[[list[np.ndarray]],
         return list(np.concatenate([quantiles[..., median:median + 1], quantiles], axis=-1))
 
     return predict
+
+
+def _neural_explain(estimator: NeuralForecaster) -> Callable[[list[np.ndarray]], Explanations]:
+    n_known = len(estimator.covariates_)
+
+    def explain(inputs: list[np.ndarray]) -> Explanations:
+        histories, known, static = zip(*(_split_input(a, n_known) for a in inputs), strict=True)
+        try:  # one forward pass
+            return list(estimator.explain_histories(
+                histories, covariates=known if estimator.covariates_ else None,
+                static=np.stack(static) if estimator.static_covariates_ else None))
+        except ValueError as error:
+            if len(inputs) == 1:
+                return [error]
+        # a series the model cannot explain (see explain_histories) fails alone
+        return [result for array in inputs for result in explain([array])]
+
+    return explain
 
 
 def _baseline_predict(wrapper: ForecasterModel) -> Callable[[list[np.ndarray]], Forecasts]:

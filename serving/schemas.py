@@ -1,4 +1,5 @@
 """The HTTP API's request and response bodies (pydantic): what the OpenAPI schema publishes.
+POST /explain takes the body of POST /forecast.
 
 Checks that need no model live here (strict types: "7" is not a horizon nor ``true`` a value;
 finite numbers, non-empty series, unique ids, a positive horizon); checks against the served
@@ -111,6 +112,36 @@ class ForecastResponse(BaseModel):
     forecasts: list[SeriesForecast]
 
 
+class InputWeight(BaseModel):
+    """One input time step and the attention it gets, averaged over the forecast steps."""
+
+    position: int = Field(description="its column in `attention` (0: the oldest shown)")
+    lag: int = Field(description="steps before the forecast origin (1: the last value)")
+    timestamp: datetime | None = None
+    weight: float
+
+
+class SeriesExplanation(BaseModel):
+    id: str
+    attention: list[list[float]] = Field(
+        description="horizon x input steps: row h is forecast step h + 1, column j an input "
+        "time step (the last len(columns) values of the history, oldest first); each row sums "
+        "to 1")
+    input_timestamps: list[datetime] | None = Field(
+        default=None, description="the time of each column, when `start` and `freq` are given")
+    top_inputs: list[InputWeight] = Field(
+        description="the (at most 5) most-attended input steps, by their mean weight over the "
+        "forecast steps, largest first")
+    covariate_importance: dict[str, float] | None = Field(
+        default=None, description="each covariate's mean variable-selection weight, for a "
+        "model that weighs its inputs (the hybrid) trained with covariates")
+
+
+class ExplainResponse(BaseModel):
+    model: ModelRef
+    explanations: list[SeriesExplanation]
+
+
 class RefitCost(BaseModel):
     """The time a model refitted on each series takes per series of ``length`` values: ``fixed
     + per_value * length`` seconds of a worker's refit threads, measured at load with every
@@ -143,6 +174,9 @@ class ModelInfo(BaseModel):
     run_id: str | None
     metrics: dict[str, float] = Field(description="backtest metrics recorded at registration")
     loaded_at: datetime
+    explains: bool = Field(
+        default=False, description="whether POST /explain answers for this model (a network "
+        "with attention)")
     refit_cost: RefitCost | None = Field(
         default=None, description="for a model refitted on each series (an sktime baseline): "
         "its cost per series; a request it would not answer within the service's timeout is "

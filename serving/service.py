@@ -1,6 +1,8 @@
 """The BentoML service: a thin HTTP layer over :mod:`serving.inference`.
 
     POST /forecast   forecasts for one or more series (adaptively batched)
+    POST /explain    the same body: each forecast step's attention over the input time steps,
+                     for a network with attention (batched the same way; serving.explain)
     GET  /model      the served model: registry version, horizon, levels, backtest metrics
     GET  /readyz     200 once a model is loaded and warmed up, else 503 saying why;
                      /livez, /metrics: BentoML's
@@ -20,6 +22,7 @@ from __future__ import annotations
 import gc
 import logging
 import math
+from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
 
@@ -37,6 +40,7 @@ from starlette.responses import JSONResponse, Response
 from serving import metrics
 from serving.batching import batched
 from serving.config import load_serving_config
+from serving.explain import explain_forward, prepare_explanation, render_explanations
 from serving.fair_pool import FairPool
 from serving.http_limits import BodySizeLimit, ExplainNotReady
 from serving.inference import (
@@ -50,9 +54,16 @@ from serving.inference import (
     prepare,
     render,
 )
-from serving.model import Forecasts, ServedModel, load_bento_model, load_version
+from serving.model import Explanations, Forecasts, ServedModel, load_bento_model, load_version
 from serving.model_watcher import ModelWatcher, PinnedModel
-from serving.schemas import ErrorResponse, ForecastRequest, ForecastResponse, ModelInfo, Series
+from serving.schemas import (
+    ErrorResponse,
+    ExplainResponse,
+    ForecastRequest,
+    ForecastResponse,
+    ModelInfo,
+    Series,
+)
 
 logger = logging.getLogger(__name__)
 CONFIG = load_serving_config()
@@ -103,7 +114,7 @@ class ForecastInput(ForecastRequest):
     workers=CONFIG.workers,
     traffic={"timeout": CONFIG.timeout_seconds},
     logging={"access": {"enabled": CONFIG.access_log}},
-    tracing={} if CONFIG.trace_requests else {"excluded_urls": ["/forecast"]},
+    tracing={} if CONFIG.trace_requests else {"excluded_urls": ["/forecast", "/explain"]},
 )
 class Forecaster:
     def __init__(self) -> None:
@@ -124,6 +135,9 @@ class Forecaster:
         # concurrent requests share forward passes (serving.batching explains the set-up)
         self._batched = batched(_forward, CONFIG.max_batch_size, CONFIG.max_latency_ms,
                                 _overloaded) if CONFIG.batching else None
+        self._explain_batched = batched(explain_forward, CONFIG.max_batch_size,
+                                        CONFIG.max_latency_ms, _overloaded) \
+            if CONFIG.batching else None
         # without batching, one forward pass at a time per worker, as BentoML runs a
         # non-batchable API (its `threads` setting, default 1); batching has one batch in flight
         self._unbatched = anyio.CapacityLimiter(1)
@@ -145,29 +159,42 @@ class Forecaster:
             return _no_model(self)
         request = ForecastRequest.model_construct(series=series, horizon=horizon,
                                                   quantiles=quantiles)
-        try:
+
+        async def answer() -> bytes:
             prepared = prepare(request, model, CONFIG.max_series_per_request)
-            body = render(prepared, await self._forecasts(prepared))
-        except RequestError as error:
-            metrics.VALIDATION_FAILURES.labels(reason=error.reason).inc()
-            return JSONResponse(error.body(), status_code=400)
-        except ServiceBusy as error:
-            metrics.REQUESTS_REFUSED.labels(reason=error.reason).inc()
-            logger.warning("503 for a request of %d series: %s", len(series), error)
-            return JSONResponse(error.body(), status_code=503, headers=error.headers())
-        except ModelOutputError as error:
-            metrics.NONFINITE_FORECASTS.labels(model_version=str(model.version)).inc()
-            logger.error("500: %s", error)
-            return JSONResponse(error.body(), status_code=500)
-        # the body is already JSON: BentoML's own serialisation would derive a JSON schema
-        # per response, which costs more than the forecast
-        return Response(body, media_type="application/json")
+            return render(prepared, await self._forecasts(prepared))
+
+        return await _respond(model, len(series), answer)
+
+    @bentoml.api(route="/explain", input_spec=ForecastInput, output_spec=ExplainResponse)
+    async def explain(self, series: list[Series], horizon: int,
+                      quantiles: list[float] | None = None) -> Response:
+        """Why each forecast looks the way it does: per series, the attention of each of the
+        ``horizon`` forecast steps (rows) over the input time steps (columns; each row sums to
+        1), the most-attended steps and, for a model that weighs them, its covariates'
+        importance. For a network with attention (GET /model: ``explains``); any other model
+        gets a 400 naming the families that explain."""
+        model = self.watcher.current
+        if model is None:
+            return _no_model(self)
+        request = ForecastRequest.model_construct(series=series, horizon=horizon,
+                                                  quantiles=quantiles)
+
+        async def answer() -> bytes:
+            prepared = prepare_explanation(request, model, CONFIG.max_series_per_request)
+            items = prepared.items()
+            explanations = await (self._explain_batched(items) if self._explain_batched
+                                  else self._one_pass_at_a_time(explain_forward, items))
+            return render_explanations(request, prepared, explanations)
+
+        return await _respond(model, len(series), answer)
 
     @ROUTES.get("/model", response_model=ModelInfo, summary="The served model",
                 responses={503: {"model": ErrorResponse, "description": "no model loaded yet"}})
     async def model_info(self) -> Response:
         """The served version, its horizon, quantile levels, shortest usable history, training
-        time, backtest metrics and, for a model refitted on each series, its cost per series."""
+        time, backtest metrics, whether it explains (POST /explain) and, for a model refitted
+        on each series, its cost per series."""
         model = self.watcher.current
         if model is None:
             return _no_model(self)
@@ -184,12 +211,17 @@ class Forecaster:
                                           costs)
         if self._batched is not None:
             return await self._batched(items)
-        forecasts: Forecasts = []
-        for start in range(0, len(items), CONFIG.max_batch_size):  # one pass at most per batch
-            forecasts += (await anyio.to_thread.run_sync(
-                _forward, [items[start:start + CONFIG.max_batch_size]],
+        return await self._one_pass_at_a_time(_forward, items)
+
+    async def _one_pass_at_a_time(self, passes: Callable[[list[list[Item]]], list],
+                                  items: list[Item]) -> Forecasts | Explanations:
+        """Without batching: ``passes`` over ``items``, at most max_batch_size per pass."""
+        results = []
+        for start in range(0, len(items), CONFIG.max_batch_size):
+            results += (await anyio.to_thread.run_sync(
+                passes, [items[start:start + CONFIG.max_batch_size]],
                 limiter=self._unbatched))[0]
-        return forecasts
+        return results
 
 
 Forecaster.add_asgi_middleware(BodySizeLimit, max_bytes=CONFIG.max_body_bytes,
@@ -197,6 +229,27 @@ Forecaster.add_asgi_middleware(BodySizeLimit, max_bytes=CONFIG.max_body_bytes,
                                    reason="body_too_large").inc())
 Forecaster.add_asgi_middleware(ExplainNotReady, path="/readyz",
                                reason=lambda: _why_no_model(bentoml.get_current_service()))
+
+
+async def _respond(model: ServedModel, n_series: int, answer: Callable[[], Awaitable[bytes]]
+                   ) -> Response:
+    """The JSON ``answer`` computes, or the error it raises as a 400, 503 or 500."""
+    try:
+        body = await answer()
+    except RequestError as error:
+        metrics.VALIDATION_FAILURES.labels(reason=error.reason).inc()
+        return JSONResponse(error.body(), status_code=400)
+    except ServiceBusy as error:
+        metrics.REQUESTS_REFUSED.labels(reason=error.reason).inc()
+        logger.warning("503 for a request of %d series: %s", n_series, error)
+        return JSONResponse(error.body(), status_code=503, headers=error.headers())
+    except ModelOutputError as error:
+        metrics.NONFINITE_FORECASTS.labels(model_version=str(model.version)).inc()
+        logger.error("500: %s", error)
+        return JSONResponse(error.body(), status_code=500)
+    # the body is already JSON: BentoML's own serialisation would derive a JSON schema per
+    # response, which costs more than the forecast
+    return Response(body, media_type="application/json")
 
 
 def _forward(jobs: list[list[Item]]) -> list[Forecasts]:

@@ -25,6 +25,8 @@ LSTM = {"name": "lstm", "model": "LSTMForecaster",
 TRANSFORMER = {"name": "transformer", "model": "TransformerForecaster",
                "params": {"d_model": 8, "n_heads": 2, "encoder_layers": 1, "patch_len": 8,
                           "patch_stride": 4, **TINY_NEURAL}}
+HYBRID = {"name": "hybrid", "model": "HybridForecaster",
+          "params": {"d_model": 8, "n_heads": 2, "segment_len": 4, **TINY_NEURAL}}
 SNAIVE = {"name": "snaive", "model": "NaiveForecaster", "params": {"strategy": "last"}}
 THETA = {"name": "theta", "model": "ThetaForecaster"}
 # the non-seasonal naive forecast: on hourly data, clearly worse than the seasonal one

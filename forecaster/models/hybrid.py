@@ -17,7 +17,7 @@ small data. Attention heads have their own queries and keys but share one value 
 
 The encoder reads segments of ``segment_len`` steps per recurrent step, as the RNN family does
 (SegRNN): the recurrence over long hourly inputs gets 24 times shorter. Attention keys are then
-segments; ``attention_maps`` reports them, and callers spread each key over its time steps.
+segments; ``attention_maps`` reports them, ``explain`` spreads each over its time steps.
 ``variable_weights`` returns the selection weights.
 """
 
@@ -191,25 +191,44 @@ class HybridModel(nn.Module):
     @torch.no_grad()
     def attention_maps(self, past: torch.Tensor, future: torch.Tensor) -> dict[str, torch.Tensor]:
         """The decoder's attention (B, heads, H, N + H) over encoder tokens, then decoder steps."""
-        self.attention.keep_attention = True
-        try:
-            self(past, future)
-            return {"attention": self.attention.attention}
-        finally:
-            self.attention.keep_attention, self.attention.attention = False, None
+        return {"attention": self._recorded(past, future)[0]}
 
     @torch.no_grad()
     def variable_weights(self, past: torch.Tensor, future: torch.Tensor
                          ) -> dict[str, torch.Tensor]:
         """Variable-selection weights (B, T, V) of the past inputs and, when the model has
         known-future inputs, of those: how much each input feature counted at each step."""
+        return self._recorded(past, future)[1]
+
+    @torch.no_grad()
+    def explain(self, past: torch.Tensor, future: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One forward pass's ``attention`` (B, H, input_len) over the input time steps, and
+        the variable-selection weights ``past`` and ``future`` of ``variable_weights``.
+
+        The attention is the head-averaged map restricted to the encoder keys and renormalised:
+        the share a step puts on the decoder steps (the known-future side, itself read from the
+        history through the decoder's recurrent state) is left out, since those keys are no
+        input time step. Each segment's weight is then spread over its steps; rows sum to 1.
+        """
+        attention, variables = self._recorded(past, future)
+        encoder_keys = attention.shape[-1] - self.horizon
+        history = attention.mean(dim=1)[..., :encoder_keys]  # (B, H, N)
+        history = history / history.sum(dim=-1, keepdim=True)
+        return {"attention": self.segments.spread(history), **variables}
+
+    def _recorded(self, past: torch.Tensor, future: torch.Tensor
+                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One forward pass, keeping the attention (B, heads, H, N + H) and the selection
+        weights by name; nothing stays kept afterwards."""
         selections = {"past": self.past_selection, "future": self.future_selection}
         selections = {name: m for name, m in selections.items() if m is not None}
+        self.attention.keep_attention = True
         for selection in selections.values():
             selection.keep_weights = True
         try:
             self(past, future)
-            return {name: selection.weights for name, selection in selections.items()}
+            return self.attention.attention, {name: m.weights for name, m in selections.items()}
         finally:
+            self.attention.keep_attention, self.attention.attention = False, None
             for selection in selections.values():
                 selection.keep_weights, selection.weights = False, None

@@ -1,4 +1,5 @@
-"""Pieces shared by the model families: input segments, the direct head and the highway."""
+"""Pieces shared by the model families: input segments, the direct head, the highway, and the
+spreading of per-token attention over the time steps each token reads."""
 
 from __future__ import annotations
 
@@ -17,11 +18,30 @@ class Segments(nn.Module):
         super().__init__()
         if not 1 <= length <= input_len:
             raise ValueError(f"segment_len must be in [1, input_len={input_len}], got {length}")
-        self.length = length
+        self.length, self.input_len = length, input_len
 
     def forward(self, past: torch.Tensor) -> torch.Tensor:
         S = self.length
         return past[:, past.shape[1] % S :].unfold(1, S, S).flatten(2)
+
+    def spread(self, weights: torch.Tensor) -> torch.Tensor:
+        """Weights per segment (..., L // S) -> per input step (..., L); see spread_over_steps."""
+        S, L = self.length, self.input_len
+        starts = L % S + torch.arange(L // S, device=weights.device) * S
+        return spread_over_steps(weights, starts, S, L)
+
+
+def spread_over_steps(weights: torch.Tensor, starts: torch.Tensor, length: int,
+                      input_len: int) -> torch.Tensor:
+    """Weights per token (..., N) -> weights per input time step (..., input_len).
+
+    Token i reads the ``length`` steps from ``starts[i]``: its weight is shared equally among
+    them (overlapping tokens add up on the steps they share), so a row that sums to 1 over
+    the tokens still does over the steps. A step that no token reads gets no weight.
+    """
+    steps = torch.arange(input_len, device=weights.device)
+    reads = (steps >= starts[:, None]) & (steps < starts[:, None] + length)  # (N, L)
+    return weights @ (reads.to(weights.dtype) / length)
 
 
 class DirectHead(nn.Module):

@@ -9,7 +9,8 @@ Tokens are either one per time step (N = L) or, with ``encoder="patch"``, one pe
 ``patch_len`` steps taken every ``patch_stride`` steps as in PatchTST, which shortens long inputs
 by the stride and lets each token carry local shape. Layers are pre-norm (as in GPT-2), which
 trains more stably than the paper's post-norm without a warm-up. Every attention module keeps
-its last weights when ``keep_attention`` is set: ``attention_maps`` returns them.
+its last weights when ``keep_attention`` is set: ``attention_maps`` returns them, and
+``explain`` the last decoder layer's cross-attention spread over the input time steps.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import math
 import torch
 from torch import nn
 
-from forecaster.models.layers import Highway
+from forecaster.models.layers import Highway, spread_over_steps
 
 
 class MultiHeadAttention(nn.Module):
@@ -134,6 +135,7 @@ class TransformerModel(nn.Module):
         highway: bool = True,
     ):
         super().__init__()
+        self.input_len = input_len
         self.highway = Highway(input_len, horizon) if highway else None
         if encoder == "patch":
             if patch_len > input_len:
@@ -189,3 +191,18 @@ class TransformerModel(nn.Module):
         finally:
             for module in modules.values():
                 module.keep_attention, module.attention = False, None
+
+    @torch.no_grad()
+    def explain(self, past: torch.Tensor, future: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One forward pass's ``attention`` (B, H, input_len): the last decoder layer's
+        cross-attention averaged over heads, each token's weight spread over the time steps
+        of its patch (see layers.spread_over_steps); each row sums to 1."""
+        module = self.decoder_layers[-1].cross_attention
+        module.keep_attention = True
+        try:
+            self(past, future)
+            tokens = module.attention.mean(dim=1)  # (B, H, N)
+        finally:
+            module.keep_attention, module.attention = False, None
+        starts = torch.arange(tokens.shape[-1], device=tokens.device) * self.patch_stride
+        return {"attention": spread_over_steps(tokens, starts, self.patch_len, self.input_len)}
