@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import Counter
 from datetime import date, datetime
-from typing import Annotated
+from typing import Annotated, Literal
 
 import pandas as pd
 from pydantic import (
@@ -123,6 +123,9 @@ class RefitCost(BaseModel):
         return self.fixed + self.per_value * length
 
 
+ModelSource = Literal["registry", "cache", "bento"]
+
+
 class ModelInfo(BaseModel):
     """The served model: registry coordinates, what it can forecast, how it scored."""
 
@@ -143,6 +146,10 @@ class ModelInfo(BaseModel):
     run_id: str | None
     metrics: dict[str, float] = Field(description="backtest metrics recorded at registration")
     loaded_at: datetime
+    source: ModelSource = Field(
+        default="registry", description="where the served files came from: the registry, "
+        "the replica's cache of its last good model (the registry was unreachable at start, or "
+        "its version failed to load), or the model store of an exported Bento")
     refit_cost: RefitCost | None = Field(
         default=None, description="for a model refitted on each series (an sktime baseline): "
         "its cost per series; a request it would not answer within the service's timeout is "
@@ -158,3 +165,5 @@ class ErrorDetail(BaseModel):
 class ErrorResponse(BaseModel):
     error: str
     detail: list[ErrorDetail] = Field(default_factory=list)
+    error_id: str | None = Field(
+        default=None, description="for a 5xx: names the service's log line with the details")
