@@ -148,10 +148,12 @@ def verify(directory: Path, name: str, version: int | str, tags: Mapping[str, st
                                      f"({KEY_VARIABLE} differs, or its tags were forged)")
 
 
-def download(artifact_uri: str, destination: Path) -> Path:
+def download(artifact_uri: str, destination: Path, tracking_uri: str | None = None) -> Path:
     """The model's files from its artifact location (``MlflowClient
     .get_model_version_download_uri``, or a logged model's ``artifact_location``), into
-    ``destination``; returns their folder. Not through a ``models:/`` URI, whose download adds a
-    file of its own (``registered_model_meta``) to what the race hashed."""
+    ``destination``; returns their folder. ``tracking_uri``: the server of an
+    ``mlflow-artifacts:`` location (default: MLflow's current one). Not through a ``models:/``
+    URI, whose download adds a file of its own (:data:`DOWNLOAD_MARKER`)."""
     return Path(mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri,
-                                                    dst_path=str(destination)))
+                                                    dst_path=str(destination),
+                                                    tracking_uri=tracking_uri))

@@ -46,7 +46,7 @@ def export_bento(name: str | None = None, alias: str | None = None,
     signing.check_claims(name, version.version, meta.tags)
     with tempfile.TemporaryDirectory(prefix="forecaster-export-") as download:
         files = signing.download(client.get_model_version_download_uri(name, version.version),
-                                 Path(download))
+                                 Path(download), client.tracking_uri)
         signing.verify(files, name, version.version, meta.tags, signing.signing_key())
         model = bentoml.mlflow.import_model(
             _bento_name(name), str(files),

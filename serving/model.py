@@ -162,7 +162,7 @@ def load_version(client: MlflowClient, version: ModelVersion, alias: str,
         tempfile.TemporaryDirectory(prefix="forecaster-model-")
     with staging as folder:
         files = signing.download(client.get_model_version_download_uri(name, str(number)),
-                                 Path(folder))
+                                 Path(folder), client.tracking_uri)
         signing.verify(files, name, number, tags, signing.signing_key())
         meta = VersionMeta.of(client, version)
         model = served_model(load_pyfunc(files), meta, alias, warmup_batch, refit_threads)

@@ -18,12 +18,13 @@ version replaces the cached one as soon as it loads, the same version included.
 
 **Errors.** ``last_error`` says why no model is served, in words a client may read (/readyz and
 503 bodies): no URI, path or credential, and for a failure an ``error_id`` that names the log
-line holding the details.
+line holding the details (whose URIs are logged without their credentials).
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import uuid
 from collections.abc import Callable
@@ -37,6 +38,25 @@ from serving.model import ServedModel, load_version, resolve_alias, why_missing
 logger = logging.getLogger(__name__)
 
 Loader = Callable[[MlflowClient, ModelVersion, str], ServedModel]
+# the user and password of a URI (scheme://user:password@host): MLflow's errors repeat the
+# tracking URI as given, credentials included
+CREDENTIALS = re.compile(r"(?<=://)[^/\s@]+@")
+
+
+class WithoutCredentials(logging.Filter):
+    """Drops credentials from the URIs of a record's message and traceback: the log says
+    which server failed, not how to log in to it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = CREDENTIALS.sub("", record.getMessage()), None
+        if record.exc_info:
+            record.exc_text = CREDENTIALS.sub("", logging.Formatter().formatException(
+                record.exc_info))
+            record.exc_info = None
+        return True
+
+
+logger.addFilter(WithoutCredentials())
 
 
 def new_error_id() -> str:

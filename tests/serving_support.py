@@ -80,7 +80,7 @@ def vouch_like_a_race(name: str, version: int, key: bytes | None = None) -> None
     client = MlflowClient()
     with tempfile.TemporaryDirectory() as folder:
         files = signing.download(client.get_model_version_download_uri(name, str(version)),
-                                 Path(folder))
+                                 Path(folder), client.tracking_uri)
         claims = {signing.TAG_FILES: signing.files_digest(files), registry.TAG_VALID: "true"}
     registry.tag_version(name, version, {**claims, **signing.vouch(
         name, version, claims, key if key is not None else signing.signing_key())})
@@ -148,17 +148,18 @@ def running_service(config: RaceConfig, log: Path, **settings: str) -> Iterator[
 
 @contextmanager
 def serving(tracking_uri: str, log: Path, arguments: list[str], ready: str = "/readyz",
-            **settings: str) -> Iterator[str]:
+            environment: dict[str, str] | None = None, **settings: str) -> Iterator[str]:
     """``forecaster serve ARGUMENTS`` on a free loopback port of the registry at
-    ``tracking_uri`` (``settings`` as in running_service); yields its URL once ``ready``
-    answers 200, and for /readyz once every worker has loaded its model (/readyz reaches one
-    worker)."""
+    ``tracking_uri`` (``settings`` as in running_service, then more variables from
+    ``environment``); yields its URL once ``ready`` answers 200, and for /readyz once every
+    worker has loaded its model (/readyz reaches one worker)."""
     port = _free_port()
-    # a BentoML home of its own: every `bentoml serve` empties the home's Prometheus folder
-    # when it starts, which would wipe the metrics of the other servers running meanwhile
-    env = clean_environment(MLFLOW_TRACKING_URI=tracking_uri,
-                            BENTOML_HOME=str(log.parent / f"bentoml-home-{port}"),
-                            **{f"{ENV_PREFIX}{name.upper()}": v for name, v in settings.items()})
+    # a BentoML home of its own (its default model cache folder, serving.config)
+    env = clean_environment(**{"MLFLOW_TRACKING_URI": tracking_uri,
+                               "BENTOML_HOME": str(log.parent / f"bentoml-home-{port}"),
+                               **{f"{ENV_PREFIX}{name.upper()}": v
+                                  for name, v in settings.items()},
+                               **(environment or {})})
     command = [sys.executable, "-m", "cli.main", "serve", "--host", "127.0.0.1",
                "--port", str(port), *arguments]
     url = f"http://127.0.0.1:{port}"
