@@ -99,8 +99,10 @@ def _quiet_mlflow() -> None:
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     logging.getLogger("mlflow").setLevel(logging.WARNING)
-    # its sampler thread warns when the tracking server stops answering: the race says so
-    logging.getLogger("mlflow.system_metrics").setLevel(logging.ERROR)
+    # MLflow's sampler thread and urllib3's retries warn while the tracking server does not
+    # answer: the race says so itself, in one line
+    for chatty in ("mlflow.system_metrics", "urllib3.connectionpool"):
+        logging.getLogger(chatty).setLevel(logging.ERROR)
 
 
 def _train(args: argparse.Namespace) -> None:

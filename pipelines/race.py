@@ -92,6 +92,7 @@ from pipelines.tracking import (
     attention_figure,
     configure_tracking,
     end_run,
+    ended_on_error,
     epoch_logger,
     flatten,
     forecast_figure,
@@ -250,38 +251,38 @@ def run_race(config: RaceConfig, *, progress: bool = True) -> RaceResult:
     KeyboardInterrupt (Ctrl-C, or a SIGTERM the caller turned into one) marks the open runs
     KILLED and propagates; other errors mark them FAILED. Either way the aliases are untouched.
     """
-    tracking = config.tracking
-    with without_sktime_notice(), http_requests(tracking), \
-            system_metrics_interval(tracking.system_metrics_sampling_interval):
+    try:
+        with http_requests(config.tracking):
+            return _run_race(config, progress)
+    except Exception as error:
+        if unreachable(error):
+            raise unavailable(error, config.tracking) from None
+        raise
+
+
+def _run_race(config: RaceConfig, progress: bool) -> RaceResult:
+    with without_sktime_notice(), \
+            system_metrics_interval(config.tracking.system_metrics_sampling_interval):
         prepared = prepare_race(config)  # before MLflow is touched: a bad config changes nothing
-        try:
-            experiment_id = configure_tracking(config)
-            tags = {"race": config.name, "registered_model": config.registry.model_name,
-                    "data_source": source_description(config.data),
-                    **provenance_tags(prepared.data.fingerprint)}
-            if prepared.baseline_added:
-                logger.info("race %s: the baseline %s (the seasonal naive forecast) was added "
-                            "to the candidates; selection.baseline names another", config.name,
-                            prepared.baseline)
-            with mlflow.start_run(experiment_id=experiment_id, run_name=config.name, tags=tags,
-                                  log_system_metrics=tracking.enable_system_metrics_logging
-                                  ) as parent:
-                try:
-                    _log_race_settings(prepared)
-                    orphans = registry.tag_orphans(config.registry.model_name,
-                                                   parent.info.run_id)
-                    outcomes = [_race_candidate(prepared, candidate, tags, experiment_id,
-                                                parent.info.run_id, progress)
-                                for candidate in prepared.candidates]
-                    result = _decide_and_alias(prepared, outcomes, parent.info.run_id,
-                                               experiment_id, progress, orphans)
-                except BaseException as error:
-                    end_run("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
-                    raise
-        except Exception as error:
-            if unreachable(error):
-                raise unavailable(error, tracking) from None
-            raise
+        experiment_id = configure_tracking(config)
+        tracking = config.tracking
+        tags = {"race": config.name, "registered_model": config.registry.model_name,
+                "data_source": source_description(config.data),
+                **provenance_tags(prepared.data.fingerprint)}
+        if prepared.baseline_added:
+            logger.info("race %s: the baseline %s (the seasonal naive forecast) was added to "
+                        "the candidates; selection.baseline names another", config.name,
+                        prepared.baseline)
+        with mlflow.start_run(experiment_id=experiment_id, run_name=config.name, tags=tags,
+                              log_system_metrics=tracking.enable_system_metrics_logging
+                              ) as parent, ended_on_error():
+            _log_race_settings(prepared)
+            orphans = registry.tag_orphans(config.registry.model_name, parent.info.run_id)
+            outcomes = [_race_candidate(prepared, candidate, tags, experiment_id,
+                                        parent.info.run_id, progress)
+                        for candidate in prepared.candidates]
+            result = _decide_and_alias(prepared, outcomes, parent.info.run_id, experiment_id,
+                                       progress, orphans)
     logger.info("race %s: winner %s (v%s), %s: %s", config.name, result.winner,
                 result.winner_version, "promoted" if result.promoted else "not promoted",
                 result.reason)

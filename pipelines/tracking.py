@@ -159,6 +159,18 @@ def redact(uri: str) -> str:
     return urlunsplit(parts._replace(netloc=host + (f":{parts.port}" if parts.port else "")))
 
 
+@contextmanager
+def ended_on_error() -> Iterator[None]:
+    """Inside ``with mlflow.start_run(...)``: when the block raises, the run ends KILLED for an
+    interrupt (MLflow's own exit says FAILED for every error), FAILED otherwise, as
+    :func:`end_run` ends runs."""
+    try:
+        yield
+    except BaseException as error:
+        end_run("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
+        raise
+
+
 def end_run(status: str) -> None:
     """``mlflow.end_run(status)``, for the clean-up of a run. When the tracking server has
     stopped answering (the error in flight says so), one quick try, without retries, whose
