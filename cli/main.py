@@ -10,6 +10,7 @@ import textwrap
 from pathlib import Path
 
 from pipelines.schedule import PUSH_JOB, RunAtStart
+from pipelines.signing import KEY_VARIABLE
 from serving.config import ENV_PREFIX, ServingConfig
 
 PUSHGATEWAY_VARIABLE = "PUSHGATEWAY_URL"
@@ -41,6 +42,10 @@ environment:
   {ENV_PREFIX}*          the service's settings (`serve`), over its --config file:
 {settings}
   {PUSHGATEWAY_VARIABLE}       the Prometheus Pushgateway `schedule` and `train` push to
+  {KEY_VARIABLE}
+                        the key of the HMAC with which races sign the models they register,
+                        and `serve` and `export-bento` check them (unset: a model's files are
+                        checked against their digest only, and loads are unsigned)
   FORECASTER_DATA_DIR   the folder of the reference data sets (m4/, ett/) for `bench`
                         (default: ../shared/data beside the checkout)
 """
@@ -95,20 +100,32 @@ def _quiet_mlflow() -> None:
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     logging.getLogger("mlflow").setLevel(logging.WARNING)
+    # MLflow's sampler thread and urllib3's retries warn while the tracking server does not
+    # answer: the race says so itself, in one line
+    for chatty in ("mlflow.system_metrics", "urllib3.connectionpool"):
+        logging.getLogger(chatty).setLevel(logging.ERROR)
 
 
 def _train(args: argparse.Namespace) -> None:
     from pipelines.config import load_config
     from pipelines.race import format_leaderboard, run_race
+    from pipelines.schedule import Interrupted, interrupt_on_signals, train_once
+    from pipelines.tracking import TrackingUnavailable
 
     config = load_config(args.config)  # fails here, naming the key, before anything trains
     _quiet_mlflow()
-    if args.pushgateway:
-        from pipelines.schedule import train_once
-
-        result = train_once(args.config, args.pushgateway, args.push_job)
-    else:
-        result = run_race(config, progress=not args.no_progress)
+    try:
+        with interrupt_on_signals():  # SIGTERM too: the race marks its runs KILLED
+            if args.pushgateway:
+                result = train_once(args.config, args.pushgateway, args.push_job)
+            else:
+                result = run_race(config, progress=not args.no_progress)
+    except TrackingUnavailable as error:
+        sys.exit(f"forecaster train: {error}")
+    except Interrupted as error:
+        print(f"forecaster train: {error}: the race's runs are marked KILLED, the aliases are "
+              "untouched", file=sys.stderr)
+        sys.exit(error.exit_code)
     print(format_leaderboard(result))
 
 

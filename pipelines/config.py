@@ -10,9 +10,10 @@ for, and every problem of the values at once, unless ``data.fill`` repairs it) b
 
 Tracking settings come from the ``tracking`` section with environment overrides: the usual
 MLflow variables (``MLFLOW_TRACKING_URI``, ``MLFLOW_REGISTRY_URI``, ``MLFLOW_EXPERIMENT_NAME``,
-``MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING``, ``MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL``) and
-``MLFLOW_ARTIFACT_LOCATION`` win over the file, so one config serves a laptop (the embedded
-SQLite store) and a server alike.
+``MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING``, ``MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL``,
+``MLFLOW_HTTP_REQUEST_TIMEOUT``, ``MLFLOW_HTTP_REQUEST_MAX_RETRIES``,
+``MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR``) and ``MLFLOW_ARTIFACT_LOCATION`` win over the file, so
+one config serves a laptop (the embedded SQLite store) and a server alike.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from pipelines.candidates import (
 from pipelines.schema_errors import describe
 
 SEASONAL_NAIVE = "snaive"  # the name of the default baseline when the race adds it
+HTTP_BACKOFF_JITTER_S = 1.0  # MLflow's MLFLOW_HTTP_REQUEST_BACKOFF_JITTER, left at its default
 
 # seasonal period implied by a pandas frequency, used when season_length is not given
 SEASONALITY = {"h": 24, "min": 60, "D": 7, "B": 5, "W": 52, "MS": 12, "ME": 12, "M": 12,
@@ -232,6 +234,37 @@ class TrackingConfig(StrictModel):
     artifact_location: str | None = None
     enable_system_metrics_logging: bool = True
     system_metrics_sampling_interval: float = Field(default=5.0, gt=0)
+    # MLflow's HTTP client, for a tracking server: each try of a request waits at most
+    # http_timeout_seconds to connect and as long for each read, and a failed request is
+    # tried again http_max_retries times, http_backoff_factor * 2**n seconds apart. MLflow's
+    # own defaults (120 s, 7 retries, factor 2) hold a race on a dead server for minutes per
+    # request; these give up within http_budget_seconds (under a minute)
+    http_timeout_seconds: int = Field(default=5, ge=1)
+    http_max_retries: int = Field(default=2, ge=0, le=10)  # MLflow refuses more than 10
+    http_backoff_factor: int = Field(default=1, ge=0, le=120)  # ... and a factor over 120
+
+    @property
+    def http_budget_seconds(self) -> float:
+        """The longest one request to a dead or hung server takes before the race gives up:
+        every try's connect and read timeouts, plus the back-off between tries (urllib3 waits
+        0 s before the first retry, then factor * 2**n, plus MLflow's jitter of up to 1 s)."""
+        tries = self.http_max_retries + 1
+        backoff = sum(self.http_backoff_factor * 2 ** (n - 1) + HTTP_BACKOFF_JITTER_S
+                      for n in range(2, tries))
+        return tries * 2 * self.http_timeout_seconds + backoff
+
+    def http_environment(self) -> dict[str, str]:
+        """MLflow's variables for the HTTP settings: its client reads them at each request."""
+        # imported here: checking a config needs no MLflow
+        from mlflow.environment_variables import (
+            MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR,
+            MLFLOW_HTTP_REQUEST_MAX_RETRIES,
+            MLFLOW_HTTP_REQUEST_TIMEOUT,
+        )
+
+        return {MLFLOW_HTTP_REQUEST_TIMEOUT.name: str(self.http_timeout_seconds),
+                MLFLOW_HTTP_REQUEST_MAX_RETRIES.name: str(self.http_max_retries),
+                MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR.name: str(self.http_backoff_factor)}
 
 
 class TrackingEnvironment(BaseSettings):
@@ -245,6 +278,13 @@ class TrackingEnvironment(BaseSettings):
     artifact_location: str | None = None
     enable_system_metrics_logging: bool | None = None
     system_metrics_sampling_interval: float | None = None
+    # MLflow's own names for its HTTP client's settings
+    http_timeout_seconds: int | None = Field(default=None,
+                                             validation_alias="MLFLOW_HTTP_REQUEST_TIMEOUT")
+    http_max_retries: int | None = Field(default=None,
+                                         validation_alias="MLFLOW_HTTP_REQUEST_MAX_RETRIES")
+    http_backoff_factor: int | None = Field(
+        default=None, validation_alias="MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR")
 
 
 class RaceConfig(StrictModel):

@@ -6,17 +6,21 @@ One parent MLflow run per race and a nested run per candidate. Order of work::
     prepare    add the baseline (``selection.baseline``; by default the seasonal naive
                forecast) to the candidates if absent, load the data (repaired as data.fill
                says), plan the folds: every config and data error surfaces here, before training
+    orphans    tag ``orphan`` the versions that earlier races registered but never completed
     candidates per candidate: backtest on the folds, refit on all data (with the covariates,
-               for candidates that take them), log the pyfunc model, check it reproduces the
-               estimator, register it as a new version with its metrics and its resolved config
-               (``registry.TAG_CONFIG``)
+               for candidates that take them), log the pyfunc model, download it back, hash its
+               files and check that, loaded, it reproduces the estimator, register it as a new
+               version with its metrics, its resolved config (``registry.TAG_CONFIG``) and its
+               files' digest (``signing.TAG_FILES``)
     champion   read the @champion's config from the registry (its tag, or its run's params) and
                score it like a candidate: refitted on each fold's training window, forecasting
                the fold's test window; a candidate of this race with the same config lends it
                its fold scores instead. Its registered model is never loaded
     decide     the best valid candidate must beat the baseline's score (unless it is the
                baseline), then the champion's by the promotion margin
-    tag        every version of the race as complete, the winner with the decision
+    record     the decision on the winner's version, the race's tags and its leaderboard
+    vouch      each version: its signature (``pipelines.signing``), then ``race_complete=true``,
+               the tag that claims everything above is written
     alias      last of all: @champion on a promoted winner, @challenger on one that did not beat
                the champion; a winner below the baseline floor gets no alias
 
@@ -24,7 +28,9 @@ An error from a candidate's own model code (a fit that raises, in the backtest o
 fails that candidate only: its nested run is marked FAILED with the error, it cannot win, and
 the race goes on without it (fold scores of a completed backtest still count for the floor).
 An error from MLflow or the registry fails the race; aliases are then untouched, and running
-again starts over cleanly.
+again starts over cleanly. A tracking server that stops answering fails it within
+``tracking.http_budget_seconds`` (:class:`pipelines.tracking.TrackingUnavailable`, one line); an
+interrupt (Ctrl-C, or SIGTERM as ``forecaster train`` handles it) marks the open runs KILLED.
 """
 
 from __future__ import annotations
@@ -32,15 +38,19 @@ from __future__ import annotations
 import json
 import logging
 import math
+import tempfile
 import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import mlflow
 import pandas as pd
 import yaml
+from mlflow.exceptions import MlflowException
+from mlflow.models.model import ModelInfo
 from pydantic import ValidationError
 from sktime.forecasting.base import BaseForecaster, ForecastingHorizon
 from tqdm.auto import tqdm
@@ -48,7 +58,7 @@ from tqdm.auto import tqdm
 from forecaster.data import SERIES, TARGET, TIME
 from forecaster.estimators import explains
 from forecaster.trainer import EpochCallback, EpochRecord
-from pipelines import registry
+from pipelines import registry, signing
 from pipelines.backtest import (
     METRICS,
     BacktestPlan,
@@ -82,13 +92,18 @@ from pipelines.sources import RaceData, load_race_data, source_description
 from pipelines.tracking import (
     attention_figure,
     configure_tracking,
+    end_run,
+    ended_on_error,
     epoch_logger,
     explanation_figure,
     flatten,
     forecast_figure,
+    http_requests,
     log_warnings,
     provenance_tags,
     system_metrics_interval,
+    unavailable,
+    unreachable,
 )
 from pipelines.warning_capture import recorded_warnings, without_sktime_notice
 
@@ -125,6 +140,7 @@ class CandidateOutcome:
     train_seconds: float = math.nan
     backtest_seconds: float = math.nan
     version: int | None = None
+    files: str = ""  # the digest of the registered model's files (signing.TAG_FILES)
     estimator: BaseForecaster | None = None  # refitted on all the data
     forecast: pd.DataFrame | None = None  # the estimator's forecast past the data
     example: pd.DataFrame | None = None  # the logged model's input example ...
@@ -162,7 +178,10 @@ class RaceResult:
     baseline: str  # the candidate that set the floor
     baseline_added: bool  # the race added it to the config's candidates
     champion_scored: str | None = None  # how the previous champion was scored
+    champion_error: str | None = None  # why the previous champion could not be scored
     versions: dict[str, int] = field(default_factory=dict)  # candidate -> registered version
+    # versions of earlier races that died before vouching for them, tagged orphan by this one
+    orphans: list[int] = field(default_factory=list)
     # the refitted estimators, in memory (what each registered version was made from)
     estimators: dict[str, BaseForecaster] = field(default_factory=dict, repr=False)
 
@@ -227,7 +246,23 @@ def _with_baseline(config: RaceConfig) -> tuple[list[CandidateConfig], str, bool
 
 
 def run_race(config: RaceConfig, *, progress: bool = True) -> RaceResult:
-    """Run one race now and return what happened (see the module doc for the steps)."""
+    """Run one race now and return what happened (see the module doc for the steps).
+
+    Every request to a tracking server gives up within ``tracking.http_budget_seconds``; one
+    that did not answer ends the race with a TrackingUnavailable saying so in one line. A
+    KeyboardInterrupt (Ctrl-C, or a SIGTERM the caller turned into one) marks the open runs
+    KILLED and propagates; other errors mark them FAILED. Either way the aliases are untouched.
+    """
+    try:
+        with http_requests(config.tracking):
+            return _run_race(config, progress)
+    except Exception as error:
+        if unreachable(error):
+            raise unavailable(error, config.tracking) from None
+        raise
+
+
+def _run_race(config: RaceConfig, progress: bool) -> RaceResult:
     with without_sktime_notice(), \
             system_metrics_interval(config.tracking.system_metrics_sampling_interval):
         prepared = prepare_race(config)  # before MLflow is touched: a bad config changes nothing
@@ -242,13 +277,14 @@ def run_race(config: RaceConfig, *, progress: bool = True) -> RaceResult:
                         prepared.baseline)
         with mlflow.start_run(experiment_id=experiment_id, run_name=config.name, tags=tags,
                               log_system_metrics=tracking.enable_system_metrics_logging
-                              ) as parent:
+                              ) as parent, ended_on_error():
             _log_race_settings(prepared)
+            orphans = registry.tag_orphans(config.registry.model_name, parent.info.run_id)
             outcomes = [_race_candidate(prepared, candidate, tags, experiment_id,
                                         parent.info.run_id, progress)
                         for candidate in prepared.candidates]
             result = _decide_and_alias(prepared, outcomes, parent.info.run_id, experiment_id,
-                                       progress)
+                                       progress, orphans)
     logger.info("race %s: winner %s (v%s), %s: %s", config.name, result.winner,
                 result.winner_version, "promoted" if result.promoted else "not promoted",
                 result.reason)
@@ -313,6 +349,8 @@ def _race_candidate(prepared: PreparedRace, candidate: CandidateConfig, tags: di
             count = log_warnings(caught, "warnings.txt")
             mlflow.log_metric("warnings", count)
         except Exception as error:  # the candidate's model failed: the race goes on
+            if isinstance(error, MlflowException) or unreachable(error):
+                raise  # logging its curve failed: MLflow's error fails the race
             stage = "backtest" if outcome.backtest is None else "refit on all data"
             outcome.status = "failed"
             outcome.error = f"{stage} failed: {type(error).__name__}: {error}"
@@ -330,7 +368,7 @@ def _race_candidate(prepared: PreparedRace, candidate: CandidateConfig, tags: di
         raise
     finally:  # a failed candidate returns with status FAILED; an MLflow error propagates
         bar.close()
-        mlflow.end_run(status)
+        end_run(status)
 
 
 def _backtest_and_refit(prepared: PreparedRace, candidate: CandidateConfig,
@@ -454,8 +492,9 @@ def _log_and_register(prepared: PreparedRace, candidate: CandidateConfig,
                           example_output=outcome.example_forecast,
                           known_future=data.known_future if takes_X else (),
                           static=data.static if takes_X else ())
-    outcome.problems += _reproduction_problems(info.model_uri, outcome.forecast_input,
-                                               outcome.forecast, config.horizon)
+    problems, outcome.files = _reproduction_problems(info, outcome.forecast_input,
+                                                     outcome.forecast, config.horizon)
+    outcome.problems += problems
     if outcome.problems:
         mlflow.log_text("\n".join(outcome.problems), "problems.txt")
     version = registry.register_version(info, config.registry.model_name, {
@@ -465,6 +504,7 @@ def _log_and_register(prepared: PreparedRace, candidate: CandidateConfig,
         registry.TAG_RACE: parent_id,
         registry.TAG_VALID: str(outcome.valid).lower(),
         registry.TAG_PROBLEMS: "; ".join(outcome.problems)[:5000],
+        signing.TAG_FILES: outcome.files,
         **{m: f"{outcome.scores[m]:.6g}" for m in METRICS},
         "selection_metric": config.selection.metric,
         "horizon": config.horizon,
@@ -487,21 +527,28 @@ def _input_example(prepared: PreparedRace, forecast_input: pd.DataFrame) -> pd.D
     return example.reset_index(drop=True)
 
 
-def _reproduction_problems(model_uri: str, history: pd.DataFrame, expected: pd.DataFrame,
-                           horizon: int) -> list[str]:
-    """The logged model, loaded back, must forecast exactly what the estimator forecasts."""
-    try:
-        loaded = mlflow.pyfunc.load_model(model_uri)
-        got = loaded.predict(history, params={"horizon": horizon})
-    except Exception as error:  # noqa: BLE001 - any failure means the model cannot be served
-        return [f"the logged model failed to forecast: {type(error).__name__}: {error}"]
+def _reproduction_problems(info: ModelInfo, history: pd.DataFrame, expected: pd.DataFrame,
+                           horizon: int) -> tuple[list[str], str]:
+    """The logged model, downloaded back and loaded, must forecast exactly what the estimator
+    forecasts; returns the problems and the digest of the files it was loaded from (what the
+    race vouches for, signing.TAG_FILES). The download is deleted once loaded."""
+    artifacts = mlflow.get_logged_model(info.model_id).artifact_location
+    with tempfile.TemporaryDirectory(prefix="forecaster-logged-") as directory:
+        files = signing.download(artifacts, Path(directory))
+        digest = signing.files_digest(files)
+        try:
+            got = mlflow.pyfunc.load_model(str(files)).predict(history,
+                                                               params={"horizon": horizon})
+        except Exception as error:  # noqa: BLE001 - any failure means the model cannot be served
+            return [f"the logged model failed to forecast: {type(error).__name__}: {error}"], \
+                digest
     try:
         pd.testing.assert_frame_equal(got.reset_index(drop=True),
                                       expected.reset_index(drop=True), check_exact=True,
                                       check_dtype=False, check_index_type=False)
     except AssertionError as error:
-        return [f"the logged model's forecasts differ from the estimator's: {error}"]
-    return []
+        return [f"the logged model's forecasts differ from the estimator's: {error}"], digest
+    return [], digest
 
 
 # ---------------------------------------------------------------------------- the decision
@@ -584,7 +631,7 @@ def _floor(prepared: PreparedRace, outcomes: list[CandidateOutcome]) -> registry
 
 
 def _decide_and_alias(prepared: PreparedRace, outcomes: list[CandidateOutcome], run_id: str,
-                      experiment_id: str, progress: bool) -> RaceResult:
+                      experiment_id: str, progress: bool, orphans: list[int]) -> RaceResult:
     config = prepared.config
     name, metric = config.registry.model_name, config.selection.metric
     leaderboard = _leaderboard(outcomes, metric, prepared.baseline)
@@ -608,11 +655,6 @@ def _decide_and_alias(prepared: PreparedRace, outcomes: list[CandidateOutcome], 
                                champion_score, config.selection.promotion_margin,
                                scored.error, winner=winner.name if winner else None,
                                floor=floor, champion_scored=scored.how)
-    # every version is registered: mark them complete and record the decision on the winner
-    for rank, version in enumerate(leaderboard["version"], start=1):
-        if not pd.isna(version):
-            registry.tag_version(name, int(version), {
-                registry.TAG_RANK: rank, registry.TAG_COMPLETE: "true"})
     label = ("promoted" if decision.promoted else
              "not-promoted" if decision.floor_blocked else "challenger")
     if winner is not None:
@@ -629,20 +671,11 @@ def _decide_and_alias(prepared: PreparedRace, outcomes: list[CandidateOutcome], 
         mlflow.log_metric(f"baseline/{metric}", floor.score)
     mlflow.set_tags({"winner": winner.name if winner else "", "promoted": str(decision.promoted),
                      "decision_reason": decision.reason})
-    mlflow.log_text(leaderboard.to_markdown(floatfmt=".4f"), "leaderboard.md")
-
-    # the very last step: one alias moves, after every version is fully registered and tagged;
-    # a winner below the floor is no challenger to the champion
-    challenger = None
-    if winner is not None and winner.version is not None:
-        if decision.promoted:
-            registry.set_alias(name, registry.CHAMPION, winner.version)
-        elif not decision.floor_blocked:
-            registry.set_alias(name, registry.CHALLENGER, winner.version)
-            challenger = winner.version
-
     promoted = decision.promoted and winner is not None
-    return RaceResult(
+    # a winner below the floor is no challenger to the champion
+    challenger = winner.version if winner is not None and not decision.promoted \
+        and not decision.floor_blocked else None
+    result = RaceResult(
         leaderboard=leaderboard,
         winner=winner.name if winner else None,
         winner_version=winner.version if winner else None,
@@ -661,9 +694,34 @@ def _decide_and_alias(prepared: PreparedRace, outcomes: list[CandidateOutcome], 
         baseline=prepared.baseline,
         baseline_added=prepared.baseline_added,
         champion_scored=scored.how,
+        champion_error=scored.error,
         versions={o.name: o.version for o in outcomes if o.version is not None},
+        orphans=orphans,
         estimators={o.name: o.estimator for o in outcomes if o.estimator is not None},
     )
+    # the table, each note in full, the champion's score (or why it has none), the decision
+    mlflow.log_text(format_leaderboard(result), "leaderboard.md")
+
+    # everything the race records is written: now it vouches for each version (its signature,
+    # then race_complete, the tag that claims all of this), so a race that dies before this
+    # leaves no version claiming to be complete
+    key = signing.signing_key()
+    by_name = {o.name: o for o in outcomes}
+    for rank, candidate in enumerate(leaderboard.index, start=1):
+        outcome = by_name[candidate]
+        if outcome.version is not None:
+            registry.tag_version(name, outcome.version, {
+                registry.TAG_RANK: rank,
+                **signing.vouch(name, outcome.version, {
+                    signing.TAG_FILES: outcome.files,
+                    registry.TAG_VALID: str(outcome.valid).lower()}, key)})
+
+    # the very last step: one alias moves, after every version is fully registered and tagged
+    if promoted:
+        registry.set_alias(name, registry.CHAMPION, result.winner_version)
+    elif challenger is not None:
+        registry.set_alias(name, registry.CHALLENGER, challenger)
+    return result
 
 
 def _leaderboard(outcomes: list[CandidateOutcome], metric: str, baseline: str) -> pd.DataFrame:
@@ -700,9 +758,15 @@ def format_leaderboard(result: RaceResult) -> str:
     if result.previous_champion_version is not None:
         score = ("could not be scored" if result.previous_champion_score is None
                  else f"{result.metric} {result.previous_champion_score:.4f}")
+        if result.previous_champion_score is None and result.champion_error:
+            score += f": {result.champion_error}"
         how = f"; {result.champion_scored}" if result.champion_scored else ""
         lines.append(f"champion before the race: v{result.previous_champion_version} "
                      f"(on the same folds: {score}{how})")
+    if result.orphans:
+        lines.append(f"orphans: {', '.join(f'v{v}' for v in result.orphans)} (registered by "
+                     f"races that died before vouching for them) are tagged "
+                     f"{registry.TAG_ORPHAN}; they are never served")
     if result.winner is None:
         lines.append(f"no winner: {result.reason}")
     elif result.promoted:

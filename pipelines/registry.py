@@ -1,8 +1,10 @@
 """The model registry side of a race: versions, their tags, and the champion/challenger aliases.
 
 Aliases are the only thing serving reads (``models:/NAME@champion``), so they move last: a race
-registers and tags every version first, and only then sets at most one alias. A job that dies
-before that leaves new versions without aliases and the champion where it was.
+registers and tags every version first, vouches for each (:mod:`pipelines.signing`, then
+``race_complete``), and only then sets at most one alias. A job that dies before that leaves new
+versions without aliases or ``race_complete`` and the champion where it was; the next race tags
+those versions ``orphan`` (:func:`tag_orphans`).
 
 Each version records the configuration it was trained from (:data:`TAG_CONFIG`), so that a
 later race can refit the champion on its own folds instead of loading its weights, which have
@@ -12,6 +14,7 @@ seen every fold's test window.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -32,6 +35,8 @@ from mlflow.protos.databricks_pb2 import (
 
 from pipelines.backtest import METRICS  # each is a tag on every version
 
+logger = logging.getLogger(__name__)
+
 CHAMPION, CHALLENGER = "champion", "challenger"
 
 # model version tags
@@ -40,7 +45,11 @@ TAG_MODEL_CLASS = "model_class"
 TAG_RACE = "race_run_id"
 TAG_VALID = "valid"
 TAG_PROBLEMS = "problems"
-TAG_COMPLETE = "race_complete"  # set once every version of the race is registered and tagged
+# set last of all on each version of a race, once everything the race records is written and
+# it vouched for the version (pipelines.signing): the loaders refuse a version without it
+TAG_COMPLETE = "race_complete"
+# on a version whose race ended before it was complete: the run id of the race that found it
+TAG_ORPHAN = "orphan"
 TAG_RANK = "race_rank"
 TAG_DECISION = "decision"  # promoted | challenger | not-promoted (on the race's winner)
 TAG_REASON = "decision_reason"
@@ -153,6 +162,38 @@ def recorded_config(name: str, version: int) -> RecordedConfig:
               if key.startswith(PARAM_PREFIX) and key != PARAM_MODEL_CLASS}
     return RecordedConfig(params[PARAM_MODEL_CLASS], logged, "its run's logged params",
                           from_run_params=True)
+
+
+def tag_orphans(name: str, run_id: str) -> list[int]:
+    """Tag ``orphan`` (with ``run_id``, the race that found them) the versions of ``name``
+    left without ``race_complete`` by races that ended: a race that died after registering, or
+    a version registered by hand. Those of a race still running are left alone: it may yet
+    complete them. Tagged rather than deleted: nothing serves them anyway, and their runs and
+    files stay for whoever investigates. Aliases are never touched. Returns their numbers."""
+    client = MlflowClient()
+    orphans, running = [], {}
+    for version in client.search_model_versions(f"name='{name}'"):
+        tags = version.tags
+        if TAG_COMPLETE in tags or TAG_ORPHAN in tags:
+            continue
+        race = tags.get(TAG_RACE)
+        if race:
+            if race not in running:
+                try:
+                    running[race] = client.get_run(race).info.status == "RUNNING"
+                except MlflowException as error:
+                    if not _missing(error):
+                        raise
+                    running[race] = False
+            if running[race]:
+                continue
+        client.set_model_version_tag(name, version.version, TAG_ORPHAN, run_id)
+        orphans.append(int(version.version))
+    if orphans:
+        logger.warning("%s: version(s) %s were registered by races that ended before vouching "
+                       "for them; tagged %s=%s, they are never served", name,
+                       ", ".join(map(str, sorted(orphans))), TAG_ORPHAN, run_id)
+    return sorted(orphans)
 
 
 def decide(metric: str, score: float | None, champion: int | None,

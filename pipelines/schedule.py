@@ -21,6 +21,10 @@ configured, pushed to it after every run:
 An alert on ``time() - forecaster_training_last_success_timestamp_seconds`` catches failing
 and stuck runs alike; through the Pushgateway, whose values outlive the process, a dead
 scheduler too.
+
+A one-off race (``forecaster train``, :func:`train_once` for a CronJob) turns SIGTERM and SIGINT
+into :class:`Interrupted` (:func:`interrupt_on_signals`): the race marks its runs KILLED, the
+failure is counted and pushed, and the process exits 128 + the signal (143 for SIGTERM).
 """
 
 from __future__ import annotations
@@ -29,7 +33,8 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from enum import Enum
@@ -174,8 +179,10 @@ class TrainingScheduler:
     def run_once(self) -> bool:
         """One training run: times it, records the outcome, pushes the metrics.
 
-        Never raises: a failure is logged with its traceback and counted, so that the scheduler
-        goes on to the next fire. Returns whether the run succeeded.
+        Never raises on a failure: it is logged with its traceback and counted, so that the
+        scheduler goes on to the next fire. Returns whether the run succeeded. An interrupt
+        (KeyboardInterrupt, or :class:`Interrupted`) is counted and pushed as a failure, then
+        raised.
         """
         if self._start_check_pending:
             self._start_check_pending = False
@@ -186,22 +193,29 @@ class TrainingScheduler:
         start = time.perf_counter()
         try:
             result = self.job()
-        except Exception:
+        except (Exception, KeyboardInterrupt) as error:
             duration = time.perf_counter() - start
-            logger.exception("training run failed after %.1f s", duration)
+            if isinstance(error, KeyboardInterrupt):  # a one-off run stopped by a signal
+                logger.error("training run interrupted after %.1f s: %s", duration,
+                             error or "KeyboardInterrupt")
+            else:
+                logger.exception("training run failed after %.1f s", duration)
             self.metrics.runs.labels(outcome="failure").inc()
             self.metrics.last_failure.set_to_current_time()
-            succeeded = False
+            self.metrics.last_duration.set(duration)
+            self.push()
+            if isinstance(error, KeyboardInterrupt):
+                raise
+            return False
         else:
             duration = time.perf_counter() - start
             logger.info("training run succeeded in %.1f s", duration)
             self.metrics.runs.labels(outcome="success").inc()
             self.metrics.last_success.set_to_current_time()
             self.metrics.observe_champion(result)
-            succeeded = True
         self.metrics.last_duration.set(duration)
         self.push()
-        return succeeded
+        return True
 
     def push(self) -> None:
         """Push the registry to the Pushgateway, if one is configured; a failure only logs."""
@@ -348,10 +362,39 @@ def registry_has_champion(registry_uri: str, model_name: str) -> bool:
     return CHAMPION in model.aliases
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGINT during a one-off race (:func:`interrupt_on_signals`): a
+    KeyboardInterrupt, so that the race marks its runs KILLED. ``exit_code``: 128 + the
+    signal's number, as a shell reports a process the signal ended (143 for SIGTERM)."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"received {signal.Signals(signum).name}")
+        self.exit_code = 128 + signum
+
+
+@contextmanager
+def interrupt_on_signals() -> Iterator[None]:
+    """SIGTERM and SIGINT raise :class:`Interrupted` in the main thread inside, where a
+    one-off race runs (``forecaster train``: a CronJob's deadline, an eviction, Ctrl-C), so that
+    it cleans up; a second signal takes the default action, for whoever will not wait."""
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        for sig in previous:
+            signal.signal(sig, signal.SIG_DFL)
+        raise Interrupted(signum)
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def train_once(config_path: Path, pushgateway: str, push_job: str = PUSH_JOB) -> Any:
     """One race now, with the scheduler's metrics pushed to ``pushgateway`` when it ends:
     for a Kubernetes CronJob, whose pod is gone before Prometheus could scrape it. Returns the
-    race's result; a failed race is counted, pushed, then raised.
+    race's result; a failed race is counted, pushed, then raised, and so is an interrupted one.
 
     Each run is a new process, so the timestamp of the outcome that did not happen was never
     set: it is left out, and the push adds to the job's group instead of replacing it, so a
@@ -369,16 +412,24 @@ def train_once(config_path: Path, pushgateway: str, push_job: str = PUSH_JOB) ->
 
     # the cron trigger is never started: run_once is the whole job
     scheduler = TrainingScheduler(job, cron_trigger("0 3 * * *"))
-    succeeded = scheduler.run_once()
-    metrics = scheduler.metrics
+    try:
+        succeeded = scheduler.run_once()
+    except KeyboardInterrupt:
+        _push_outcome(scheduler.metrics, False, pushgateway, push_job)
+        raise
+    _push_outcome(scheduler.metrics, succeeded, pushgateway, push_job)
+    if not succeeded:
+        raise outcome["error"]
+    return outcome["result"]
+
+
+def _push_outcome(metrics: TrainingMetrics, succeeded: bool, pushgateway: str,
+                  push_job: str) -> None:
     metrics.registry.unregister(metrics.last_failure if succeeded else metrics.last_success)
     try:
         pushadd_to_gateway(pushgateway, job=push_job, registry=metrics.registry, timeout=10)
     except Exception:
         logger.exception("pushing metrics to %s failed", pushgateway)
-    if not succeeded:
-        raise outcome["error"]
-    return outcome["result"]
 
 
 def schedule_command(config_path: Path, cron: str, *, timezone: str = "UTC",

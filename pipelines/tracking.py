@@ -1,27 +1,40 @@
-"""MLflow logging helpers: store setup, learning curves, plots, provenance tags.
+"""MLflow logging helpers: store setup, the HTTP client's budget and its failures, learning
+curves, plots, provenance tags.
 
-The race decides what to log; this module knows how. Figures are built on
+The race decides what to log; this module knows how. Against a tracking server, every request
+gives up within ``tracking.http_budget_seconds`` (:func:`http_requests`), and a server that
+stopped answering ends the race with one :class:`TrackingUnavailable` line, its runs closed
+with one quick try each (:func:`end_run`). Figures are built on
 ``matplotlib.figure.Figure`` rather than pyplot, so no global figure state or GUI backend is
 involved.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import subprocess
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import mlflow
 import numpy as np
 import pandas as pd
+import requests
 from matplotlib import dates
 from matplotlib.figure import Figure
 from mlflow.entities import Metric
+from mlflow.environment_variables import (
+    MLFLOW_HTTP_REQUEST_MAX_RETRIES,
+    MLFLOW_HTTP_REQUEST_TIMEOUT,
+)
 from mlflow.exceptions import MlflowException
 
 from forecaster.data import SERIES, TARGET, TIME
@@ -29,7 +42,10 @@ from forecaster.trainer import EpochRecord
 from pipelines.config import RaceConfig, TrackingConfig
 from pipelines.forecasts import POINT, quantile_column, quantile_levels
 
+logger = logging.getLogger(__name__)
+
 REPO = Path(__file__).resolve().parents[1]
+QUICK_TIMEOUT_S = 2  # closing a run once the server stopped answering: one short try
 DEFAULT_ARTIFACT_FOLDER = "mlartifacts"
 INTERVAL_VARIABLE = "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"
 
@@ -77,22 +93,99 @@ def configure_tracking(config: RaceConfig) -> str:
 
 
 @contextmanager
-def system_metrics_interval(seconds: float) -> Iterator[None]:
-    """MLflow's system-metrics sampling interval for the runs started inside.
-
-    MLflow reads it from an environment variable (that is all its setter does), so it is set
-    for the race only and restored after, lest one race's value outlive it in a long-lived
-    process such as the scheduler.
-    """
-    previous = os.environ.get(INTERVAL_VARIABLE)
-    mlflow.set_system_metrics_sampling_interval(seconds)
+def scoped_environment(variables: Mapping[str, str]) -> Iterator[None]:
+    """Environment variables set for the code inside and restored after, lest one race's
+    values outlive it in a long-lived process such as the scheduler. MLflow reads several of
+    its settings from the environment at each use (that is all its setters do)."""
+    previous = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
     try:
         yield
     finally:
-        if previous is None:
-            os.environ.pop(INTERVAL_VARIABLE, None)
-        else:
-            os.environ[INTERVAL_VARIABLE] = previous
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def system_metrics_interval(seconds: float) -> contextlib.AbstractContextManager[None]:
+    """MLflow's system-metrics sampling interval for the runs started inside."""
+    return scoped_environment({INTERVAL_VARIABLE: str(seconds)})
+
+
+def http_requests(tracking: TrackingConfig) -> contextlib.AbstractContextManager[None]:
+    """MLflow's HTTP timeout and retries for the requests made inside, from the config."""
+    return scoped_environment(tracking.http_environment())
+
+
+class TrackingUnavailable(RuntimeError):
+    """The tracking server did not answer a request within the race's HTTP budget."""
+
+
+def unreachable(error: BaseException) -> bool:
+    """Whether ``error``, or one it was raised from or while handling, is a failed HTTP
+    request (refused, timed out, retried out): the tracking server did not answer."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, requests.RequestException):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def unavailable(error: BaseException, tracking: TrackingConfig) -> TrackingUnavailable:
+    """One line saying that the server did not answer, and how long the race waited; the
+    URI without credentials."""
+    while not isinstance(error, requests.RequestException):
+        error = error.__cause__ or error.__context__
+    what = ("timed out" if isinstance(error, requests.Timeout) else
+            "kept failing" if isinstance(error, requests.exceptions.RetryError) else
+            "refused or dropped the connection")
+    return TrackingUnavailable(
+        f"the tracking server {redact(tracking.tracking_uri)} {what} ({type(error).__name__}; "
+        f"each request gives up within {tracking.http_budget_seconds:.0f} s: "
+        f"tracking.http_timeout_seconds={tracking.http_timeout_seconds}, "
+        f"http_max_retries={tracking.http_max_retries}): the race stopped, the aliases are "
+        "untouched")
+
+
+def redact(uri: str) -> str:
+    """``uri`` without the user and password it may carry."""
+    parts = urlsplit(uri)
+    if parts.username is None and parts.password is None:
+        return uri
+    host = parts.hostname or ""
+    return urlunsplit(parts._replace(netloc=host + (f":{parts.port}" if parts.port else "")))
+
+
+@contextmanager
+def ended_on_error() -> Iterator[None]:
+    """Inside ``with mlflow.start_run(...)``: when the block raises, the run ends KILLED for an
+    interrupt (MLflow's own exit says FAILED for every error), FAILED otherwise, as
+    :func:`end_run` ends runs."""
+    try:
+        yield
+    except BaseException as error:
+        end_run("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
+        raise
+
+
+def end_run(status: str) -> None:
+    """``mlflow.end_run(status)``, for the clean-up of a run. When the tracking server has
+    stopped answering (the error in flight says so), one quick try, without retries, whose
+    failure is logged, not raised: the caller sees the error that stopped the race, alone."""
+    error = sys.exception()
+    if error is None or not unreachable(error):
+        mlflow.end_run(status)
+        return
+    with scoped_environment({MLFLOW_HTTP_REQUEST_MAX_RETRIES.name: "0",
+                             MLFLOW_HTTP_REQUEST_TIMEOUT.name: str(QUICK_TIMEOUT_S)}):
+        try:
+            mlflow.end_run(status)
+        except Exception as failure:  # noqa: BLE001 - the server is gone; said once, above
+            logger.debug("could not mark the run %s: %s", status, failure)
 
 
 def git_commit() -> tuple[str, bool]:

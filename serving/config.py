@@ -22,6 +22,7 @@ from pipelines.schema_errors import describe
 
 ENV_PREFIX = "FORECASTER_"  # FORECASTER_<FIELD> sets a field
 CONFIG_FILE_VARIABLE = f"{ENV_PREFIX}SERVING_CONFIG"
+CACHE_FOLDER = "model-cache"  # the default cache_dir's name
 # written into a Bento's sources by `forecaster export-bento`: the model that Bento serves
 PINNED_MODEL_FILE = Path(__file__).resolve().parents[1] / "pinned_model.txt"
 
@@ -56,6 +57,10 @@ class ServingConfig(BaseSettings):
     timeout_seconds: float = Field(default=60.0, gt=0)
     max_series_per_request: int = Field(default=1000, ge=1)
     max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+    # the last model served and verified, served at start when the registry is unreachable
+    # or its version fails to load (serving.model_cache); default: model-cache/ under
+    # $BENTOML_HOME, else the working directory. Give each replica a volume of its own
+    cache_dir: Path | None = None
     access_log: bool = False  # one log line per request costs more CPU than a forward pass
     # an OpenTelemetry span per /forecast request (exported per BentoML's tracing settings)
     # costs about 15% of the request's CPU (py-spy), so it is opt-in
@@ -74,6 +79,13 @@ class ServingConfig(BaseSettings):
     @property
     def model_uri(self) -> str:
         return f"models:/{self.model_name}@{self.model_alias}"
+
+    @property
+    def model_cache_dir(self) -> Path:
+        """``cache_dir``, or its default."""
+        if self.cache_dir is not None:
+            return self.cache_dir
+        return Path(os.environ.get("BENTOML_HOME", ".")).resolve() / CACHE_FOLDER
 
 
 def load_serving_config(path: str | Path | None = None) -> ServingConfig:

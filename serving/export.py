@@ -1,9 +1,10 @@
 """``forecaster export-bento``: an immutable deployment of today's champion.
 
-The champion's MLflow model goes into the BentoML model store (with its registry coordinates
-as metadata), and a Bento is built whose service serves that stored model instead of following
-the registry alias: the Bento's sources carry its tag (``serving.config.PINNED_MODEL_FILE``),
-and its image sets ``FORECASTER_BENTO_MODEL`` too.
+The champion's MLflow model, checked as the service checks it (``pipelines.signing``: a
+version no race vouched for is refused), goes into the BentoML model store (with its registry
+coordinates as metadata), and a Bento is built whose service serves that stored model instead
+of following the registry alias: the Bento's sources carry its tag
+(``serving.config.PINNED_MODEL_FILE``), and its image sets ``FORECASTER_BENTO_MODEL`` too.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import mlflow
 from bentoml._internal.bento.build_config import BentoEnvSchema  # the type build() takes
 from mlflow import MlflowClient
 
+from pipelines import signing
 from serving.config import PINNED_MODEL_FILE, load_serving_config
 from serving.model import VersionMeta, resolve_alias
 
@@ -39,12 +41,20 @@ def export_bento(name: str | None = None, alias: str | None = None,
     if version is None:
         raise ValueError(f"{name}@{alias} does not exist in the registry at {uri}")
     meta = VersionMeta.of(client, version)
-    model = bentoml.mlflow.import_model(
-        _bento_name(name), f"models:/{name}/{version.version}",
-        labels={"registered_model": name, "version": str(version.version), "alias": alias},
-        metadata={"name": meta.name, "version": meta.version, "alias": alias,
-                  "tags": meta.tags, "run_id": meta.run_id,
-                  "trained_at": meta.trained_at.isoformat() if meta.trained_at else None})
+    # the files the race vouched for, checked before they enter the model store, from which
+    # the Bento loads them: the same check as the service's (pipelines.signing)
+    signing.check_claims(name, version.version, meta.tags)
+    with tempfile.TemporaryDirectory(prefix="forecaster-export-") as download:
+        files = signing.download(client.get_model_version_download_uri(name, version.version),
+                                 Path(download), client.tracking_uri)
+        signing.verify(files, name, version.version, meta.tags, signing.signing_key())
+        model = bentoml.mlflow.import_model(
+            _bento_name(name), str(files),
+            labels={"registered_model": name, "version": str(version.version),
+                    "alias": alias},
+            metadata={"name": meta.name, "version": meta.version, "alias": alias,
+                      "tags": meta.tags, "run_id": meta.run_id,
+                      "trained_at": meta.trained_at.isoformat() if meta.trained_at else None})
     with tempfile.TemporaryDirectory() as build_dir:
         # a build context of its own: the sources plus the file naming the pinned model
         context = Path(build_dir)

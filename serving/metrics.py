@@ -2,7 +2,8 @@
 
 ``bentoml serve`` sets PROMETHEUS_MULTIPROC_DIR before its workers import this module, so each
 worker writes its samples to files there and /metrics sums them over workers: counters and
-histograms add up, and the served-version gauge reports the most recent value of a live worker.
+histograms add up, the served-version gauge reports the most recent value of a live worker, and
+the cache and divergence gauges the highest (1 when any worker is in that state).
 """
 
 from __future__ import annotations
@@ -30,9 +31,21 @@ NONFINITE_FORECASTS = Counter(
 MODEL_LOADS = Counter(
     "forecaster_model_loads", "Model loads by outcome: loaded (first), swapped, failed",
     ["outcome"])
+MODEL_REFUSALS = Counter(
+    "forecaster_model_refusals", "Versions refused before any of their code was imported, by "
+    "reason: incomplete, invalid, no_digest (tags of a race missing), files (files differ "
+    "from the race's digest), unsigned, signature (HMAC missing or wrong)", ["reason"])
 SERVED_VERSION = Gauge(
     "forecaster_served_model_version", "Registry version of the model being served",
     ["model_name", "alias"], multiprocess_mode="livemostrecent")
+# 1 while some worker serves a model from the cache of its last good one: the registry was
+# unreachable when it started, or its version failed to load
+SERVED_FROM_CACHE = Gauge(
+    "forecaster_served_from_cache", "1 while the served model comes from the replica's cache "
+    "of its last good model rather than from the registry", multiprocess_mode="livemax")
+REGISTRY_DIVERGENCE = Gauge(
+    "forecaster_registry_divergence", "1 while the served version (or none) differs from the "
+    "version the registry alias names", multiprocess_mode="livemax")
 
 
 def observe_forward(model_version: int, series: int, seconds: float) -> None:

@@ -1,4 +1,9 @@
-"""The served model: a registry version loaded, checked and warmed up, behind one numeric call.
+"""The served model: a registry version checked, loaded, checked and warmed up, behind one
+numeric call.
+
+A version is loaded only once :mod:`pipelines.signing` vouches for it: its tags first, then its
+files, downloaded into a folder of their own (in the cache directory, :mod:`serving.model_cache`)
+and loaded from there; the folder is then kept as the last good model, or deleted.
 
 ``ServedModel.predict`` maps one array per series to forecasts (series, horizon, 1 + levels):
 the point forecast, then the model's quantiles in ascending order. The array is the raw
@@ -17,11 +22,15 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
 
 import mlflow
 import numpy as np
@@ -34,12 +43,14 @@ from mlflow.exceptions import MlflowException
 from forecaster import NeuralForecaster
 from forecaster.data import SERIES, TARGET, TIME
 from forecaster.estimators import Explanation, explains
+from pipelines import signing
 from pipelines.backtest import METRICS
 from pipelines.candidates import min_history as min_history_of
 from pipelines.forecasts import POINT, quantile_column
 from pipelines.pyfunc_model import NEURAL, ForecasterModel, forecast_history
 from pipelines.registry import TAG_CANDIDATE, TAG_MODEL_CLASS, tag_number
-from serving.schemas import ModelInfo, RefitCost
+from serving.model_cache import ModelCache
+from serving.schemas import ModelInfo, ModelSource, RefitCost
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +114,8 @@ def resolve_alias(client: MlflowClient, name: str, alias: str) -> ModelVersion |
 
 @dataclass(frozen=True)
 class VersionMeta:
-    """What the service reports about a registered version (see ``ModelInfo``)."""
+    """What the service reports about a registered version (see ``ModelInfo``), and what a
+    kept copy is checked against (its tags)."""
 
     name: str
     version: int
@@ -115,6 +127,17 @@ class VersionMeta:
     def of(cls, client: MlflowClient, version: ModelVersion) -> VersionMeta:
         return cls(version.name, int(version.version), dict(version.tags), version.run_id,
                    _trained_at(client, version))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "version": self.version, "tags": self.tags,
+                "run_id": self.run_id,
+                "trained_at": self.trained_at.isoformat() if self.trained_at else None}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> VersionMeta:
+        trained_at = data.get("trained_at")
+        return cls(data["name"], int(data["version"]), dict(data["tags"]), data.get("run_id"),
+                   datetime.fromisoformat(trained_at) if trained_at else None)
 
 
 def why_missing(client: MlflowClient, name: str, alias: str) -> str:
@@ -130,20 +153,61 @@ def why_missing(client: MlflowClient, name: str, alias: str) -> str:
 
 
 def load_version(client: MlflowClient, version: ModelVersion, alias: str,
-                 warmup_batch: int = max(WARMUP_BATCHES), refit_threads: int = 1
-                 ) -> ServedModel:
-    """Load a registered version from the registry, check that it forecasts, warm it up."""
-    pyfunc = mlflow.pyfunc.load_model(f"models:/{version.name}/{version.version}")
-    return served_model(pyfunc, VersionMeta.of(client, version), alias, warmup_batch,
-                        refit_threads)
+                 warmup_batch: int = max(WARMUP_BATCHES), refit_threads: int = 1,
+                 cache: ModelCache | None = None) -> ServedModel:
+    """Load a registered version, check that it forecasts, warm it up.
+
+    Nothing of it is imported before it is checked (:mod:`pipelines.signing`): its tags before
+    anything is downloaded, then its files, downloaded into a folder of their own, from which
+    it is loaded; signing.Untrusted refuses it. The download is then kept as the ``cache``'s
+    last good model, or deleted.
+    """
+    name, number, tags = version.name, int(version.version), dict(version.tags)
+    signing.check_claims(name, number, tags)
+    staging = cache.staging() if cache is not None else \
+        tempfile.TemporaryDirectory(prefix="forecaster-model-")
+    with staging as folder:
+        files = signing.download(client.get_model_version_download_uri(name, str(number)),
+                                 Path(folder), client.tracking_uri)
+        signing.verify(files, name, number, tags, signing.signing_key())
+        meta = VersionMeta.of(client, version)
+        model = served_model(load_pyfunc(files), meta, alias, warmup_batch, refit_threads)
+        if cache is not None:
+            cache.keep(files, meta.to_json())
+    return model
+
+
+def load_cached(cache: ModelCache, alias: str, warmup_batch: int = max(WARMUP_BATCHES),
+                refit_threads: int = 1) -> ServedModel:
+    """The cache's last good model, checked again against the tags it was kept with; a
+    LookupError when none was kept, signing.Untrusted when its files changed since."""
+    kept = cache.last()
+    if kept is None:
+        raise LookupError(f"no model was kept in {cache.slot}")
+    files, data = kept
+    meta = VersionMeta.from_json(data)
+    signing.verify(files, meta.name, meta.version, meta.tags, signing.signing_key())
+    return served_model(load_pyfunc(files), meta, alias, warmup_batch, refit_threads,
+                        source="cache")
+
+
+def load_pyfunc(files: Path) -> mlflow.pyfunc.PyFuncModel:
+    """The pyfunc model in a checked folder, left as it was: Python writes no bytecode beside
+    the model's code, a file the race never hashed (and a later check of the kept copy would
+    refuse)."""
+    before, sys.dont_write_bytecode = sys.dont_write_bytecode, True
+    try:
+        return mlflow.pyfunc.load_model(str(files))
+    finally:
+        sys.dont_write_bytecode = before
 
 
 def served_model(pyfunc: mlflow.pyfunc.PyFuncModel, meta: VersionMeta, alias: str,
-                 warmup_batch: int = max(WARMUP_BATCHES), refit_threads: int = 1
-                 ) -> ServedModel:
+                 warmup_batch: int = max(WARMUP_BATCHES), refit_threads: int = 1,
+                 source: ModelSource = "registry") -> ServedModel:
     """A loaded pyfunc model, checked and warmed up (a refitted model's cost per series timed
     on ``refit_threads`` threads); ValueError when this API cannot serve it (a forecast of
-    the wrong shape)."""
+    the wrong shape). ``source``: where its files came from, for ``/model``."""
     wrapper = pyfunc.unwrap_python_model()
     # a model from code runs pipelines/pyfunc_model.py as its own module: compare by name
     if type(wrapper).__name__ != ForecasterModel.__name__:
@@ -174,7 +238,7 @@ def served_model(pyfunc: mlflow.pyfunc.PyFuncModel, meta: VersionMeta, alias: st
             trained_at=meta.trained_at, run_id=meta.run_id,
             metrics={m: value for m in METRICS
                      if math.isfinite(value := tag_number(tags.get(m)))},
-            loaded_at=datetime.now(timezone.utc)),
+            loaded_at=datetime.now(timezone.utc), source=source),
         predict=predict, dtype=dtype, explain=explain)
     check_and_warm_up(model, sorted({min(b, warmup_batch) for b in batches}))
     if wrapper.kind != NEURAL:
@@ -194,7 +258,7 @@ def load_bento_model(tag: str, warmup_batch: int = max(WARMUP_BATCHES), refit_th
     return served_model(bentoml.mlflow.load_model(stored),
                         VersionMeta(meta["name"], int(meta["version"]), meta["tags"],
                                     meta.get("run_id"), trained_at),
-                        meta["alias"], warmup_batch, refit_threads)
+                        meta["alias"], warmup_batch, refit_threads, source="bento")
 
 
 def check_and_warm_up(model: ServedModel, batch_sizes: list[int]) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections import Counter
 from datetime import date, datetime
-from typing import Annotated
+from typing import Annotated, Literal
 
 import pandas as pd
 from pydantic import (
@@ -154,6 +154,9 @@ class RefitCost(BaseModel):
         return self.fixed + self.per_value * length
 
 
+ModelSource = Literal["registry", "cache", "bento"]
+
+
 class ModelInfo(BaseModel):
     """The served model: registry coordinates, what it can forecast, how it scored."""
 
@@ -177,6 +180,10 @@ class ModelInfo(BaseModel):
     explains: bool = Field(
         default=False, description="whether POST /explain answers for this model (a network "
         "with attention)")
+    source: ModelSource = Field(
+        default="registry", description="where the served files came from: the registry, "
+        "the replica's cache of its last good model (the registry was unreachable at start, or "
+        "its version failed to load), or the model store of an exported Bento")
     refit_cost: RefitCost | None = Field(
         default=None, description="for a model refitted on each series (an sktime baseline): "
         "its cost per series; a request it would not answer within the service's timeout is "
@@ -192,3 +199,5 @@ class ErrorDetail(BaseModel):
 class ErrorResponse(BaseModel):
     error: str
     detail: list[ErrorDetail] = Field(default_factory=list)
+    error_id: str | None = Field(
+        default=None, description="for a 5xx: names the service's log line with the details")

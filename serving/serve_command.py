@@ -1,12 +1,20 @@
-"""``forecaster serve``: run ``bentoml serve`` on the service with the resolved settings."""
+"""``forecaster serve``: run ``bentoml serve`` on the service with the resolved settings.
+
+``bentoml serve`` runs through this module (``python -m serving.serve_command``): each server
+gets a Prometheus multiprocess folder of its own, removed when it exits. BentoML's default is
+one folder per BENTOML_HOME, which every ``bentoml serve`` empties as it starts: a second server
+on the host wiped the first one's metrics.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from serving.config import CONFIG_FILE_VARIABLE, ENV_PREFIX, load_serving_config
@@ -35,7 +43,7 @@ def serve(host: str, port: int, config: Path | None = None,
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         # the workers may run elsewhere: pin the embedded store to this directory
         env["MLFLOW_TRACKING_URI"] = f"sqlite:///{Path(uri.removeprefix('sqlite:///')).resolve()}"
-    command = [sys.executable, "-m", "bentoml", "serve", SERVICE, "--host", host,
+    command = [sys.executable, "-m", "serving.serve_command", SERVICE, "--host", host,
                "--port", str(port)]
     if first_forecast is None:
         os.execvpe(command[0], command, env)  # BentoML owns the process and its signals
@@ -65,3 +73,23 @@ def _example_body(race_config: Path) -> dict:
     config = load_config(race_config)
     data = load_race_data(config.data)
     return example_request(data.long, config.horizon, config.frequency)
+
+
+def bentoml_serve(arguments: list[str]) -> None:
+    """``bentoml serve ARGUMENTS`` in this process, with a Prometheus multiprocess folder of
+    its own (the workers get it from BentoML as PROMETHEUS_MULTIPROC_DIR), removed when the
+    server exits, however it exits short of SIGKILL."""
+    from bentoml._internal.configuration.containers import BentoMLContainer
+    from bentoml_cli.cli import cli
+
+    folder = tempfile.mkdtemp(prefix="forecaster-prometheus-")
+    BentoMLContainer.prometheus_multiproc_dir.set(folder)
+    print(f"Prometheus multiprocess folder: {folder}", file=sys.stderr, flush=True)
+    try:
+        cli.main(args=["serve", *arguments], prog_name="bentoml")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    bentoml_serve(sys.argv[1:])

@@ -7,6 +7,12 @@
     GET  /readyz     200 once a model is loaded and warmed up, else 503 saying why;
                      /livez, /metrics: BentoML's
 
+The model comes from the registry, checked before any of its code is imported
+(serving.model_watcher, serving.model); a replica whose registry is unreachable at start, or
+whose version fails, serves its last good model from its cache (serving.model_cache). A 5xx
+body never carries a URI, a path or a credential: it says what failed, with an ``error_id``
+that names the log line holding the details.
+
 A network's series go through the batching dispatcher (serving.batching); a model refitted on
 each series (an sktime baseline) runs them on a pool of threads shared fairly between requests
 (serving.fair_pool), and a request it would not answer within the timeout is refused before
@@ -22,6 +28,7 @@ from __future__ import annotations
 import gc
 import logging
 import math
+import os
 from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
@@ -37,6 +44,8 @@ from mlflow import MlflowClient
 from pydantic import ConfigDict
 from starlette.responses import JSONResponse, Response
 
+from pipelines import signing
+from pipelines.config import TrackingConfig
 from serving import metrics
 from serving.batching import batched
 from serving.config import load_serving_config
@@ -54,8 +63,16 @@ from serving.inference import (
     prepare,
     render,
 )
-from serving.model import Explanations, Forecasts, ServedModel, load_bento_model, load_version
-from serving.model_watcher import ModelWatcher, PinnedModel
+from serving.model import (
+    Explanations,
+    Forecasts,
+    ServedModel,
+    load_bento_model,
+    load_cached,
+    load_version,
+)
+from serving.model_cache import ModelCache
+from serving.model_watcher import ModelWatcher, PinnedModel, new_error_id
 from serving.schemas import (
     ErrorResponse,
     ExplainResponse,
@@ -66,7 +83,14 @@ from serving.schemas import (
 )
 
 logger = logging.getLogger(__name__)
+# BentoML's logging passes WARNING and above from other packages; ours say at INFO what the
+# service did (a model loaded or swapped, a last good model kept)
+logging.getLogger("serving").setLevel(logging.INFO)
 CONFIG = load_serving_config()
+# a registry that does not answer must not hold a starting replica for minutes per request
+# (MLflow's defaults): the race's HTTP budget, unless MLflow's variables say otherwise
+for _variable, _value in TrackingConfig().http_environment().items():
+    os.environ.setdefault(_variable, _value)
 # GET routes beside BentoML's POST APIs: a FastAPI app puts them in the OpenAPI document; the
 # docs themselves are BentoML's (/ and /docs.json)
 ROUTES = FastAPI(title="forecaster", docs_url=None, redoc_url=None, openapi_url=None)
@@ -126,11 +150,16 @@ class Forecaster:
                                                CONFIG.max_batch_size, CONFIG.refit_threads),
                                        on_outcome=_report_load)
         else:
-            self.watcher = ModelWatcher(MlflowClient(), CONFIG.model_name, CONFIG.model_alias,
-                                        CONFIG.poll_seconds, on_outcome=_report_load,
-                                        loader=partial(load_version,
-                                                       warmup_batch=CONFIG.max_batch_size,
-                                                       refit_threads=CONFIG.refit_threads))
+            if signing.signing_key() is None:
+                logger.warning("%s", signing.UNSIGNED_NOTE)
+            cache = ModelCache(CONFIG.model_cache_dir, CONFIG.model_name, CONFIG.model_alias)
+            warm = {"warmup_batch": CONFIG.max_batch_size, "refit_threads": CONFIG.refit_threads}
+            self.watcher = ModelWatcher(
+                MlflowClient(), CONFIG.model_name, CONFIG.model_alias, CONFIG.poll_seconds,
+                on_outcome=_report_load, loader=partial(load_version, cache=cache, **warm),
+                fallback=partial(load_cached, cache, CONFIG.model_alias, **warm),
+                on_refused=lambda reason: metrics.MODEL_REFUSALS.labels(reason=reason).inc(),
+                on_divergence=metrics.REGISTRY_DIVERGENCE.set)
         self.watcher.start()  # the registry's model loads in the background: see /readyz
         # concurrent requests share forward passes (serving.batching explains the set-up)
         self._batched = batched(_forward, CONFIG.max_batch_size, CONFIG.max_latency_ms,
@@ -245,8 +274,15 @@ async def _respond(model: ServedModel, n_series: int, answer: Callable[[], Await
         return JSONResponse(error.body(), status_code=503, headers=error.headers())
     except ModelOutputError as error:
         metrics.NONFINITE_FORECASTS.labels(model_version=str(model.version)).inc()
-        logger.error("500: %s", error)
-        return JSONResponse(error.body(), status_code=500)
+        error_id = new_error_id()
+        logger.error("error %s: 500: %s", error_id, error)
+        return JSONResponse({**error.body(), "error_id": error_id}, status_code=500)
+    except Exception:  # what BentoML would answer with a bare 500: this one has an id
+        error_id = new_error_id()
+        logger.exception("error %s: 500 for a request of %d series", error_id, n_series)
+        return JSONResponse({"error": "internal error: the service could not answer this "
+                                      f"request (error id {error_id})", "detail": [],
+                             "error_id": error_id}, status_code=500)
     # the body is already JSON: BentoML's own serialisation would derive a JSON schema per
     # response, which costs more than the forecast
     return Response(body, media_type="application/json")
@@ -269,6 +305,7 @@ def _report_load(outcome: str, model: ServedModel | None) -> None:
     if model is not None:
         metrics.SERVED_VERSION.labels(model_name=model.info.name,
                                       alias=model.info.alias).set(model.version)
+        metrics.SERVED_FROM_CACHE.set(int(model.info.source == "cache"))
 
 
 def _overloaded() -> None:
@@ -288,6 +325,7 @@ def _why_no_model(service: Forecaster | None) -> str | None:
 
 
 def _no_model(service: Forecaster | None) -> Response:
+    error_id = service.watcher.error_id if service is not None else None
     return JSONResponse({"error": f"no model is served: {_why_no_model(service)}",
-                         "detail": []}, status_code=503)
+                         "detail": [], "error_id": error_id}, status_code=503)
 

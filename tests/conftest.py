@@ -11,6 +11,8 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -137,26 +139,58 @@ def _postgres_admin() -> Any:
     return connection
 
 
+@dataclass(frozen=True)
+class MlflowBackend:
+    """A fresh PostgreSQL database for MLflow servers, and their artifacts folder."""
+
+    store_uri: str
+    artifacts: Path
+    root: Path
+
+
 @pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """URI of a fresh ``mlflow server`` backed by a new PostgreSQL database, with artifacts
-    proxied through the server (clients upload and download over HTTP only). The database is
-    dropped and the server stopped at the end of the session."""
+def mlflow_backend(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowBackend]:
+    """A new PostgreSQL database (dropped at the end of the session) and an artifacts folder,
+    for ``mlflow_server`` and for any further server a test starts on the same store."""
     admin = _postgres_admin()
     database = f"forecaster_test_{uuid.uuid4().hex[:12]}"
     with admin.cursor() as cursor:
         cursor.execute(f'CREATE DATABASE "{database}"')
     root = tmp_path_factory.mktemp("mlflow_server")
+    # +psycopg2: SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3, which is not installed;
+    # psycopg2-binary is
+    store = "postgresql+psycopg2://{user}@{host}:{port}/".format(**POSTGRES_DSN) + database
+    try:
+        yield MlflowBackend(store, root / "artifacts", root)
+    finally:
+        with admin.cursor() as cursor:
+            # FORCE (PostgreSQL 13+): ends connections a killed server may have left behind
+            cursor.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+        admin.close()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(mlflow_backend: MlflowBackend) -> Iterator[str]:
+    """URI of a fresh ``mlflow server`` backed by a new PostgreSQL database, with artifacts
+    proxied through the server (clients upload and download over HTTP only). The database is
+    dropped and the server stopped at the end of the session."""
+    with mlflow_server_process(mlflow_backend, "server") as (uri, _):
+        yield uri
+
+
+@contextmanager
+def mlflow_server_process(backend: MlflowBackend, name: str
+                          ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """An ``mlflow server`` on ``backend`` (its log ``name``.log in the backend's folder): its
+    URI and its process, stopped on exit unless a test killed it first. A second server on the
+    session's store starts in seconds (the database is migrated) and may be killed freely."""
     port = _free_port()
     uri = f"http://127.0.0.1:{port}"
-    log_path = root / "server.log"
+    log_path = backend.root / f"{name}.log"
     command = [
         sys.executable, "-m", "mlflow", "server",
-        # +psycopg2: SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3, which is not
-        # installed; psycopg2-binary is
-        "--backend-store-uri", "postgresql+psycopg2://{user}@{host}:{port}/".format(
-            **POSTGRES_DSN) + database,
-        "--artifacts-destination", str(root / "artifacts"),
+        "--backend-store-uri", backend.store_uri,
+        "--artifacts-destination", str(backend.artifacts),
         "--host", "127.0.0.1", "--port", str(port),
         "--workers", "1",  # one process: the machine's CPUs are shared
     ]
@@ -164,18 +198,14 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     # roll-ups) that nothing here uses, on a machine with two shared CPUs
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    with open(log_path, "wb") as log:
+    with open(log_path, "ab") as log:
         server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                  cwd=root, start_new_session=True)
+                                  cwd=backend.root, start_new_session=True)
     try:
         _wait_for_health(server, uri, log_path)
-        yield uri
+        yield uri, server
     finally:
         _stop(server)
-        with admin.cursor() as cursor:
-            # FORCE (PostgreSQL 13+): ends connections a killed server may have left behind
-            cursor.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
-        admin.close()
 
 
 def _wait_for_health(server: subprocess.Popen[bytes], uri: str, log_path: Path) -> None:

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -26,7 +27,7 @@ from sktime.forecasting.base import BaseForecaster
 
 from forecaster import LSTMForecaster, NeuralForecaster
 from forecaster.data import SERIES, TARGET, panel_to_long
-from pipelines import registry
+from pipelines import registry, signing
 from pipelines.config import RaceConfig
 from pipelines.pyfunc_model import log_forecaster
 from pipelines.race import RaceResult, run_race
@@ -56,7 +57,8 @@ def train_lstm(panel: pd.DataFrame, seed: int) -> NeuralForecaster:
 def register(estimator: BaseForecaster, panel: pd.DataFrame, tags: dict | None = None,
              name: str = MODEL_NAME, levels: list[float] | None = None) -> int:
     """Log and register ``estimator`` in the active tracking store as a version of ``name``
-    (a network's levels are its own; a baseline's are ``levels``); its version number."""
+    (a network's levels are its own; a baseline's are ``levels``), vouched for as a race
+    vouches for its versions (:func:`vouch_like_a_race`); its version number."""
     example = panel_to_long(panel).groupby("series_id").tail(30)
     model_class = type(estimator).__name__
     with mlflow.start_run():
@@ -67,7 +69,21 @@ def register(estimator: BaseForecaster, panel: pd.DataFrame, tags: dict | None =
         registry.TAG_CANDIDATE: model_class.removesuffix("Forecaster").lower(),
         registry.TAG_MODEL_CLASS: model_class, "mase": "0.75", "smape": "12.5",
         **(tags or {})})
+    vouch_like_a_race(name, int(version.version))
     return int(version.version)
+
+
+def vouch_like_a_race(name: str, version: int, key: bytes | None = None) -> None:
+    """The tags a completed race writes on a valid version it registered: its files' digest
+    (of the files as stored, downloaded back), valid, then its signature (keyed by ``key``,
+    default $FORECASTER_SIGNING_KEY) and race_complete."""
+    client = MlflowClient()
+    with tempfile.TemporaryDirectory() as folder:
+        files = signing.download(client.get_model_version_download_uri(name, str(version)),
+                                 Path(folder), client.tracking_uri)
+        claims = {signing.TAG_FILES: signing.files_digest(files), registry.TAG_VALID: "true"}
+    registry.tag_version(name, version, {**claims, **signing.vouch(
+        name, version, claims, key if key is not None else signing.signing_key())})
 
 
 def make_registry(store: Path, panel: pd.DataFrame, seeds: tuple[int, ...] = (0, 1)
@@ -132,17 +148,18 @@ def running_service(config: RaceConfig, log: Path, **settings: str) -> Iterator[
 
 @contextmanager
 def serving(tracking_uri: str, log: Path, arguments: list[str], ready: str = "/readyz",
-            **settings: str) -> Iterator[str]:
+            environment: dict[str, str] | None = None, **settings: str) -> Iterator[str]:
     """``forecaster serve ARGUMENTS`` on a free loopback port of the registry at
-    ``tracking_uri`` (``settings`` as in running_service); yields its URL once ``ready``
-    answers 200, and for /readyz once every worker has loaded its model (/readyz reaches one
-    worker)."""
+    ``tracking_uri`` (``settings`` as in running_service, then more variables from
+    ``environment``); yields its URL once ``ready`` answers 200, and for /readyz once every
+    worker has loaded its model (/readyz reaches one worker)."""
     port = _free_port()
-    # a BentoML home of its own: every `bentoml serve` empties the home's Prometheus folder
-    # when it starts, which would wipe the metrics of the other servers running meanwhile
-    env = clean_environment(MLFLOW_TRACKING_URI=tracking_uri,
-                            BENTOML_HOME=str(log.parent / f"bentoml-home-{port}"),
-                            **{f"{ENV_PREFIX}{name.upper()}": v for name, v in settings.items()})
+    # a BentoML home of its own (its default model cache folder, serving.config)
+    env = clean_environment(**{"MLFLOW_TRACKING_URI": tracking_uri,
+                               "BENTOML_HOME": str(log.parent / f"bentoml-home-{port}"),
+                               **{f"{ENV_PREFIX}{name.upper()}": v
+                                  for name, v in settings.items()},
+                               **(environment or {})})
     command = [sys.executable, "-m", "cli.main", "serve", "--host", "127.0.0.1",
                "--port", str(port), *arguments]
     url = f"http://127.0.0.1:{port}"

@@ -28,7 +28,7 @@ from serving.inference import RequestError, forward, prepare, render
 from serving.model import ServedModel, load_version, resolve_alias
 from serving.schemas import ForecastRequest
 from tests.pipeline_support import SNAIVE, clean_mlflow_environment
-from tests.serving_support import call, running_service
+from tests.serving_support import call, running_service, vouch_like_a_race
 
 LIFT = 5.0
 HORIZON = 7
@@ -173,6 +173,7 @@ def logged(tmp_path_factory: pytest.TempPathFactory,
                                   frequency="D", input_example=example,
                                   known_future=["promo"], static=["size"])
         version = registry.register_version(info, MODEL_NAME, {})
+        vouch_like_a_race(MODEL_NAME, int(version.version))
         registry.set_alias(MODEL_NAME, registry.CHAMPION, int(version.version))
         yield uri
 

@@ -47,7 +47,10 @@ SERVING_METRICS = {
     "forecaster_forward_seconds": "histogram",
     "forecaster_validation_failures_total": "counter",  # {reason}
     "forecaster_model_loads_total": "counter",  # {outcome}: loaded|swapped|failed
+    "forecaster_model_refusals_total": "counter",  # {reason}: see serving/metrics.py
     "forecaster_served_model_version": "gauge",  # {model_name, alias}
+    "forecaster_served_from_cache": "gauge",
+    "forecaster_registry_divergence": "gauge",
 }
 
 # `forecaster schedule` (pipelines/schedule.py), on its /metrics and through the Pushgateway

@@ -10,14 +10,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import requests
 import yaml
+from mlflow.exceptions import MlflowException
 
 from cli.main import main
 from forecaster.data import SERIES, TIME
 from pipelines import registry
-from pipelines.config import ConfigError, load_config, parse_config
+from pipelines.config import ConfigError, TrackingConfig, load_config, parse_config
 from pipelines.forecasts import POINT, forecast_problems, quantile_column
 from pipelines.race import prepare_race, run_race
+from pipelines.tracking import redact, unavailable, unreachable
 from tests.pipeline_support import LSTM, SNAIVE, clean_mlflow_environment, race_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -166,6 +169,42 @@ def test_the_environment_overrides_tracking(tmp_path: Path, data_dir: Path,
     assert config.tracking.tracking_uri == "http://mlflow.internal:5000"
     assert config.experiment_name == "nightly"
     assert config.tracking.artifact_location == str(tmp_path / "artifacts")  # from the file
+
+
+def test_the_http_budget_is_under_a_minute_and_follows_the_environment(
+        tmp_path: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tracking = race_config(tmp_path, data_dir, [SNAIVE]).tracking
+    # 3 tries, each 5 s to connect and 5 s per read, backing off 0 s then 2 s (+ 1 s jitter)
+    assert tracking.http_budget_seconds == 33 < 60
+    assert tracking.http_environment() == {"MLFLOW_HTTP_REQUEST_TIMEOUT": "5",
+                                           "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+                                           "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    tracking = race_config(tmp_path, data_dir, [SNAIVE]).tracking
+    assert (tracking.http_timeout_seconds, tracking.http_max_retries) == (2, 0)
+    assert tracking.http_budget_seconds == 4
+    with pytest.raises(ConfigError, match="tracking.http_max_retries: Input should be less "
+                                          "than or equal to 10"):
+        race_config(tmp_path, data_dir, [SNAIVE], tracking={"http_max_retries": 11})
+
+
+def test_a_tracking_failure_is_told_in_one_line_without_credentials() -> None:
+    tracking = TrackingConfig(tracking_uri="http://trainer:s3cret@mlflow.internal:5000")
+    try:
+        try:
+            raise requests.ConnectionError("Connection refused")
+        except requests.ConnectionError as cause:
+            raise MlflowException("API request to http://trainer:s3cret@... failed") from cause
+    except MlflowException as error:
+        assert unreachable(error)
+        message = str(unavailable(error, tracking))
+    assert "s3cret" not in message and "\n" not in message
+    assert message.startswith("the tracking server http://mlflow.internal:5000 refused or "
+                              "dropped the connection (ConnectionError; each request gives up "
+                              "within 33 s")
+    assert not unreachable(ValueError("a model's own error"))
+    assert redact("sqlite:///mlflow.db") == "sqlite:///mlflow.db"
 
 
 # ---------------------------------------------------------------------------- pure rules

@@ -7,6 +7,7 @@ the baseline floor, or failing at its refit, is promoted."""
 from __future__ import annotations
 
 import json
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ from mlflow import MlflowClient
 
 from cli.main import main
 from pipelines import race as race_module
-from pipelines import registry
+from pipelines import registry, signing
 from pipelines.config import RaceConfig, parse_config
 from pipelines.forecasts import forecast_frame
 from pipelines.pyfunc_model import model_levels
@@ -116,6 +117,15 @@ def test_every_candidate_is_registered_with_its_metrics(first_race: Race) -> Non
         # what a later race refits: the class and every constructor parameter
         config = json.loads(tags[registry.TAG_CONFIG])
         assert config["model"] == tags["model_class"]
+    # the race vouched for each version: the digest of its files as stored, which check out
+    for version in result.versions.values():
+        model_version = client.get_model_version(MODEL, str(version))
+        with tempfile.TemporaryDirectory() as folder:
+            files = signing.download(client.get_model_version_download_uri(MODEL, str(version)),
+                                     Path(folder))
+            assert model_version.tags[signing.TAG_FILES] == signing.files_digest(files)
+            signing.verify(files, MODEL, version, model_version.tags, key=None)
+            assert model_version.tags[signing.TAG_SIGNATURE] == ""  # no key in this race
     lstm = json.loads(client.get_model_version(MODEL, str(result.versions["lstm"]))
                       .tags[registry.TAG_CONFIG])
     assert lstm["params"]["hidden_size"] == 8 and lstm["params"]["random_state"] == 0
@@ -217,8 +227,14 @@ def test_a_job_killed_halfway_leaves_the_champion_alone(
                                     filter_string="attributes.status = 'FAILED'")
         assert {run.info.run_name for run in failed} == {"test-race", "theta"}
 
-        # running again works: a complete race, and the aliases follow its decision
+        # running again works: a complete race, and the aliases follow its decision; the
+        # version of the race that died is an orphan, tagged with the run that found it
         again = run_race(config, progress=False)
+        assert again.orphans == [newest + 1]
+        assert client.get_model_version(MODEL, str(newest + 1)).tags[registry.TAG_ORPHAN] == \
+            again.run_id
+        assert f"orphans: v{newest + 1} (registered by races that died before vouching for " \
+               "them)" in format_leaderboard(again)
     # the seasonal naive baseline was added after the config's candidates
     assert again.baseline == "snaive" and again.baseline_added
     assert again.versions == {"naive": newest + 2, "theta": newest + 3, "snaive": newest + 4}
@@ -348,6 +364,14 @@ def test_a_champion_registered_without_its_config(lstm_twice: TwoRaces, data_dir
     assert broken.previous_champion_score is None and broken.promoted
     assert (f"champion v{champion} could not be scored on the current folds: its config could "
             f"not be recovered: its tag candidate_config is not JSON") in broken.reason
+    # the leaderboard says why, printed and in the race's run
+    why = (f"champion before the race: v{champion} (on the same folds: could not be scored: "
+           f"its config could not be recovered: its tag candidate_config is not JSON")
+    assert why in format_leaderboard(broken)
+    with clean_mlflow_environment():
+        client = MlflowClient(config.tracking_uri)
+        path = client.download_artifacts(broken.run_id, "leaderboard.md", str(store))
+    assert why in Path(path).read_text()
 
 
 # ---------------------------------------------------------------------------- the baseline floor

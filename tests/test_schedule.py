@@ -25,10 +25,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pipelines import schedule as schedule_module
 from pipelines.schedule import (
+    Interrupted,
     RunAtStart,
     TrainingMetrics,
     TrainingScheduler,
     cron_trigger,
+    interrupt_on_signals,
     start_metrics_server,
     train_once,
 )
@@ -284,6 +286,31 @@ def test_train_once_pushes_for_a_cronjob(
     # the timestamp of what did not happen is not pushed: it would hide an earlier success
     assert ("last_success_timestamp" in pushed) == succeeds
     assert ("last_failure_timestamp" in pushed) != succeeds
+
+
+def test_an_interrupted_cronjob_run_is_pushed_as_a_failure(
+        fake_pushgateway: tuple[str, list[tuple[str, str, bytes]]],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGTERM, as interrupt_on_signals turns it into Interrupted, in the middle of the job:
+    the failure is counted and pushed, then the interrupt goes on (the CLI exits 143)."""
+    gateway, requests = fake_pushgateway
+
+    def terminated() -> Callable[[], None]:
+        def job() -> None:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises in this thread long before
+        return job
+
+    monkeypatch.setattr(schedule_module, "race_job", lambda path: terminated())
+    with pytest.raises(Interrupted) as interrupted, interrupt_on_signals():
+        train_once(Path("race.yaml"), gateway, "cronjob")
+    assert interrupted.value.exit_code == 143 and str(interrupted.value) == "received SIGTERM"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # restored on the way out
+    [(method, path, body)] = requests
+    assert (method, path) == ("POST", "/metrics/job/cronjob")
+    pushed = body.decode()
+    assert 'forecaster_training_runs_total{outcome="failure"} 1.0' in pushed
+    assert "last_failure_timestamp" in pushed and "last_success_timestamp" not in pushed
 
 
 def test_a_failing_push_is_logged_and_training_goes_on(

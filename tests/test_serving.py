@@ -10,6 +10,7 @@ import json
 import logging
 import threading
 import time
+from functools import partial
 from pathlib import Path
 
 import mlflow
@@ -27,6 +28,7 @@ from starlette.testclient import TestClient
 from forecaster.data import SERIES, TARGET, panel_to_long
 from pipelines import registry as race_registry
 from pipelines.forecasts import POINT, quantile_column
+from pipelines.signing import Untrusted
 from serving.batching import batched
 from serving.config import load_serving_config
 from serving.fair_pool import FairPool
@@ -40,10 +42,11 @@ from serving.inference import (
     prepare,
     render,
 )
-from serving.model import ServedModel, load_version, resolve_alias
+from serving.model import ServedModel, load_cached, load_version, resolve_alias
+from serving.model_cache import ModelCache
 from serving.model_watcher import ModelWatcher
 from serving.schemas import ForecastRequest
-from tests.conftest import PERIOD, sine_series
+from tests.conftest import PERIOD, _free_port, sine_series
 from tests.pipeline_support import clean_mlflow_environment
 from tests.serving_support import HORIZON, MODEL_NAME, Registry, make_registry, register
 
@@ -383,24 +386,85 @@ def test_too_many_series_per_request(champion: ServedModel) -> None:
 
 # ---------------------------------------------------------------- hot swap
 def test_the_watcher_loads_swaps_and_survives_a_broken_version(
-        store: Registry, sine_panel: pd.DataFrame) -> None:
-    outcomes = []
+        store: Registry, sine_panel: pd.DataFrame, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, "serving")
+    outcomes, refusals, diverged = [], [], []
     watcher = ModelWatcher(store.client, MODEL_NAME, "champion", poll_seconds=60,
-                           on_outcome=lambda outcome, model: outcomes.append(outcome))
+                           on_outcome=lambda outcome, model: outcomes.append(outcome),
+                           on_refused=refusals.append, on_divergence=diverged.append)
     assert watcher.poll() == "loaded" and watcher.current.version == 1
     assert watcher.poll() == "unchanged"
     race_registry.set_alias(MODEL_NAME, "champion", 2)
     old = watcher.current
     assert watcher.poll() == "swapped" and watcher.current.version == 2
     assert old.predict([np.ones(30, np.float32)])[0].shape == (HORIZON, 8)  # still usable
-    broken = store.client.create_model_version(MODEL_NAME, source=str(Path("/nonexistent")))
+    assert diverged == [False, False, False]
+
+    # the files of v2, registered again without the tags of a race: refused, never downloaded
+    source = store.client.get_model_version(MODEL_NAME, "2").source
+    unvouched = store.client.create_model_version(MODEL_NAME, source=source)
+    race_registry.set_alias(MODEL_NAME, "champion", int(unvouched.version))
+    assert watcher.poll() == "refused" and watcher.current.version == 2
+    assert refusals == ["incomplete"] and diverged[-1] is True
+    assert watcher.last_error == f"{MODEL_NAME} v{unvouched.version} was refused: no race " \
+        f"vouched for it as it is (error id {watcher.error_id})"
+    assert f"error {watcher.error_id}: {MODEL_NAME} v{unvouched.version} refused before " \
+           "loading" in caplog.text
+
+    # the tags of a race on files that are gone: the load fails
+    tags = store.client.get_model_version(MODEL_NAME, "2").tags
+    broken = store.client.create_model_version(MODEL_NAME, source="/nonexistent/model",
+                                               tags=tags)
     race_registry.set_alias(MODEL_NAME, "champion", int(broken.version))
     assert watcher.poll() == "failed" and watcher.current.version == 2
     assert watcher.poll() == "unchanged"  # not retried until the alias moves
-    assert f"v{broken.version}" in watcher.last_error
+    assert diverged[-2:] == [True, True]
+    # what a client may read names no path; the log line with the same id has the details
+    assert watcher.last_error == f"loading {MODEL_NAME} v{broken.version} failed (error id " \
+        f"{watcher.error_id})"
+    logged = [r for r in caplog.records if f"error {watcher.error_id}" in r.getMessage()]
+    assert len(logged) == 1 and "/nonexistent" in logged[0].exc_text
+
     race_registry.set_alias(MODEL_NAME, "champion", 1)
     assert watcher.poll() == "swapped" and watcher.current.version == 1
-    assert outcomes == ["loaded", "swapped", "failed", "swapped"]
+    assert outcomes == ["loaded", "swapped", "failed", "swapped"] and diverged[-1] is False
+    assert f"{MODEL_NAME} v1 swapped from the registry (was v2 from the registry)" in caplog.text
+
+
+def test_the_last_good_model_serves_while_the_registry_cannot(
+        store: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    cache = ModelCache(tmp_path, MODEL_NAME, "champion")
+    loader = partial(load_version, warmup_batch=8, cache=cache)
+    first = ModelWatcher(store.client, MODEL_NAME, "champion", 60, loader=loader)
+    assert first.poll() == "loaded"
+    version = first.current.version
+    # kept, the download moved into the cache: nothing left in the staging folder
+    files, meta = cache.last()
+    assert meta["version"] == version and (files / "MLmodel").is_file()
+    assert not any((tmp_path / ".staging").iterdir())
+
+    # a replica starting while the registry does not answer (one quick try)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    dead = f"http://127.0.0.1:{_free_port()}"
+    loads, diverged = [], []
+    watcher = ModelWatcher(mlflow.MlflowClient(dead, dead), MODEL_NAME, "champion", 60,
+                           loader=loader, on_outcome=lambda o, m: loads.append(o),
+                           on_divergence=diverged.append,
+                           fallback=partial(load_cached, cache, "champion", warmup_batch=8))
+    assert watcher.poll() == "unreachable"
+    assert watcher.current.version == version and watcher.current.info.source == "cache"
+    assert loads == ["loaded"] and diverged == []  # the registry's alias is unknown
+    assert dead not in (watcher.last_error or "")
+    # the registry answers again, naming the same version: loaded from it, the source follows
+    watcher.client = store.client
+    assert watcher.poll() == "swapped" and watcher.current.info.source == "registry"
+    assert diverged == [False]
+
+    # a kept copy whose files changed is refused like a registry version
+    (files / "MLmodel").write_text((files / "MLmodel").read_text() + "\n")
+    with pytest.raises(Untrusted, match="do not match the digest"):
+        load_cached(cache, "champion", warmup_batch=8)
 
 
 def test_a_missing_model_or_alias_is_reported_not_raised(store: Registry) -> None:

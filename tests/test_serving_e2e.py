@@ -341,9 +341,16 @@ def test_a_service_started_before_its_model(tmp_path: Path, sine_panel: pd.DataF
             register(store.estimators[1], sine_panel, name=name)
             readyz_says(f"registered model {name!r} has no alias {alias!r}")
 
-            broken = store.client.create_model_version(name, source="/nonexistent")
+            # a version no race vouched for is refused; one that claims it but has no files
+            # fails to load: /readyz says which, never where it looked
+            refused = store.client.create_model_version(name, source="/nonexistent")
+            registry.set_alias(name, alias, int(refused.version))
+            readyz_says(f"{name} v{refused.version} was refused: no race vouched for it")
+            tags = store.client.get_model_version(name, "1").tags
+            broken = store.client.create_model_version(name, source="/nonexistent", tags=tags)
             registry.set_alias(name, alias, int(broken.version))
-            readyz_says(f"loading {name} v{broken.version} failed: ")
+            body = readyz_says(f"loading {name} v{broken.version} failed (error id ")
+            assert "/nonexistent" not in body["error"]
 
             version = register(overflowing_lstm(sine_panel), sine_panel, name=name)
             registry.set_alias(name, alias, version)
@@ -359,6 +366,7 @@ def test_a_service_started_before_its_model(tmp_path: Path, sine_panel: pd.DataF
             assert status == 500 and isinstance(body, dict)  # valid JSON, no NaN in it
             assert body["detail"][0]["loc"] == ["series", 1]
             assert f"v{version} forecast non-finite values for series 'huge'" in body["error"]
+            assert len(body["error_id"]) == 12
             text = urllib.request.urlopen(f"{url}/metrics").read().decode()
             assert metric(text, "forecaster_nonfinite_forecasts_total",
                           model_version=str(version)) == 1
@@ -374,6 +382,8 @@ def test_a_service_started_before_its_model(tmp_path: Path, sine_panel: pd.DataF
                        and headers["retry-after"] == "1" for text, headers in shed)
     log = (tmp_path / "serve.log").read_text(errors="replace")
     errors = [line for line in log.splitlines() if "non-finite values" in line]
-    assert len(errors) == 1 and "[ERROR]" in errors[0]
+    assert len(errors) == 1 and "[ERROR]" in errors[0] and body["error_id"] in errors[0]
+    # the swaps are told at INFO
+    assert f"{name} v{version} loaded from the registry (was none)" in log
     sheds = [line for line in log.splitlines() if "waited longer than max_latency_ms" in line]
     assert len(sheds) == len(shed) and all("[WARNING]" in line for line in sheds)
