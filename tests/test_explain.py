@@ -34,7 +34,14 @@ from serving.schemas import ForecastRequest
 from tests.conftest import estimator_variants, tiny
 from tests.explain_support import reference_attention
 from tests.pipeline_support import clean_mlflow_environment
-from tests.serving_support import HORIZON, MODEL_NAME, Registry, make_registry, register
+from tests.serving_support import (
+    HORIZON,
+    MODEL_NAME,
+    Registry,
+    make_registry,
+    register,
+    vouch_like_a_race,
+)
 
 B, L, H = 3, 24, 5
 
@@ -329,7 +336,11 @@ def test_a_covariate_hybrid_answers_its_covariates_importance(
                                   frequency="h", input_example=future_layout(long, HORIZON),
                                   known_future=["promo"], static=["size"])
         version = registry.register_version(info, "explain-covariates", {})
-        model = load_version(mlflow.MlflowClient(uri, uri), version, "champion", warmup_batch=2)
+        vouch_like_a_race("explain-covariates", int(version.version))  # as a race would
+        client = mlflow.MlflowClient(uri, uri)
+        model = load_version(client, client.get_model_version("explain-covariates",
+                                                              version.version),
+                             "champion", warmup_batch=2)
     history = sine_panel.loc["a", TARGET].to_numpy()[:-HORIZON]
     promo = X.loc["a", "promo"].to_numpy()
     body = _answer(_request([{"id": "a", "values": history.tolist(),
