@@ -40,6 +40,7 @@ from tests.pipeline_support import clean_mlflow_environment, race_config
 MODEL_NAME = "serving-test"
 HORIZON = 6
 SERVICE_START_TIMEOUT_S = 180  # bentoml serve imports torch and MLflow in each process
+PORT_ATTEMPTS = 3  # starts of a service whose port another process took first
 
 
 @dataclass
@@ -153,26 +154,33 @@ def serving(tracking_uri: str, log: Path, arguments: list[str], ready: str = "/r
     ``tracking_uri`` (``settings`` as in running_service, then more variables from
     ``environment``); yields its URL once ``ready`` answers 200, and for /readyz once every
     worker has loaded its model (/readyz reaches one worker)."""
-    port = _free_port()
-    # a BentoML home of its own (its default model cache folder, serving.config)
-    env = clean_environment(**{"MLFLOW_TRACKING_URI": tracking_uri,
-                               "BENTOML_HOME": str(log.parent / f"bentoml-home-{port}"),
-                               **{f"{ENV_PREFIX}{name.upper()}": v
-                                  for name, v in settings.items()},
-                               **(environment or {})})
-    command = [sys.executable, "-m", "cli.main", "serve", "--host", "127.0.0.1",
-               "--port", str(port), *arguments]
-    url = f"http://127.0.0.1:{port}"
-    with started(command, log, env) as server:
-        try:
-            wait_for_ok(url + ready, timeout=SERVICE_START_TIMEOUT_S,
-                        alive=lambda: server.poll() is None)
-            if ready == "/readyz":
-                _wait_for_loads(url, int(settings.get("workers", "1")), server)
-        except TimeoutError:
-            pytest.fail(f"the service did not answer {ready}:\n"
-                        f"{log.read_text(errors='replace')[-3000:]}")
-        yield url
+    for attempt in range(1, PORT_ATTEMPTS + 1):
+        port = _free_port()
+        # a BentoML home of its own (its default model cache folder, serving.config)
+        env = clean_environment(**{"MLFLOW_TRACKING_URI": tracking_uri,
+                                   "BENTOML_HOME": str(log.parent / f"bentoml-home-{port}"),
+                                   **{f"{ENV_PREFIX}{name.upper()}": v
+                                      for name, v in settings.items()},
+                                   **(environment or {})})
+        command = [sys.executable, "-m", "cli.main", "serve", "--host", "127.0.0.1",
+                   "--port", str(port), *arguments]
+        url = f"http://127.0.0.1:{port}"
+        with started(command, log, env) as server:
+            try:
+                wait_for_ok(url + ready, timeout=SERVICE_START_TIMEOUT_S,
+                            alive=lambda: server.poll() is None)
+                if ready == "/readyz":
+                    _wait_for_loads(url, int(settings.get("workers", "1")), server)
+            except TimeoutError:
+                text = log.read_text(errors="replace")
+                # the port was free when picked, but BentoML's process manager picks its own
+                # control ports the same way and may take it first: start again elsewhere
+                if (attempt < PORT_ATTEMPTS and server.poll() is not None
+                        and "Address already in use" in text):
+                    continue
+                pytest.fail(f"the service did not answer {ready}:\n{text[-3000:]}")
+            yield url
+            return
 
 
 def _wait_for_loads(url: str, workers: int, server: subprocess.Popen[bytes]) -> None:
