@@ -9,6 +9,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+from pipelines.execution import ClusterLost
 from pipelines.schedule import PUSH_JOB, RunAtStart
 from serving.config import ENV_PREFIX, ServingConfig
 
@@ -17,6 +18,7 @@ PUSHGATEWAY_VARIABLE = "PUSHGATEWAY_URL"
 EXAMPLES = """\
 examples:
   forecaster train configs/quick.yaml        race the demo's candidates, promote the best
+  forecaster train --ray auto configs/m4_hourly.yaml   the same race as tasks on a Ray cluster
   forecaster models --name m4-hourly-quick   registered versions, champion and challenger
   forecaster serve --port 3000               serve m4-hourly-quick@champion (Swagger UI at /)
   forecaster serve --model-name m4-hourly --alias challenger
@@ -100,12 +102,13 @@ def _train(args: argparse.Namespace) -> None:
     from pipelines.config import load_config
     from pipelines.race import format_leaderboard, run_race
 
-    config = load_config(args.config)  # fails here, naming the key, before anything trains
+    # fails here, naming the key, before anything trains
+    config = load_config(args.config, ray=args.ray)
     _quiet_mlflow()
     if args.pushgateway:
         from pipelines.schedule import train_once
 
-        result = train_once(args.config, args.pushgateway, args.push_job)
+        result = train_once(args.config, args.pushgateway, args.push_job, ray=args.ray)
     else:
         result = run_race(config, progress=not args.no_progress)
     print(format_leaderboard(result))
@@ -197,6 +200,11 @@ def build_parser() -> argparse.ArgumentParser:
                "champion.")
     train.add_argument("config", type=Path, help="race config (YAML), e.g. configs/quick.yaml")
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
+    train.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                       help="run every fit as a Ray task (execution.engine: ray, over the "
+                            "config): on the cluster at ADDRESS (auto, HOST:PORT or "
+                            "ray://HOST:10001), else the one in $RAY_ADDRESS, else a Ray "
+                            "started in this process on this machine's cores")
     train.add_argument("--pushgateway", default=os.environ.get(PUSHGATEWAY_VARIABLE),
                        help="push the training metrics of `forecaster schedule` to this "
                             "Pushgateway when the race ends, e.g. for a CronJob "
@@ -267,7 +275,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, ClusterLost) as error:
         sys.exit(f"forecaster {args.command}: {error}")
 
 

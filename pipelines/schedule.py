@@ -251,8 +251,9 @@ def cron_trigger(expression: str, timezone: str = "UTC") -> CronTrigger:
     return CronTrigger.from_crontab(expression, timezone=timezone)
 
 
-def race_job(config_path: Path) -> Callable[[], Any]:
-    """The production job: load the race config and run the race.
+def race_job(config_path: Path, ray: str | None = None) -> Callable[[], Any]:
+    """The production job: load the race config and run the race (on Ray at ``ray``, over
+    the config, when given: see :func:`pipelines.config.load_config`).
 
     The YAML is read again at every run, so an edited config applies from the next run on
     without a restart (the CLI validates it once at start, to fail fast on a typo).
@@ -263,7 +264,7 @@ def race_job(config_path: Path) -> Callable[[], Any]:
         from pipelines.race import run_race
 
         # no progress bars: in a service's log they are noise
-        return run_race(load_config(config_path), progress=False)
+        return run_race(load_config(config_path, ray=ray), progress=False)
 
     return job
 
@@ -348,7 +349,8 @@ def registry_has_champion(registry_uri: str, model_name: str) -> bool:
     return CHAMPION in model.aliases
 
 
-def train_once(config_path: Path, pushgateway: str, push_job: str = PUSH_JOB) -> Any:
+def train_once(config_path: Path, pushgateway: str, push_job: str = PUSH_JOB,
+               ray: str | None = None) -> Any:
     """One race now, with the scheduler's metrics pushed to ``pushgateway`` when it ends:
     for a Kubernetes CronJob, whose pod is gone before Prometheus could scrape it. Returns the
     race's result; a failed race is counted, pushed, then raised.
@@ -361,7 +363,7 @@ def train_once(config_path: Path, pushgateway: str, push_job: str = PUSH_JOB) ->
 
     def job() -> Any:
         try:
-            outcome["result"] = race_job(config_path)()
+            outcome["result"] = race_job(config_path, ray)()
         except Exception as error:
             outcome["error"] = error
             raise
