@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -43,6 +44,8 @@ if TYPE_CHECKING:  # kept light: the command line imports ClusterLost
     from pipelines.config import ExecutionConfig, ResourcesConfig
 
 CONNECT_TIMEOUT_S = 5.0  # an address that does not answer this fast is reported, not waited on
+# Ray's switch for clusters of several machines (off: everything on 127.0.0.1)
+SINGLE_MACHINE_VARIABLE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
 @dataclass
@@ -163,17 +166,23 @@ class RayEngine:
     name = "ray"
 
     def __init__(self, execution: ExecutionConfig, progress: bool = True):
+        address = execution.address or os.environ.get("RAY_ADDRESS") or None
+        if address is None and "ray" not in sys.modules:
+            # a Ray started here is this process's alone: Ray's single-machine mode keeps it
+            # on the loopback address rather than the machine's network address (read when
+            # Ray is imported)
+            os.environ.setdefault(SINGLE_MACHINE_VARIABLE, "0")
         import ray
 
         self._ray = ray
         self.max_retries = execution.max_retries
-        address = execution.address or os.environ.get("RAY_ADDRESS") or None
-        if address not in (None, "auto", "local"):
+        if address not in (None, "auto"):
             check_reachable(address)
         self.owned = not ray.is_initialized()  # a caller's own connection is left open
         if self.owned:
             try:
-                ray.init(address=address, logging_level=logging.WARNING,
+                # "local": a new Ray, never one that `ray start` left running on this machine
+                ray.init(address=address or "local", logging_level=logging.WARNING,
                          # the workers' output stays in the cluster's logs: their warnings
                          # come back in the records, their errors as exceptions
                          log_to_driver=False)

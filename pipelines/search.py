@@ -82,14 +82,12 @@ def _domain(dimension: SearchDimension) -> Any:
     return tune.choice(dimension.choice)
 
 
-def _trial(params: dict[str, Any], *, shared: Any, candidate: CandidateConfig,
+def _trial(params: dict[str, Any], *, prepared: PreparedRace, candidate: CandidateConfig,
            fit: FitFn) -> None:
     """One trial (a Tune function trainable): the candidate with ``params`` fitted on the
     search's fold, each epoch's losses reported as it trains, its scores at the end."""
-    import ray
     from ray import tune
 
-    prepared = ray.get(shared)
     trial = candidate.model_copy(update={"params": {**candidate.params, **params},
                                          "search": None})
     fold = search_fold(prepared)
@@ -180,8 +178,8 @@ def _max_epochs(prepared: PreparedRace, candidate: CandidateConfig) -> int:
 def tune_candidate(prepared: PreparedRace, candidate: CandidateConfig, shared: Any,
                    fit: FitFn, progress: bool = False) -> SearchResult:
     """Run ``candidate``'s search on the connected Ray cluster; ``shared`` is the race's
-    object store handle on ``prepared``. Raises RuntimeError when no trial ran to its end
-    with a finite score."""
+    object store handle on ``prepared`` (Tune resolves it in each trial). Raises
+    RuntimeError when no trial ran to its end with a finite score."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.optuna import OptunaSearch
@@ -191,10 +189,11 @@ def tune_candidate(prepared: PreparedRace, candidate: CandidateConfig, shared: A
     metric = search.metric or prepared.config.selection.metric
     resources = prepared.config.resources(candidate)
     trainable = tune.with_resources(
-        tune.with_parameters(_trial, shared=shared, candidate=candidate, fit=fit),
+        tune.with_parameters(_trial, prepared=shared, candidate=candidate, fit=fit),
         {"cpu": resources.num_cpus, "gpu": resources.num_gpus})
-    scheduler = (ASHAScheduler(time_attr="epoch", max_t=_max_epochs(prepared, candidate),
-                               grace_period=1)
+    # Tune counts reports: one per epoch, then the trial's scores, which ASHA must not cut
+    scheduler = (ASHAScheduler(time_attr="training_iteration",
+                               max_t=_max_epochs(prepared, candidate) + 1, grace_period=1)
                  if search.scheduler == "asha" else FIFOScheduler())
     storage = tempfile.mkdtemp(prefix="forecaster-tune-")  # Tune's own files, not kept
     started = time.perf_counter()
