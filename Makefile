@@ -11,7 +11,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q --upgrade pip
 	# the CPU wheel of torch first: a bare `torch` requirement would pull a multi-GB CUDA build
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	# [ray]: the tests race on a real Ray cluster and search on Ray Tune
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev,ray]'
 	touch $(STAMP)
 
 demo: $(STAMP)  ## race tiny models into ./mlflow.db, then serve the champion on :3000 (Ctrl-C stops)
