@@ -14,6 +14,10 @@ from pipelines.schedule import PUSH_JOB, RunAtStart
 from serving.config import ENV_PREFIX, ServingConfig
 
 PUSHGATEWAY_VARIABLE = "PUSHGATEWAY_URL"
+RAY_HELP = ("run every fit as a Ray task (execution.engine: ray, over the config): on the "
+            "cluster at ADDRESS (auto, HOST:PORT, or ray://HOST:10001 from outside the "
+            "cluster), else the one in $RAY_ADDRESS, else a Ray started in this process on "
+            "this machine's cores")
 
 EXAMPLES = """\
 examples:
@@ -42,6 +46,7 @@ environment:
   {ENV_PREFIX}*          the service's settings (`serve`), over its --config file:
 {settings}
   {PUSHGATEWAY_VARIABLE}       the Prometheus Pushgateway `schedule` and `train` push to
+  RAY_ADDRESS           the Ray cluster of `train --ray` and `schedule --ray`
   FORECASTER_DATA_DIR   the folder of the reference data sets (m4/, ett/) for `bench`
                         (default: ../shared/data beside the checkout)
 """
@@ -151,7 +156,7 @@ def _schedule(args: argparse.Namespace) -> None:
     schedule_command(args.config, args.cron, timezone=args.timezone,
                      metrics_port=args.metrics_port, metrics_addr=args.metrics_addr,
                      pushgateway=args.pushgateway, push_job=args.push_job,
-                     run_at_start=args.run_at_start)
+                     run_at_start=args.run_at_start, ray=args.ray)
 
 
 def _serve(args: argparse.Namespace) -> None:
@@ -200,11 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
                "champion.")
     train.add_argument("config", type=Path, help="race config (YAML), e.g. configs/quick.yaml")
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
-    train.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
-                       help="run every fit as a Ray task (execution.engine: ray, over the "
-                            "config): on the cluster at ADDRESS (auto, HOST:PORT or "
-                            "ray://HOST:10001), else the one in $RAY_ADDRESS, else a Ray "
-                            "started in this process on this machine's cores")
+    train.add_argument("--ray", nargs="?", const="", metavar="ADDRESS", help=RAY_HELP)
     train.add_argument("--pushgateway", default=os.environ.get(PUSHGATEWAY_VARIABLE),
                        help="push the training metrics of `forecaster schedule` to this "
                             "Pushgateway when the race ends, e.g. for a CronJob "
@@ -242,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
                           metavar="{" + ",".join(mode.value for mode in RunAtStart) + "}",
                           help="train once at start: bare flag = always; if-no-champion trains "
                                "only while the registry has no champion (default: never)")
+    schedule.add_argument("--ray", nargs="?", const="", metavar="ADDRESS", help=RAY_HELP)
     schedule.set_defaults(run=_schedule, usage_error=schedule.error)
 
     serve = commands.add_parser(

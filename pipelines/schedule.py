@@ -386,11 +386,13 @@ def train_once(config_path: Path, pushgateway: str, push_job: str = PUSH_JOB,
 def schedule_command(config_path: Path, cron: str, *, timezone: str = "UTC",
                      metrics_port: int | None = 9101, metrics_addr: str = "0.0.0.0",
                      pushgateway: str | None = None, push_job: str = PUSH_JOB,
-                     run_at_start: RunAtStart | str = RunAtStart.NEVER) -> None:
-    """``forecaster schedule``: validate the config and the cron, then serve until SIGTERM."""
+                     run_at_start: RunAtStart | str = RunAtStart.NEVER,
+                     ray: str | None = None) -> None:
+    """``forecaster schedule``: validate the config and the cron, then serve until SIGTERM.
+    ``ray``: each race on Ray at this address (see :func:`race_job`)."""
     from pipelines.config import load_config
 
-    config = load_config(config_path)  # fail fast on a bad config, not at 3 a.m.
+    config = load_config(config_path, ray=ray)  # fail fast on a bad config, not at 3 a.m.
     trigger = cron_trigger(cron, timezone)
     mode = RunAtStart(run_at_start)
     champion_check = None
@@ -398,7 +400,7 @@ def schedule_command(config_path: Path, cron: str, *, timezone: str = "UTC",
         champion_check = partial(registry_has_champion,
                                  config.tracking.registry_uri or config.tracking_uri,
                                  config.registered_model)
-    scheduler = TrainingScheduler(race_job(config_path), trigger, pushgateway=pushgateway,
+    scheduler = TrainingScheduler(race_job(config_path, ray), trigger, pushgateway=pushgateway,
                                   push_job=push_job, run_at_start=mode,
                                   champion_exists=champion_check)
     serve_forever(scheduler, metrics_port, metrics_addr)
