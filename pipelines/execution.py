@@ -29,7 +29,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 from urllib.parse import urlsplit
 
 from tqdm.auto import tqdm
@@ -44,6 +44,9 @@ if TYPE_CHECKING:  # kept light: the command line imports ClusterLost
     from pipelines.config import ExecutionConfig, ResourcesConfig
 
 CONNECT_TIMEOUT_S = 5.0  # an address that does not answer this fast is reported, not waited on
+# while waiting on its tasks, the driver checks this often that the cluster still answers:
+# Ray itself only notices a lost head after a minute, and then ends the process
+WATCH_INTERVAL_S = 5.0
 # Ray's switch for clusters of several machines (off: everything on 127.0.0.1)
 SINGLE_MACHINE_VARIABLE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
@@ -189,6 +192,11 @@ class RayEngine:
             except ConnectionError as error:
                 raise ValueError(f"execution.address: {address}: {error}") from None
         self.address = address or "a Ray started in this process"
+        # what must keep answering while the race waits: the cluster's address (a Ray started
+        # here ends with this process)
+        self._watch = None if address is None else (
+            address if address != "auto" else ray.get_runtime_context().gcs_address)
+        self.lost = False
         self._remotes: dict[Work, Any] = {}
         self._pending: set[Any] = set()
         self._planned = 0
@@ -219,7 +227,10 @@ class RayEngine:
         ray = self._ray
         try:
             while task in self._pending:  # count every task that ends meanwhile
-                ready, _ = ray.wait(list(self._pending), num_returns=1)
+                ready, _ = ray.wait(list(self._pending), num_returns=1,
+                                    timeout=WATCH_INTERVAL_S)
+                if not ready:
+                    self._check_cluster()
                 self._pending.difference_update(ready)
                 self._bar.update(len(ready))
             record: FitRecord = ray.get(task)
@@ -229,16 +240,29 @@ class RayEngine:
             raise error.cause from error
         except (ray.exceptions.RaySystemError, ray.exceptions.ObjectLostError,
                 ray.exceptions.LocalRayletDiedError) as error:
-            raise ClusterLost(f"the Ray cluster at {self.address} went away "
-                              f"({type(error).__name__}); the race stopped and the "
-                              "champion is untouched") from error
+            self._lose(type(error).__name__, error)
         for epoch in record.curve:
             if on_epoch is not None:
                 on_epoch(epoch)
         return record
 
+    def _check_cluster(self) -> None:
+        if self._watch is None:
+            return
+        try:
+            check_reachable(self._watch)
+        except ValueError as error:
+            self._lose("no answer", error)
+
+    def _lose(self, why: str, error: Exception) -> NoReturn:
+        self.lost = True
+        raise ClusterLost(f"the Ray cluster at {self.address} went away ({why}); the race "
+                          "stopped and the champion is untouched") from error
+
     def close(self) -> None:
         self._bar.close()
+        if self.lost:  # nothing to cancel or disconnect from: Ray's calls would only hang
+            return
         for ref in self._pending:  # a failed race leaves nothing running on the cluster
             self._ray.cancel(ref, force=True)
         self._pending.clear()
