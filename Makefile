@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint bench-m4 bench-etth1 bench-serving clean
+.PHONY: demo test test-fast lint bench-m4 bench-etth1 bench-serving gpu-check clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,9 @@ bench-etth1: $(STAMP)
 
 bench-serving: $(STAMP)  ## the service against batching off and mlflow models serve
 	$(BIN)/python -m benchmarks.serving
+
+gpu-check: $(STAMP)  ## on a GPU machine (CUDA torch): every network on CUDA (bf16) and the CPU, a race on Ray with GPU shares; writes gpu_check.md
+	$(BIN)/python -m benchmarks.gpu_check --out gpu_check.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
