@@ -20,11 +20,20 @@ One parent MLflow run per race and a nested run per candidate. Order of work::
     alias      last of all: @champion on a promoted winner, @challenger on one that did not beat
                the champion; a winner below the baseline floor gets no alias
 
-An error from a candidate's own model code (a fit that raises, in the backtest or the refit)
-fails that candidate only: its nested run is marked FAILED with the error, it cannot win, and
+The model work is done by units of work, each a fit (``fit_fold``: a candidate or the
+champion on one fold; ``_refit_task``: a candidate on all the data), run by the configured
+engine (``execution``; :mod:`pipelines.execution`): one after another in this process, or as
+Ray tasks submitted at once for every candidate without a search (a searched candidate's once
+its search, :mod:`pipelines.search`, has chosen its parameters). Their records (forecasts,
+learning curves, fitted estimators, warnings) come back to this process, which logs them in
+the candidates' order: MLflow, the registry and the aliases see the same race either way.
+
+An error from a candidate's own model code (a fit that raises, in the search, the backtest or
+the refit; a Ray task whose worker keeps dying) fails that candidate only: its nested run is marked FAILED with the error, it cannot win, and
 the race goes on without it (fold scores of a completed backtest still count for the floor).
-An error from MLflow or the registry fails the race; aliases are then untouched, and running
-again starts over cleanly.
+An error from MLflow or the registry, or a Ray cluster that goes away
+(:class:`pipelines.execution.ClusterLost`), fails the race; aliases are then untouched, and
+running again starts over cleanly.
 """
 
 from __future__ import annotations
