@@ -46,6 +46,9 @@ def race_times(config_path: Path, engine: str) -> dict[str, Any]:
                            "artifact_location": f"{store}/artifacts",
                            "enable_system_metrics_logging": False}
         raw["execution"] = {"engine": engine}
+        # a race exports its store's URIs, which would override the next race's
+        for variable in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+            os.environ.pop(variable, None)
         config = parse_config(raw, base_dir=config_path.resolve().parent)
         started = time.perf_counter()
         result = run_race(config, progress=False)

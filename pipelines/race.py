@@ -29,8 +29,9 @@ learning curves, fitted estimators, warnings) come back to this process, which l
 the candidates' order: MLflow, the registry and the aliases see the same race either way.
 
 An error from a candidate's own model code (a fit that raises, in the search, the backtest or
-the refit; a Ray task whose worker keeps dying) fails that candidate only: its nested run is marked FAILED with the error, it cannot win, and
-the race goes on without it (fold scores of a completed backtest still count for the floor).
+the refit; a Ray task whose worker keeps dying) fails that candidate only: its nested run is
+marked FAILED with the error, it cannot win, and the race goes on without it (fold scores of
+a completed backtest still count for the floor).
 An error from MLflow or the registry, or a Ray cluster that goes away
 (:class:`pipelines.execution.ClusterLost`), fails the race; aliases are then untouched, and
 running again starts over cleanly.
@@ -240,36 +241,36 @@ def _with_baseline(config: RaceConfig) -> tuple[list[CandidateConfig], str, bool
 
 def run_race(config: RaceConfig, *, progress: bool = True) -> RaceResult:
     """Run one race now and return what happened (see the module doc for the steps)."""
+    # the engine first: a Ray cluster that does not answer fails the race before MLflow is
+    # touched, as a bad config does
     with without_sktime_notice(), \
-            system_metrics_interval(config.tracking.system_metrics_sampling_interval):
+            system_metrics_interval(config.tracking.system_metrics_sampling_interval), \
+            start_engine(config.execution, progress) as engine:
         prepared = prepare_race(config)  # before MLflow is touched: a bad config changes nothing
-        # before MLflow too: a Ray cluster that does not answer fails the race here
-        with start_engine(config.execution, progress) as engine:
-            experiment_id = configure_tracking(config)
-            tracking = config.tracking
-            tags = {"race": config.name, "registered_model": config.registry.model_name,
-                    "data_source": source_description(config.data),
-                    **provenance_tags(prepared.data.fingerprint)}
-            if prepared.baseline_added:
-                logger.info("race %s: the baseline %s (the seasonal naive forecast) was added "
-                            "to the candidates; selection.baseline names another",
-                            config.name, prepared.baseline)
-            with mlflow.start_run(experiment_id=experiment_id, run_name=config.name, tags=tags,
-                                  log_system_metrics=tracking.enable_system_metrics_logging
-                                  ) as parent:
-                _log_race_settings(prepared)
-                work = _Work(engine, engine.share(prepared))  # the data go out once
-                engine.plan(len(prepared.candidates) * (len(prepared.plan.folds) + 1))
-                # every candidate's fits start now (on Ray, side by side); a searched
-                # candidate's once its search has chosen its parameters
-                tasks = {c.name: work.submit(prepared, c) for c in prepared.candidates
-                         if c.search is None}
-                outcomes = [_race_candidate(prepared, candidate, work,
-                                            tasks.get(candidate.name), tags, experiment_id,
-                                            parent.info.run_id, progress)
-                            for candidate in prepared.candidates]
-                result = _decide_and_alias(prepared, outcomes, parent.info.run_id,
-                                           experiment_id, work, progress)
+        experiment_id = configure_tracking(config)
+        tracking = config.tracking
+        tags = {"race": config.name, "registered_model": config.registry.model_name,
+                "data_source": source_description(config.data),
+                **provenance_tags(prepared.data.fingerprint)}
+        if prepared.baseline_added:
+            logger.info("race %s: the baseline %s (the seasonal naive forecast) was added to "
+                        "the candidates; selection.baseline names another", config.name,
+                        prepared.baseline)
+        with mlflow.start_run(experiment_id=experiment_id, run_name=config.name, tags=tags,
+                              log_system_metrics=tracking.enable_system_metrics_logging
+                              ) as parent:
+            _log_race_settings(prepared)
+            work = _Work(engine, engine.share(prepared))  # the data go out once
+            engine.plan(len(prepared.candidates) * (len(prepared.plan.folds) + 1))
+            # every candidate's fits start now (on Ray, side by side); a searched candidate's
+            # once its search has chosen its parameters
+            tasks = {c.name: work.submit(prepared, c) for c in prepared.candidates
+                     if c.search is None}
+            outcomes = [_race_candidate(prepared, candidate, work, tasks.get(candidate.name),
+                                        tags, experiment_id, parent.info.run_id, progress)
+                        for candidate in prepared.candidates]
+            result = _decide_and_alias(prepared, outcomes, parent.info.run_id, experiment_id,
+                                       work, progress)
     logger.info("race %s: winner %s (v%s), %s: %s", config.name, result.winner,
                 result.winner_version, "promoted" if result.promoted else "not promoted",
                 result.reason)

@@ -3,7 +3,8 @@
 CPU each, each a process (group) this module holds and stops. The race's tasks run on both
 nodes and give the leaderboard of the same race run locally, to 1e-6; the champion loads
 from the registry; a worker killed mid-task is retried and the race completes; a search of
-four trials is four nested runs, the best one's parameters the candidate's.
+four trials is four nested runs, the best one's parameters the candidate's; a cluster that
+goes away stops the race with one line, the champion untouched.
 
 The race is a smaller one than configs/quick.yaml (which takes minutes on two shared cores):
 eight M4 Hourly series, two baselines and a tiny LSTM, two folds. Every address is on the
@@ -35,6 +36,7 @@ from mlflow import MlflowClient
 from pipelines import registry
 from pipelines.backtest import METRICS
 from pipelines.config import RaceConfig
+from pipelines.execution import check_reachable
 from pipelines.race import RaceResult, prepare_race, run_race
 from tests.pipeline_support import LSTM, SNAIVE, THETA, clean_mlflow_environment, race_config
 
@@ -297,3 +299,50 @@ def test_a_search_of_four_trials_gives_the_candidate_the_best_parameters(
     # the registered version records the tuned parameters: what a later race refits
     recorded = yaml.safe_load(tags[registry.TAG_CONFIG])["params"]
     assert str(recorded["hidden_size"]) == best.data.params["hidden_size"]
+
+
+def test_a_cluster_that_goes_away_stops_the_race_in_one_line(
+        cluster: Cluster, tmp_path: Path, data_dir: Path) -> None:
+    """A cluster of its own (the module's stays up), its head killed while a network trains:
+    the race exits non-zero with one line of ours, and the champion is as it was."""
+    with clean_mlflow_environment():
+        # a champion first, from a local race into the same store
+        before = run_race(_config(tmp_path, data_dir, [SNAIVE]), progress=False)
+        assert before.promoted
+        endless = {**LSTM, "params": {**LSTM["params"], "max_epochs": 5000, "patience": 5000}}
+        config = _config(tmp_path, data_dir, [SNAIVE, endless])
+    path = tmp_path / "race.yaml"
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json", by_alias=True)))
+    port, ip = _free_port(), "127.0.0.4"
+    head = _ray_start(["--head", "--port", str(port), "--node-ip-address", ip,
+                       "--include-dashboard", "false"], cluster.env, tmp_path / "head.log")
+    race = None
+    try:
+        address = f"{ip}:{port}"
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline and head.poll() is None:
+            with contextlib.suppress(ValueError):
+                check_reachable(address, timeout=1)
+                break
+            time.sleep(1)
+        env = {key: value for key, value in cluster.env.items()
+               if not key.startswith("MLFLOW_")}
+        race = subprocess.Popen([sys.executable, "-m", "cli.main", "train", str(path),
+                                 "--ray", address, "--no-progress"], cwd=REPO, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        time.sleep(25)  # connected, the data shared, the network training
+        assert race.poll() is None, race.communicate()[0][-3000:]
+        _stop(head)
+        output, _ = race.communicate(timeout=120)
+    finally:
+        _stop(head)
+        if race is not None and race.poll() is None:
+            race.kill()
+    ours = [line for line in output.splitlines() if line.startswith("forecaster train:")]
+    assert race.returncode != 0
+    assert ours == [f"forecaster train: the Ray cluster at {address} went away (no answer); "
+                    "the race stopped and the champion is untouched"], output[-3000:]
+    with clean_mlflow_environment():
+        mlflow.set_tracking_uri(config.tracking.tracking_uri)
+        mlflow.set_registry_uri(config.tracking.tracking_uri)
+        assert registry.aliases(MODEL) == {"champion": before.winner_version}
