@@ -1,7 +1,7 @@
 # syntax=docker/dockerfile:1
 # The forecaster image: the `forecaster` command (train, schedule, serve), the MLflow server with
-# its basic-auth app, psycopg2 and boto3. One image runs the trainer, the forecast service and the
-# MLflow server of docker-compose.yml and deploy/k8s.
+# its basic-auth app, psycopg2, boto3 and Ray. One image runs the trainer, the Ray nodes of its
+# races, the forecast service and the MLflow server of docker-compose.yml and deploy/k8s.
 #
 #   docker build -t forecaster:latest .                                         # CPU torch
 #   docker build --build-arg TORCH_VARIANT=cuda -t forecaster:latest-cuda .     # CUDA torch
@@ -36,7 +36,7 @@ COPY pyproject.toml constraints.txt README.md ./
 RUN for package in forecaster pipelines serving cli; do \
         mkdir "$package" && touch "$package/__init__.py"; \
     done \
-    && pip install -c constraints.txt '.[s3,auth]' \
+    && pip install -c constraints.txt '.[s3,auth,ray]' \
     && pip uninstall -y forecaster \
     && rm -rf forecaster pipelines serving cli build
 COPY forecaster/ forecaster/

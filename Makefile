@@ -4,14 +4,15 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint bench-m4 bench-etth1 bench-serving clean
+.PHONY: demo test test-fast lint bench-m4 bench-etth1 bench-serving gpu-check clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# the CPU wheel of torch first: a bare `torch` requirement would pull a multi-GB CUDA build
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	# [ray]: the tests race on a real Ray cluster and search on Ray Tune
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev,ray]'
 	touch $(STAMP)
 
 demo: $(STAMP)  ## race tiny models into ./mlflow.db, then serve the champion on :3000 (Ctrl-C stops)
@@ -36,6 +37,9 @@ bench-etth1: $(STAMP)
 
 bench-serving: $(STAMP)  ## the service against batching off and mlflow models serve
 	$(BIN)/python -m benchmarks.serving
+
+gpu-check: $(STAMP)  ## on a GPU machine (CUDA torch): every network on CUDA (bf16) and the CPU, a race on Ray with GPU shares; writes gpu_check.md
+	$(BIN)/python -m benchmarks.gpu_check --out gpu_check.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

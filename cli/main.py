@@ -9,15 +9,21 @@ import sys
 import textwrap
 from pathlib import Path
 
+from pipelines.execution import ClusterLost
 from pipelines.schedule import PUSH_JOB, RunAtStart
 from pipelines.signing import KEY_VARIABLE
 from serving.config import ENV_PREFIX, ServingConfig
 
 PUSHGATEWAY_VARIABLE = "PUSHGATEWAY_URL"
+RAY_HELP = ("run every fit as a Ray task (execution.engine: ray, over the config): on the "
+            "cluster at ADDRESS (auto, HOST:PORT, or ray://HOST:10001 from outside the "
+            "cluster), else the one in $RAY_ADDRESS, else a Ray started in this process on "
+            "this machine's cores")
 
 EXAMPLES = """\
 examples:
   forecaster train configs/quick.yaml        race the demo's candidates, promote the best
+  forecaster train --ray auto configs/m4_hourly.yaml   the same race as tasks on a Ray cluster
   forecaster models --name m4-hourly-quick   registered versions, champion and challenger
   forecaster serve --port 3000               serve m4-hourly-quick@champion (Swagger UI at /)
   forecaster serve --model-name m4-hourly --alias challenger
@@ -46,6 +52,7 @@ environment:
                         the key of the HMAC with which races sign the models they register,
                         and `serve` and `export-bento` check them (unset: a model's files are
                         checked against their digest only, and loads are unsigned)
+  RAY_ADDRESS           the Ray cluster of `train --ray` and `schedule --ray`
   FORECASTER_DATA_DIR   the folder of the reference data sets (m4/, ett/) for `bench`
                         (default: ../shared/data beside the checkout)
 """
@@ -112,12 +119,14 @@ def _train(args: argparse.Namespace) -> None:
     from pipelines.schedule import Interrupted, interrupt_on_signals, train_once
     from pipelines.tracking import TrackingUnavailable
 
-    config = load_config(args.config)  # fails here, naming the key, before anything trains
+    # fails here, naming the key, before anything trains
+    config = load_config(args.config, ray=args.ray)
     _quiet_mlflow()
     try:
         with interrupt_on_signals():  # SIGTERM too: the race marks its runs KILLED
             if args.pushgateway:
-                result = train_once(args.config, args.pushgateway, args.push_job)
+                result = train_once(args.config, args.pushgateway, args.push_job,
+                                    ray=args.ray)
             else:
                 result = run_race(config, progress=not args.no_progress)
     except TrackingUnavailable as error:
@@ -166,7 +175,7 @@ def _schedule(args: argparse.Namespace) -> None:
     schedule_command(args.config, args.cron, timezone=args.timezone,
                      metrics_port=args.metrics_port, metrics_addr=args.metrics_addr,
                      pushgateway=args.pushgateway, push_job=args.push_job,
-                     run_at_start=args.run_at_start)
+                     run_at_start=args.run_at_start, ray=args.ray)
 
 
 def _serve(args: argparse.Namespace) -> None:
@@ -248,6 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
                "champion.")
     train.add_argument("config", type=Path, help="race config (YAML), e.g. configs/quick.yaml")
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
+    train.add_argument("--ray", nargs="?", const="", metavar="ADDRESS", help=RAY_HELP)
     train.add_argument("--pushgateway", default=os.environ.get(PUSHGATEWAY_VARIABLE),
                        help="push the training metrics of `forecaster schedule` to this "
                             "Pushgateway when the race ends, e.g. for a CronJob "
@@ -285,6 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
                           metavar="{" + ",".join(mode.value for mode in RunAtStart) + "}",
                           help="train once at start: bare flag = always; if-no-champion trains "
                                "only while the registry has no champion (default: never)")
+    schedule.add_argument("--ray", nargs="?", const="", metavar="ADDRESS", help=RAY_HELP)
     schedule.set_defaults(run=_schedule, usage_error=schedule.error)
 
     serve = commands.add_parser(
@@ -342,7 +353,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, ClusterLost) as error:
         sys.exit(f"forecaster {args.command}: {error}")
 
 

@@ -18,6 +18,7 @@ one config serves a laptop (the embedded SQLite store) and a server alike.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,6 +28,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PositiveFloat,
     PositiveInt,
     ValidationError,
     ValidationInfo,
@@ -41,6 +43,7 @@ from pipelines.candidates import (
     check_params,
     default_candidate_name,
     interval_problem,
+    is_neural,
 )
 from pipelines.schema_errors import describe
 
@@ -158,13 +161,96 @@ class DataConfig(StrictModel):
         return self
 
 
+class ResourcesConfig(StrictModel):
+    """What one task of the race holds on a Ray cluster (Ray's own resource names; fractions
+    of a GPU share it between tasks)."""
+
+    num_cpus: PositiveFloat = 1.0
+    num_gpus: float = Field(default=0.0, ge=0)
+
+
+# a Ray cluster's address: its GCS (HOST:PORT) or its Ray Client server (ray://HOST:PORT)
+RAY_ADDRESS = re.compile(r"^(ray://)?[A-Za-z0-9.\-\[\]:]+:\d{1,5}$")
+
+
+class ExecutionConfig(StrictModel):
+    """Where the model work runs. ``local``: one fit after another in this process (no Ray).
+    ``ray``: every (candidate, fold) fit and every refit is a Ray task holding ``resources``
+    (a candidate may set its own), retried ``max_retries`` times when its worker dies.
+    ``address``: the cluster (``auto``, ``HOST:PORT`` or ``ray://HOST:10001``); none: the
+    cluster in ``RAY_ADDRESS``, else a Ray started in this process on this machine's cores."""
+
+    engine: Literal["local", "ray"] = "local"
+    address: str | None = None
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    max_retries: int = Field(default=3, ge=0)
+
+    @field_validator("address")
+    @classmethod
+    def _ray_address(cls, address: str | None) -> str | None:
+        if address is not None and address != "auto" and not RAY_ADDRESS.match(address):
+            raise ValueError(f"{address!r} is not a Ray address: give auto, HOST:PORT or "
+                             "ray://HOST:PORT")
+        return address
+
+    @model_validator(mode="after")
+    def _address_needs_ray(self) -> ExecutionConfig:
+        if self.address is not None and self.engine != "ray":
+            raise ValueError("`address` applies to engine ray only (set engine: ray)")
+        return self
+
+
+class SearchDimension(StrictModel):
+    """One parameter's range, exactly one of: ``loguniform: [low, high]`` (low > 0),
+    ``uniform: [low, high]``, ``int: [low, high]`` (both included) or ``choice: [a, b, ...]``."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    loguniform: tuple[float, float] | None = None
+    uniform: tuple[float, float] | None = None
+    integer: tuple[int, int] | None = Field(default=None, alias="int")
+    choice: list[Any] | None = Field(default=None, min_length=1)
+
+    @model_validator(mode="after")
+    def _one_range(self) -> SearchDimension:
+        given = [name for name in ("loguniform", "uniform", "integer", "choice")
+                 if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of loguniform, uniform, int or choice")
+        bounds = self.loguniform or self.uniform or self.integer
+        if bounds is not None and not bounds[0] < bounds[1]:
+            raise ValueError(f"the low bound {bounds[0]} must be below the high bound "
+                             f"{bounds[1]}")
+        if self.loguniform is not None and self.loguniform[0] <= 0:
+            raise ValueError(f"loguniform bounds must be positive, not {self.loguniform[0]}")
+        return self
+
+
+class SearchConfig(StrictModel):
+    """A hyperparameter search of a network on Ray Tune, before its backtest: ``trials``
+    configurations drawn by Optuna from ``space`` (constructor parameters over the
+    candidate's ``params``), poor ones stopped early by ASHA (``scheduler: asha``; ``fifo``
+    runs each to the end) on the trainer's per-epoch validation loss. The trial with the
+    best ``metric`` (default: selection.metric) on the held-out end of the first fold's
+    training window gives the candidate its parameters."""
+
+    space: dict[str, SearchDimension] = Field(min_length=1)
+    trials: PositiveInt = 8
+    metric: Literal["mase", "smape", "mae"] | None = None
+    scheduler: Literal["asha", "fifo"] = "asha"
+
+
 class CandidateConfig(StrictModel):
     """One model in the race: a class name from :data:`pipelines.candidates.MODELS` and its
-    constructor parameters. ``name`` defaults to the model's short name and must be unique."""
+    constructor parameters. ``name`` defaults to the model's short name and must be unique.
+    ``resources`` replaces execution.resources for its tasks; ``search`` tunes a network's
+    parameters first (engine ray)."""
 
     name: str | None = None
     model: str
     params: dict[str, Any] = Field(default_factory=dict)
+    resources: ResourcesConfig | None = None
+    search: SearchConfig | None = None
 
     @field_validator("model")
     @classmethod
@@ -180,6 +266,22 @@ class CandidateConfig(StrictModel):
         if model is not None:  # an unknown model is reported on its own key
             check_params(model, params)
         return params
+
+    @field_validator("search")
+    @classmethod
+    def _searchable(cls, search: SearchConfig | None, info: ValidationInfo
+                    ) -> SearchConfig | None:
+        model = info.data.get("model")
+        if search is None or model is None:
+            return search
+        if not is_neural(model):
+            raise ValueError(f"{model} has no training epochs to search over; search applies "
+                             "to the networks")
+        try:
+            check_params(model, search.space)
+        except ValueError as error:
+            raise ValueError(f"space: {error}") from None
+        return search
 
     @model_validator(mode="after")
     def _default_name(self) -> CandidateConfig:
@@ -301,6 +403,7 @@ class RaceConfig(StrictModel):
     selection: SelectionConfig = Field(default_factory=SelectionConfig)
     registry: RegistryConfig
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    execution: ExecutionConfig = Field(default_factory=ExecutionConfig)
     plot_series: int = Field(default=4, ge=0)  # series drawn in each forecast plot
 
     @field_validator("frequency")
@@ -334,6 +437,10 @@ class RaceConfig(StrictModel):
         for i, candidate in enumerate(self.candidates):
             if problem := interval_problem(candidate, self):
                 raise ValueError(f"candidates.{i}.params.quantiles: {problem}")
+        for i, candidate in enumerate(self.candidates):
+            if candidate.search is not None and self.execution.engine != "ray":
+                raise ValueError(f"candidates.{i}.search: runs on Ray Tune: set "
+                                 "execution.engine: ray (or `forecaster train --ray`)")
         baseline = self.selection.baseline
         if baseline is not None and baseline not in names:
             raise ValueError(f"selection.baseline: {baseline!r} is not a candidate; name one of "
@@ -372,6 +479,10 @@ class RaceConfig(StrictModel):
     def experiment_name(self) -> str:
         return self.tracking.experiment_name or self.name
 
+    def resources(self, candidate: CandidateConfig) -> ResourcesConfig:
+        """What each Ray task of ``candidate`` holds: its own resources, else the race's."""
+        return candidate.resources or self.execution.resources
+
     @property
     def interval_levels(self) -> tuple[float, float]:
         """The quantile levels bounding the scored prediction interval."""
@@ -401,8 +512,22 @@ def parse_config(raw: dict[str, Any], base_dir: Path | None = None) -> RaceConfi
         raise ConfigError(describe(error)) from None
 
 
-def load_config(path: str | Path) -> RaceConfig:
-    """Read and validate a race config from YAML (relative data paths: from the file's folder)."""
+def on_ray(config: RaceConfig, address: str | None = None) -> RaceConfig:
+    """``config`` with ``execution.engine: ray`` at ``address`` (None: the cluster in
+    ``RAY_ADDRESS``, else a Ray started in the process): what ``forecaster train --ray``
+    runs. Checked again as a whole, as a file would be."""
+    raw = config.model_dump()
+    raw["execution"] = {**raw["execution"], "engine": "ray", "address": address}
+    try:
+        return RaceConfig.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(describe(error)) from None
+
+
+def load_config(path: str | Path, *, ray: str | None = None) -> RaceConfig:
+    """Read and validate a race config from YAML (relative data paths: from the file's folder).
+    ``ray``: run on Ray at this address instead of the file's ``execution`` (``""``: the
+    cluster in ``RAY_ADDRESS``, else a Ray started in the process), as ``--ray`` does."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text())
@@ -410,4 +535,5 @@ def load_config(path: str | Path) -> RaceConfig:
         raise ConfigError(f"config file {str(path)!r} not found") from None
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML: {error}") from None
-    return parse_config(raw or {}, base_dir=path.resolve().parent)
+    config = parse_config(raw or {}, base_dir=path.resolve().parent)
+    return config if ray is None else on_ray(config, ray or None)

@@ -24,13 +24,24 @@ One parent MLflow run per race and a nested run per candidate. Order of work::
     alias      last of all: @champion on a promoted winner, @challenger on one that did not beat
                the champion; a winner below the baseline floor gets no alias
 
-An error from a candidate's own model code (a fit that raises, in the backtest or the refit)
-fails that candidate only: its nested run is marked FAILED with the error, it cannot win, and
-the race goes on without it (fold scores of a completed backtest still count for the floor).
-An error from MLflow or the registry fails the race; aliases are then untouched, and running
-again starts over cleanly. A tracking server that stops answering fails it within
-``tracking.http_budget_seconds`` (:class:`pipelines.tracking.TrackingUnavailable`, one line); an
-interrupt (Ctrl-C, or SIGTERM as ``forecaster train`` handles it) marks the open runs KILLED.
+The model work is done by units of work, each a fit (``fit_fold``: a candidate or the
+champion on one fold; ``_refit_task``: a candidate on all the data), run by the configured
+engine (``execution``; :mod:`pipelines.execution`): one after another in this process, or as
+Ray tasks submitted at once for every candidate without a search (a searched candidate's once
+its search, :mod:`pipelines.search`, has chosen its parameters). Their records (forecasts,
+learning curves, fitted estimators, warnings) come back to this process, which logs them in
+the candidates' order: MLflow, the registry and the aliases see the same race either way.
+
+An error from a candidate's own model code (a fit that raises, in the search, the backtest or
+the refit; a Ray task whose worker keeps dying) fails that candidate only: its nested run is
+marked FAILED with the error, it cannot win, and the race goes on without it (fold scores of
+a completed backtest still count for the floor).
+An error from MLflow or the registry, or a Ray cluster that goes away
+(:class:`pipelines.execution.ClusterLost`), fails the race; aliases are then untouched, and
+running again starts over cleanly. A tracking server that stops answering
+fails it within ``tracking.http_budget_seconds``
+(:class:`pipelines.tracking.TrackingUnavailable`, one line); an interrupt (Ctrl-C, or SIGTERM as
+``forecaster train`` handles it) marks the open runs KILLED.
 """
 
 from __future__ import annotations
@@ -39,7 +50,6 @@ import json
 import logging
 import math
 import tempfile
-import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -79,6 +89,7 @@ from pipelines.candidates import (
     takes_covariates,
 )
 from pipelines.config import CandidateConfig, RaceConfig
+from pipelines.execution import ClusterLost, Engine, FitRecord, Task, recording, start_engine
 from pipelines.explain import explain_series, series_inputs
 from pipelines.forecasts import forecast_frame, forecast_problems, future_index, horizon_of
 from pipelines.pyfunc_model import (
@@ -88,6 +99,7 @@ from pipelines.pyfunc_model import (
     model_levels,
 )
 from pipelines.schema_errors import describe
+from pipelines.search import check_search, tune_candidate
 from pipelines.sources import RaceData, load_race_data, source_description
 from pipelines.tracking import (
     attention_figure,
@@ -220,9 +232,13 @@ def prepare_race(config: RaceConfig) -> PreparedRace:
     need, why = required_length(config, needs[hungriest], f"candidate {hungriest!r}")
     data = load_race_data(config.data, config.frequency, min_length=need, need=why)
     plan = plan_backtest(config, data, needs[hungriest], f"candidate {hungriest!r}")
-    return PreparedRace(config, data, plan,
-                        horizon_of(config.horizon, data.datetime_index, config.frequency),
-                        candidates, baseline, added)
+    prepared = PreparedRace(config, data, plan,
+                            horizon_of(config.horizon, data.datetime_index, config.frequency),
+                            candidates, baseline, added)
+    for i, candidate in enumerate(config.candidates):
+        if candidate.search is not None:
+            check_search(prepared, f"candidates.{i}", needs[candidate.name])
+    return prepared
 
 
 def _with_baseline(config: RaceConfig) -> tuple[list[CandidateConfig], str, bool]:
@@ -263,8 +279,11 @@ def run_race(config: RaceConfig, *, progress: bool = True) -> RaceResult:
 
 
 def _run_race(config: RaceConfig, progress: bool) -> RaceResult:
+    # the engine first: a Ray cluster that does not answer fails the race before MLflow is
+    # touched, as a bad config does
     with without_sktime_notice(), \
-            system_metrics_interval(config.tracking.system_metrics_sampling_interval):
+            system_metrics_interval(config.tracking.system_metrics_sampling_interval), \
+            start_engine(config.execution, progress) as engine:
         prepared = prepare_race(config)  # before MLflow is touched: a bad config changes nothing
         experiment_id = configure_tracking(config)
         tracking = config.tracking
@@ -280,11 +299,17 @@ def _run_race(config: RaceConfig, progress: bool) -> RaceResult:
                               ) as parent, ended_on_error():
             _log_race_settings(prepared)
             orphans = registry.tag_orphans(config.registry.model_name, parent.info.run_id)
-            outcomes = [_race_candidate(prepared, candidate, tags, experiment_id,
-                                        parent.info.run_id, progress)
+            work = _Work(engine, engine.share(prepared))  # the data go out once
+            engine.plan(len(prepared.candidates) * (len(prepared.plan.folds) + 1))
+            # every candidate's fits start now (on Ray, side by side); a searched candidate's
+            # once its search has chosen its parameters
+            tasks = {c.name: work.submit(prepared, c) for c in prepared.candidates
+                     if c.search is None}
+            outcomes = [_race_candidate(prepared, candidate, work, tasks.get(candidate.name),
+                                        tags, experiment_id, parent.info.run_id, progress)
                         for candidate in prepared.candidates]
             result = _decide_and_alias(prepared, outcomes, parent.info.run_id, experiment_id,
-                                       progress, orphans)
+                                       work, progress, orphans)
     logger.info("race %s: winner %s (v%s), %s: %s", config.name, result.winner,
                 result.winner_version, "promoted" if result.promoted else "not promoted",
                 result.reason)
@@ -303,8 +328,10 @@ def _log_race_settings(prepared: PreparedRace) -> None:
         "data.series": str(len(data.lengths)),
         "data.observations": str(len(data.long)),
     })
-    mlflow.log_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False),
-                    "race_config.yaml")
+    mlflow.log_text(yaml.safe_dump(config.model_dump(mode="json", by_alias=True),
+                                   sort_keys=False), "race_config.yaml")
+    mlflow.log_params({"execution.engine": config.execution.engine,
+                       "execution.address": str(config.execution.address)})
     mlflow.log_text("\n".join(f"fold {f.number}: train {len(f.y_train)} rows, test "
                               f"{len(f.y_test)} rows" for f in plan.folds), "folds.txt")
     # what data.fill filled or dropped before the race: counts as metrics, ids in the text
@@ -323,41 +350,140 @@ def _race_params(prepared: PreparedRace) -> dict[str, str]:
                                     "step": plan.step}})}
 
 
+# ---------------------------------------------------------------------------- the work
+@dataclass(frozen=True)
+class _Tasks:
+    """One candidate's units of work as submitted: a fit per fold (by number), its refit."""
+
+    folds: dict[int, Task]
+    refit: Task | None
+
+
+@dataclass(frozen=True)
+class _Work:
+    """The race's engine, and the handle every unit of work receives the prepared race by."""
+
+    engine: Engine
+    shared: Any
+
+    def submit(self, prepared: PreparedRace, candidate: CandidateConfig, refit: bool = True
+               ) -> _Tasks:
+        """Submit ``candidate``'s fit on every fold and, with ``refit``, on all the data,
+        each holding the candidate's resources."""
+        resources = prepared.config.resources(candidate)
+        folds = {fold.number: self.engine.submit(
+            _fold_task, self.shared, candidate, fold.number, resources=resources,
+            name=f"{candidate.name}/fold_{fold.number}") for fold in prepared.plan.folds}
+        final = self.engine.submit(_refit_task, self.shared, candidate, resources=resources,
+                                   name=f"{candidate.name}/refit") if refit else None
+        return _Tasks(folds, final)
+
+
+def fit_fold(prepared: PreparedRace, candidate: CandidateConfig, fold: Fold,
+             on_epoch: EpochCallback | None = None) -> FitRecord:
+    """A fresh ``candidate`` fitted on the fold's training window, and its forecast of the
+    fold's test window: how every candidate, the champion and each search trial is
+    backtested. ``on_epoch`` gets the learning curve as it trains. A candidate that takes
+    covariates (sktime's tag) gets the fold's X: its training window's and, for the
+    forecast, its test window's."""
+    config, data = prepared.config, prepared.data
+    record = FitRecord()
+    with recording(on_epoch, record) as epoch:
+        estimator = build_estimator(candidate, config, on_epoch=epoch)
+        takes_X = data.X is not None and takes_covariates(estimator)
+        estimator.fit(fold.y_train, X=fold.X_train if takes_X else None, fh=prepared.fh)
+        record.forecast = forecast_frame(
+            estimator, model_levels(estimator, config.forecast_levels),
+            X=fold.X_test if takes_X else None)
+    return record
+
+
+def _fold_task(prepared: PreparedRace, candidate: CandidateConfig, number: int,
+               on_epoch: EpochCallback | None = None) -> FitRecord:
+    """A unit of work: ``candidate`` on fold ``number`` (the folds travel with the race's
+    data, which go to a cluster once)."""
+    return fit_fold(prepared, candidate, prepared.plan.folds[number - 1], on_epoch)
+
+
+def _refit_task(prepared: PreparedRace, candidate: CandidateConfig,
+                on_epoch: EpochCallback | None = None) -> FitRecord:
+    """A unit of work: ``candidate`` refitted on all the data (with the covariates, if it
+    takes them)."""
+    config, data = prepared.config, prepared.data
+    record = FitRecord()
+    with recording(on_epoch, record) as epoch:
+        final = build_estimator(candidate, config, on_epoch=epoch)
+        takes_X = data.X is not None and takes_covariates(final)
+        final.fit(data.panel, X=data.X if takes_X else None, fh=prepared.fh)
+    record.estimator = final
+    return record
+
+
+def _fold_forecast(engine: Engine, tasks: _Tasks,
+                   on_epoch: Callable[[Fold], EpochCallback | None],
+                   records: list[FitRecord]) -> ForecastFn:
+    """A fold's forecast, from the unit of work that fitted it (``fit_fold``); ``on_epoch``
+    gives each fold's learning curve callback; each fold's record goes to ``records``."""
+
+    def forecast(fold: Fold) -> pd.DataFrame:
+        record = engine.result(tasks.folds[fold.number], on_epoch(fold))
+        records.append(record)
+        assert record.forecast is not None
+        return record.forecast
+
+    return forecast
+
+
 # ---------------------------------------------------------------------------- one candidate
-def _race_candidate(prepared: PreparedRace, candidate: CandidateConfig, tags: dict[str, str],
-                    experiment_id: str, parent_id: str, progress: bool) -> CandidateOutcome:
-    """Backtest, refit, log, check and register one candidate in its own nested run."""
+def _race_candidate(prepared: PreparedRace, candidate: CandidateConfig, work: _Work,
+                    tasks: _Tasks | None, tags: dict[str, str], experiment_id: str,
+                    parent_id: str, progress: bool) -> CandidateOutcome:
+    """Search its parameters (if it carries a search), backtest, refit, log, check and
+    register one candidate in its own nested run. ``tasks``: its submitted work (None for a
+    searched candidate, submitted once its parameters are known)."""
     config = prepared.config
     assert candidate.name is not None
-    probe = build_estimator(candidate, config)  # for its parameters; never fitted
-    resolved = resolved_config(candidate, config)
     run = mlflow.start_run(experiment_id=experiment_id, run_name=candidate.name, nested=True,
                            log_system_metrics=config.tracking.enable_system_metrics_logging,
                            tags={**tags, "candidate": candidate.name, "model": candidate.model})
-    outcome = CandidateOutcome(candidate.name, candidate.model, run.info.run_id, resolved)
-    bar = _Progress(candidate.name, len(prepared.plan.folds) + 2,  # the folds, refit, logging
-                    probe.get_params().get("max_epochs") if is_neural(probe) else None,
-                    progress)
+    outcome = CandidateOutcome(candidate.name, candidate.model, run.info.run_id,
+                               resolved_config(candidate, config))
+    bar: _Progress | None = None
     status = "FAILED"
     try:
+        if candidate.search is not None:
+            try:
+                searched = tune_candidate(prepared, candidate, work.shared, fit_fold,
+                                          progress)
+            except ClusterLost:
+                raise
+            except Exception as error:  # no trial finished: the candidate fails, not the race
+                return _failed(outcome, "search", error)
+            candidate = searched.log(experiment_id)  # the trials as nested runs, the best
+            outcome.config = resolved_config(candidate, config)
+            tasks = work.submit(prepared, candidate)
+        assert tasks is not None
+        probe = build_estimator(candidate, config)  # for its parameters; never fitted
+        bar = _Progress(candidate.name, len(prepared.plan.folds) + 2,  # folds, refit, logging
+                        probe.get_params().get("max_epochs") if is_neural(probe) else None,
+                        progress)
         mlflow.log_params({**_race_params(prepared),
                            **{f"model.{k}": v for k, v in loggable_params(probe).items()},
                            "model.class": candidate.model})
         try:
+            warned: list[Any] = []  # what the units of work raised, wherever they ran
             with recorded_warnings() as caught:
-                _backtest_and_refit(prepared, candidate, outcome, bar)
-            count = log_warnings(caught, "warnings.txt")
+                _backtest_and_refit(prepared, candidate, outcome, work.engine, tasks, bar,
+                                    warned)
+            count = log_warnings([*warned, *caught], "warnings.txt")
             mlflow.log_metric("warnings", count)
+        except ClusterLost:  # not the candidate's fault: the race stops
+            raise
         except Exception as error:  # the candidate's model failed: the race goes on
             if isinstance(error, MlflowException) or unreachable(error):
                 raise  # logging its curve failed: MLflow's error fails the race
-            stage = "backtest" if outcome.backtest is None else "refit on all data"
-            outcome.status = "failed"
-            outcome.error = f"{stage} failed: {type(error).__name__}: {error}"
-            mlflow.log_text(traceback.format_exc(), "error.txt")
-            mlflow.set_tag("error", outcome.error[:500])
-            logger.warning("candidate %s failed: %s", candidate.name, outcome.error)
-            return outcome
+            return _failed(outcome, "backtest" if outcome.backtest is None
+                           else "refit on all data", error)
         _log_and_register(prepared, candidate, outcome, tags, parent_id)
         bar.step(f"{config.selection.metric} {outcome.scores[config.selection.metric]:.4f}"
                  + ("" if outcome.valid else " (invalid)"))
@@ -367,21 +493,35 @@ def _race_candidate(prepared: PreparedRace, candidate: CandidateConfig, tags: di
         status = "KILLED"
         raise
     finally:  # a failed candidate returns with status FAILED; an MLflow error propagates
-        bar.close()
+        if bar is not None:
+            bar.close()
         end_run(status)
 
 
+def _failed(outcome: CandidateOutcome, stage: str, error: Exception) -> CandidateOutcome:
+    """Mark the candidate failed at ``stage`` (called while handling ``error``)."""
+    outcome.status = "failed"
+    outcome.error = f"{stage} failed: {type(error).__name__}: {error}"
+    mlflow.log_text(traceback.format_exc(), "error.txt")
+    mlflow.set_tag("error", outcome.error[:500])
+    logger.warning("candidate %s failed: %s", outcome.name, outcome.error)
+    return outcome
+
+
 def _backtest_and_refit(prepared: PreparedRace, candidate: CandidateConfig,
-                        outcome: CandidateOutcome, bar: _Progress) -> None:
-    """The candidate's model work: the folds, the forecast plot, the refit on all data."""
+                        outcome: CandidateOutcome, engine: Engine, tasks: _Tasks,
+                        bar: _Progress, warned: list[Any]) -> None:
+    """The candidate's model work, fetched from its units of work: the folds, the forecast
+    plot, the refit on all data."""
     config, data, run_id = prepared.config, prepared.data, outcome.run_id
     # covariates go to the candidates that take them (sktime's tag); the others ignore them
     takes_X = data.X is not None and takes_covariates(build_estimator(candidate, config))
     outcome.covariates = (*data.known_future, *data.static) if takes_X else ()
     outcome.ignores_covariates = data.X is not None and not takes_X
     mlflow.log_param("covariates", ",".join(outcome.covariates) if takes_X else "none")
-    forecast = _fold_forecast(prepared, candidate, lambda fold: epoch_logger(
-        run_id, f"fold_{fold.number}/", then=bar.epoch))
+    folds: list[FitRecord] = []
+    forecast = _fold_forecast(engine, tasks, lambda fold: epoch_logger(
+        run_id, f"fold_{fold.number}/", then=bar.epoch), folds)
 
     def scored(fold: Fold, scores: dict[str, float]) -> None:
         mlflow.log_metrics({f"fold_{fold.number}/{m}": v for m, v in scores.items()})
@@ -389,16 +529,21 @@ def _backtest_and_refit(prepared: PreparedRace, candidate: CandidateConfig,
                  f"{scores[config.selection.metric]:.4f}")
 
     backtest = run_backtest(forecast, prepared.plan.folds, config, on_fold=scored)
+    # the folds' own fitting time, wherever they ran: waiting on a cluster is not its cost
+    backtest.seconds = sum(record.seconds for record in folds)
+    warned.extend(w for record in folds for w in record.warnings)
     outcome.backtest = backtest
     outcome.scores, outcome.problems = backtest.scores, list(backtest.problems)
     outcome.backtest_seconds = backtest.seconds
     mlflow.log_metrics({**backtest.scores, "backtest_seconds": backtest.seconds})
     _log_forecast_plot(prepared, backtest)
 
-    final = build_estimator(candidate, config, on_epoch=epoch_logger(run_id, then=bar.epoch))
-    started = time.perf_counter()
-    final.fit(data.panel, X=data.X if takes_X else None, fh=prepared.fh)
-    outcome.train_seconds = time.perf_counter() - started
+    assert tasks.refit is not None
+    refit = engine.result(tasks.refit, epoch_logger(run_id, then=bar.epoch))
+    warned.extend(refit.warnings)
+    final = refit.estimator
+    assert final is not None
+    outcome.train_seconds = refit.seconds
     outcome.estimator = final
     mlflow.log_metric("train_seconds", outcome.train_seconds)
     # what the estimator itself forecasts and from the input example: the logged model is
@@ -426,24 +571,6 @@ def _backtest_and_refit(prepared: PreparedRace, candidate: CandidateConfig,
     if explains(final):  # the families that can explain their forecasts
         _log_attention(prepared, candidate, final, outcome.example, takes_X)
     bar.step("refit")
-
-
-def _fold_forecast(prepared: PreparedRace, candidate: CandidateConfig,
-                   on_epoch: Callable[[Fold], EpochCallback | None]) -> ForecastFn:
-    """A fold's forecast by a fresh ``candidate`` fitted on the fold's training window: how
-    every candidate, and the champion, is backtested. ``on_epoch`` gives each fold's learning
-    curve callback. A candidate that takes covariates (sktime's tag) gets the fold's X: its
-    training window's and, for the forecast, its test window's."""
-    config, data = prepared.config, prepared.data
-
-    def forecast(fold: Fold) -> pd.DataFrame:
-        estimator = build_estimator(candidate, config, on_epoch=on_epoch(fold))
-        takes_X = data.X is not None and takes_covariates(estimator)
-        estimator.fit(fold.y_train, X=fold.X_train if takes_X else None, fh=prepared.fh)
-        return forecast_frame(estimator, model_levels(estimator, config.forecast_levels),
-                              X=fold.X_test if takes_X else None)
-
-    return forecast
 
 
 def _log_attention(prepared: PreparedRace, candidate: CandidateConfig,
@@ -563,7 +690,7 @@ class ChampionScore:
 
 
 def _score_champion(prepared: PreparedRace, outcomes: list[CandidateOutcome], version: int,
-                    run_id: str, progress: bool) -> ChampionScore:
+                    run_id: str, work: _Work, progress: bool) -> ChampionScore:
     """The champion's configuration, backtested as the candidates are: refitted on each fold's
     training window and scored on its test window (its registered weights have seen them all,
     and are never loaded). A candidate of this race with the same resolved config lends its
@@ -604,11 +731,16 @@ def _score_champion(prepared: PreparedRace, outcomes: list[CandidateOutcome], ve
             bar.step(f"fold {fold.number} {config.selection.metric} "
                      f"{scores[config.selection.metric]:.4f}")
 
-        forecast = _fold_forecast(prepared, champion, lambda fold: epoch_logger(
-            run_id, f"champion/fold_{fold.number}/", then=bar.epoch))
+        # its fits warn as they did in its own race: their warnings are not kept
+        forecast = _fold_forecast(work.engine, work.submit(prepared, champion, refit=False),
+                                  lambda fold: epoch_logger(
+                                      run_id, f"champion/fold_{fold.number}/", then=bar.epoch),
+                                  [])
         try:
-            with recorded_warnings():  # the champion's fits warn as they did in its own race
+            with recorded_warnings():
                 backtest = run_backtest(forecast, prepared.plan.folds, config, on_fold=scored)
+        except ClusterLost:
+            raise
         except Exception as error:  # noqa: BLE001 - recorded as the reason of the decision
             return ChampionScore(None, f"{type(error).__name__}: {error}", how)
         finally:
@@ -631,7 +763,8 @@ def _floor(prepared: PreparedRace, outcomes: list[CandidateOutcome]) -> registry
 
 
 def _decide_and_alias(prepared: PreparedRace, outcomes: list[CandidateOutcome], run_id: str,
-                      experiment_id: str, progress: bool, orphans: list[int]) -> RaceResult:
+                      experiment_id: str, work: _Work, progress: bool,
+                      orphans: list[int]) -> RaceResult:
     config = prepared.config
     name, metric = config.registry.model_name, config.selection.metric
     leaderboard = _leaderboard(outcomes, metric, prepared.baseline)
@@ -643,7 +776,7 @@ def _decide_and_alias(prepared: PreparedRace, outcomes: list[CandidateOutcome], 
     champion = registry.champion_version(name)
     champion_score, scored = None, ChampionScore(None, None, None)
     if champion is not None:
-        scored = _score_champion(prepared, outcomes, champion, run_id, progress)
+        scored = _score_champion(prepared, outcomes, champion, run_id, work, progress)
         if scored.backtest is not None and scored.error is None:
             champion_score = scored.backtest.scores[metric]
             mlflow.log_metrics({f"champion/{m}": v for m, v in scored.backtest.scores.items()})

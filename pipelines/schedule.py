@@ -265,8 +265,9 @@ def cron_trigger(expression: str, timezone: str = "UTC") -> CronTrigger:
     return CronTrigger.from_crontab(expression, timezone=timezone)
 
 
-def race_job(config_path: Path) -> Callable[[], Any]:
-    """The production job: load the race config and run the race.
+def race_job(config_path: Path, ray: str | None = None) -> Callable[[], Any]:
+    """The production job: load the race config and run the race (on Ray at ``ray``, over
+    the config, when given: see :func:`pipelines.config.load_config`).
 
     The YAML is read again at every run, so an edited config applies from the next run on
     without a restart (the CLI validates it once at start, to fail fast on a typo).
@@ -277,7 +278,7 @@ def race_job(config_path: Path) -> Callable[[], Any]:
         from pipelines.race import run_race
 
         # no progress bars: in a service's log they are noise
-        return run_race(load_config(config_path), progress=False)
+        return run_race(load_config(config_path, ray=ray), progress=False)
 
     return job
 
@@ -391,7 +392,8 @@ def interrupt_on_signals() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
-def train_once(config_path: Path, pushgateway: str, push_job: str = PUSH_JOB) -> Any:
+def train_once(config_path: Path, pushgateway: str, push_job: str = PUSH_JOB,
+               ray: str | None = None) -> Any:
     """One race now, with the scheduler's metrics pushed to ``pushgateway`` when it ends:
     for a Kubernetes CronJob, whose pod is gone before Prometheus could scrape it. Returns the
     race's result; a failed race is counted, pushed, then raised, and so is an interrupted one.
@@ -404,7 +406,7 @@ def train_once(config_path: Path, pushgateway: str, push_job: str = PUSH_JOB) ->
 
     def job() -> Any:
         try:
-            outcome["result"] = race_job(config_path)()
+            outcome["result"] = race_job(config_path, ray)()
         except Exception as error:
             outcome["error"] = error
             raise
@@ -435,11 +437,13 @@ def _push_outcome(metrics: TrainingMetrics, succeeded: bool, pushgateway: str,
 def schedule_command(config_path: Path, cron: str, *, timezone: str = "UTC",
                      metrics_port: int | None = 9101, metrics_addr: str = "0.0.0.0",
                      pushgateway: str | None = None, push_job: str = PUSH_JOB,
-                     run_at_start: RunAtStart | str = RunAtStart.NEVER) -> None:
-    """``forecaster schedule``: validate the config and the cron, then serve until SIGTERM."""
+                     run_at_start: RunAtStart | str = RunAtStart.NEVER,
+                     ray: str | None = None) -> None:
+    """``forecaster schedule``: validate the config and the cron, then serve until SIGTERM.
+    ``ray``: each race on Ray at this address (see :func:`race_job`)."""
     from pipelines.config import load_config
 
-    config = load_config(config_path)  # fail fast on a bad config, not at 3 a.m.
+    config = load_config(config_path, ray=ray)  # fail fast on a bad config, not at 3 a.m.
     trigger = cron_trigger(cron, timezone)
     mode = RunAtStart(run_at_start)
     champion_check = None
@@ -447,7 +451,7 @@ def schedule_command(config_path: Path, cron: str, *, timezone: str = "UTC",
         champion_check = partial(registry_has_champion,
                                  config.tracking.registry_uri or config.tracking_uri,
                                  config.registered_model)
-    scheduler = TrainingScheduler(race_job(config_path), trigger, pushgateway=pushgateway,
+    scheduler = TrainingScheduler(race_job(config_path, ray), trigger, pushgateway=pushgateway,
                                   push_job=push_job, run_at_start=mode,
                                   champion_exists=champion_check)
     serve_forever(scheduler, metrics_port, metrics_addr)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import configparser
 import contextlib
+import importlib.metadata
 import importlib.util
 import io
 import ipaddress
@@ -53,19 +54,23 @@ from serving.config import CONFIG_FILE_VARIABLE, ServingConfig
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_FILES = ("docker-compose.yml", "docker-compose.gpu.yml")
 K8S = ROOT / "deploy" / "k8s"
-KUSTOMIZATIONS = ("base", "overlays/dev", "overlays/gpu")
+KUSTOMIZATIONS = ("base", "overlays/dev", "overlays/ray", "overlays/gpu")
+# the overlays whose race runs on a KubeRay RayCluster, and the worker groups each gives it
+RAY_OVERLAYS = {"overlays/ray": {"cpu"}, "overlays/gpu": {"cpu", "gpu"}}
 # the oldest Kubernetes these manifests claim to support (CronJob timeZone is GA since 1.27) and
 # the newest whose schemas kubernetes-validate bundles
 KUBERNETES_VERSIONS = ("1.30.0", "1.37.0")
 # the image the project builds (Dockerfile): its containers run `forecaster` or `mlflow`
 PROJECT_IMAGE = re.compile(r"^(?:.*/)?forecaster(?::.*)?$")
 # Secrets the manifests use but do not create (README.md, "Deploy to Kubernetes")
-EXTERNAL_SECRETS = {"mlflow-secrets", "mlflow-admin", "mlflow-trainer", "mlflow-service"}
+EXTERNAL_SECRETS = {"mlflow-secrets", "mlflow-admin", "mlflow-trainer", "mlflow-service",
+                    "ray-auth"}
 # the step that creates MLflow's users, in the image at /app/mlflow-auth
 MLFLOW_AUTH = ROOT / "deploy" / "mlflow-auth"
 # credentials: given only by reference (${VAR:?} in compose, a Secret in Kubernetes)
 CREDENTIAL = re.compile(r"PASSWORD|SECRET")
 PROMETHEUS_OPERATOR_KINDS = {"ServiceMonitor", "PrometheusRule"}
+KUBERAY_KINDS = {"RayCluster"}  # checked field by field: test_k8s_ray_cluster
 
 # The environment variables the project's containers may be given: anything else there is a
 # typo or a setting nothing reads.
@@ -89,6 +94,8 @@ KNOWN_ENV = {
     "FORECASTER_MAX_BATCH_SIZE", "FORECASTER_MAX_LATENCY_MS",
     # `forecaster schedule --pushgateway`'s default; BentoML's home
     "PUSHGATEWAY_URL", "BENTOML_HOME",
+    # Ray: the cluster of `--ray` (pipelines/execution.py), the token of every node and driver
+    "RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN",
 }
 PROJECT_PREFIXES = ("FORECASTER_", "MLFLOW_")
 
@@ -806,6 +813,32 @@ def test_compose_prometheus_has_no_admin_or_lifecycle_api() -> None:
                 f"{name}:{service}: {arg} lets anyone who reaches the port stop or wipe it")
 
 
+def test_compose_ray_cluster() -> None:
+    """The trainer drives a Ray cluster of the project image: the head (no tasks of its own)
+    and its workers, all holding the same token; the GPU file gives the workers the GPUs."""
+    services = compose("docker-compose.yml")["services"]
+    head, worker, trainer = (services[name] for name in ("ray-head", "ray-worker", "trainer"))
+    for name, spec in (("ray-head", head), ("ray-worker", worker)):
+        assert uses_project_image(spec), name
+        assert command_of(spec)[:2] == ["ray", "start"] and "--block" in command_of(spec)
+        assert environment(spec)["RAY_AUTH_TOKEN"] == environment(trainer)["RAY_AUTH_TOKEN"]
+        assert environment(spec)["RAY_AUTH_MODE"] == "token"
+    command = command_of(head)
+
+    def option(argv: list[str], name: str) -> str:
+        return argv[argv.index(name) + 1]
+
+    assert "--head" in command and option(command, "--num-cpus") == "0"
+    assert option(command_of(worker), "--address") == f"ray-head:{option(command, '--port')}"
+    assert environment(trainer)["RAY_ADDRESS"] == \
+        f"ray://ray-head:{option(command, '--ray-client-server-port')}"
+    assert "--ray" in command_of(trainer)
+    assert trainer["depends_on"]["ray-head"]["condition"] == "service_healthy"
+    gpu = raw_compose("docker-compose.gpu.yml")["services"]["ray-worker"]
+    assert gpu["build"]["args"]["TORCH_VARIANT"] == "cuda"
+    assert gpu["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+
+
 # === Kubernetes ===============================================================================
 
 def structural_schemas() -> dict[str, dict[str, Any]]:
@@ -873,6 +906,8 @@ def test_kustomization_renders_valid_resources(kustomization: str) -> None:
     problems = []
     for item in resources:
         name = f"{item['kind']}/{item['metadata']['name']}"
+        if item["kind"] in KUBERAY_KINDS:
+            continue
         if item["kind"] in PROMETHEUS_OPERATOR_KINDS:
             validator = jsonschema.Draft202012Validator(structural_schemas()[item["kind"]])
             problems += [f"{name}: {'.'.join(map(str, e.absolute_path))}: {e.message}"
@@ -981,17 +1016,78 @@ def test_k8s_retraining_cronjob(kustomization: str) -> None:
     assert container["command"][:3] == ["forecaster", "train", "/app/configs/m4_hourly.yaml"]
     gpus = {kind: container["resources"].get(kind, {}).get("nvidia.com/gpu")
             for kind in ("requests", "limits")}
-    if kustomization == "overlays/gpu":
-        assert gpus["limits"] == 1, "the gpu overlay must request nvidia.com/gpu: 1"
-        assert gpus["requests"] in (None, gpus["limits"])
-        assert any(t.get("key") == "nvidia.com/gpu" for t in spec.get("tolerations", []))
-        assert spec.get("nodeSelector"), "the gpu overlay must pick GPU nodes"
-        assert container["image"].endswith("-cuda"), "the CronJob needs the CUDA image"
-        service = resource(kustomization, "Deployment", "forecaster-service")
-        assert not pod_spec(service)["containers"][0]["image"].endswith("-cuda")
-    else:
-        assert gpus == {"requests": None, "limits": None}
-        assert not spec.get("tolerations")
+    # the GPUs, where there are some, are the Ray workers' (test_k8s_ray_cluster)
+    assert gpus == {"requests": None, "limits": None}
+    assert not spec.get("tolerations")
+    assert not container["image"].endswith("-cuda")
+    assert ("--ray" in container["command"]) == (kustomization in RAY_OVERLAYS)
+
+
+def ray_cluster(kustomization: str) -> dict[str, Any]:
+    (cluster,) = [r for r in rendered(kustomization) if r["kind"] == "RayCluster"]
+    return cluster
+
+
+def ray_pods(cluster: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The pod template of the head (``head``) and of each worker group (by its name)."""
+    spec = cluster["spec"]
+    return {"head": spec["headGroupSpec"]["template"]["spec"],
+            **{group["groupName"]: group["template"]["spec"]
+               for group in spec["workerGroupSpecs"]}}
+
+
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
+def test_k8s_ray_cluster(kustomization: str) -> None:
+    """The KubeRay RayCluster (which the Kubernetes schemas do not know): its images,
+    resources and GPU requests, its token, and the head address the CronJob drives it at."""
+    clusters = [r for r in rendered(kustomization) if r["kind"] == "RayCluster"]
+    if kustomization not in RAY_OVERLAYS:
+        assert not clusters
+        return
+    cluster = ray_cluster(kustomization)
+    assert cluster["apiVersion"] == "ray.io/v1"
+    spec = cluster["spec"]
+    assert spec["rayVersion"] == importlib.metadata.version("ray")  # the image's Ray
+    groups = {g["groupName"]: g for g in spec["workerGroupSpecs"]}
+    assert set(groups) == RAY_OVERLAYS[kustomization]
+    for group in groups.values():
+        assert 0 <= group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+    # KubeRay passes rayStartParams to `ray start` as strings
+    assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0", "the head runs no tasks"
+    for pod in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
+        assert all(isinstance(v, str) for v in pod["rayStartParams"].values())
+    pods = ray_pods(cluster)
+    for name, pod in pods.items():
+        assert pod["securityContext"]["runAsNonRoot"] is True, name
+        (container,) = pod["containers"]
+        assert PROJECT_IMAGE.match(container["image"]), (name, container["image"])
+        assert container["image"].endswith("-cuda") == (name == "gpu"), name
+        env = {e["name"]: e for e in container["env"]}
+        assert env["RAY_AUTH_MODE"]["value"] == "token", name
+        assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "ray-auth",
+                                                                      "key": "token"}, name
+        assert {"/dev/shm"} <= {m["mountPath"] for m in container["volumeMounts"]}, name
+        resources = container["resources"]
+        assert resources["requests"]["cpu"] and resources["limits"]["memory"], name
+        gpus = {kind: resources[kind].get("nvidia.com/gpu") for kind in ("requests", "limits")}
+        if name == "gpu":
+            assert gpus == {"requests": 1, "limits": 1}, "one GPU per GPU worker"
+            assert any(t.get("key") == "nvidia.com/gpu" for t in pod.get("tolerations", []))
+            assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+        else:
+            assert gpus == {"requests": None, "limits": None}, name
+            assert not pod.get("tolerations"), name
+    # the CronJob drives the cluster through the head's Ray Client port, on the Service that
+    # KubeRay names <cluster>-head-svc, with the same token
+    client = next(p["containerPort"] for p in pods["head"]["containers"][0]["ports"]
+                  if p["name"] == "client")
+    train = pod_spec(resource(kustomization, "CronJob", "forecaster-retrain"))["containers"][0]
+    env = {e["name"]: e for e in train["env"]}
+    assert env["RAY_ADDRESS"]["value"] == (f"ray://{cluster['metadata']['name']}-head-svc:"
+                                           f"{client}")
+    assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "ray-auth"
+    assert cluster["metadata"]["namespace"] == \
+        resource(kustomization, "CronJob", "forecaster-retrain")["metadata"]["namespace"]
 
 
 def selected_workloads(kustomization: str, service: dict[str, Any]) -> list[dict[str, Any]]:

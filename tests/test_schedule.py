@@ -271,7 +271,7 @@ def test_train_once_pushes_for_a_cronjob(
         monkeypatch: pytest.MonkeyPatch, succeeds: bool) -> None:
     gateway, requests = fake_pushgateway
     monkeypatch.setattr(schedule_module, "race_job",
-                        lambda path: champion(3, 0.4) if succeeds else boom)
+                        lambda path, ray=None: champion(3, 0.4) if succeeds else boom)
     if succeeds:
         assert train_once(Path("race.yaml"), gateway, "cronjob").champion_version == 3
     else:
