@@ -301,7 +301,7 @@ def test_an_interrupted_cronjob_run_is_pushed_as_a_failure(
             time.sleep(5)  # the handler raises in this thread long before
         return job
 
-    monkeypatch.setattr(schedule_module, "race_job", lambda path: terminated())
+    monkeypatch.setattr(schedule_module, "race_job", lambda path, ray=None: terminated())
     with pytest.raises(Interrupted) as interrupted, interrupt_on_signals():
         train_once(Path("race.yaml"), gateway, "cronjob")
     assert interrupted.value.exit_code == 143 and str(interrupted.value) == "received SIGTERM"
