@@ -49,6 +49,7 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
+from pipelines import signing
 from serving.config import CONFIG_FILE_VARIABLE, ServingConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,7 +65,7 @@ KUBERNETES_VERSIONS = ("1.30.0", "1.37.0")
 PROJECT_IMAGE = re.compile(r"^(?:.*/)?forecaster(?::.*)?$")
 # Secrets the manifests use but do not create (README.md, "Deploy to Kubernetes")
 EXTERNAL_SECRETS = {"mlflow-secrets", "mlflow-admin", "mlflow-trainer", "mlflow-service",
-                    "ray-auth"}
+                    "ray-auth", "forecaster-signing"}
 # the step that creates MLflow's users, in the image at /app/mlflow-auth
 MLFLOW_AUTH = ROOT / "deploy" / "mlflow-auth"
 # credentials: given only by reference (${VAR:?} in compose, a Secret in Kubernetes)
@@ -118,11 +119,11 @@ def user_variables(prefix: str) -> tuple[str, str]:
 @cache
 def known_env() -> frozenset[str]:
     """KNOWN_ENV, plus every setting of the service (FORECASTER_*) and its config file's, and
-    the users' credentials create_users.py reads."""
+    the users' credentials create_users.py reads, and the models' signing key."""
     fields = {f"FORECASTER_{name.upper()}" for name, field in ServingConfig.model_fields.items()
               if field.validation_alias is None}
     users = {variable for prefix in create_users().USERS for variable in user_variables(prefix)}
-    return frozenset(KNOWN_ENV | fields | users | {CONFIG_FILE_VARIABLE})
+    return frozenset(KNOWN_ENV | fields | users | {CONFIG_FILE_VARIABLE, signing.KEY_VARIABLE})
 
 
 TOOLS_HINT = ("install the dev extra (`pip install -e '.[dev]'`), which carries "
