@@ -384,3 +384,27 @@ def test_a_cluster_that_goes_away_stops_the_race_in_one_line(
         mlflow.set_tracking_uri(config.tracking.tracking_uri)
         mlflow.set_registry_uri(config.tracking.tracking_uri)
         assert registry.aliases(MODEL) == {"champion": before.winner_version}
+
+
+def test_bare_ray_without_an_address_races_on_a_ray_of_its_own(
+        tmp_path: Path, data_dir: Path) -> None:
+    """``--ray`` with neither an address nor RAY_ADDRESS: a Ray started in the process (a new
+    one, not the module's cluster that `ray start` left on this machine), on loopback."""
+    with clean_mlflow_environment():
+        config = _config(tmp_path, data_dir, [SNAIVE])
+    path = tmp_path / "race.yaml"
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json", by_alias=True)))
+    env = {key: value for key, value in os.environ.items()
+           if not key.startswith(("MLFLOW_", "RAY_"))}
+    done = subprocess.run([sys.executable, "-m", "cli.main", "train", str(path), "--ray",
+                           "--no-progress"], cwd=REPO, env={**env, "PYTHONPATH": str(REPO)},
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "winner: snaive (v1" in done.stdout
+    with clean_mlflow_environment():
+        mlflow.set_tracking_uri(config.tracking.tracking_uri)
+        (race,) = [run for run in mlflow.search_runs(experiment_names=[config.experiment_name],
+                                                     output_format="list")
+                   if run.info.run_name == "test-race"]
+    assert race.data.params["execution.engine"] == "ray"
+    assert race.data.params["execution.address"] == "None"
