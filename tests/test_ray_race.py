@@ -6,8 +6,9 @@ from the registry; a worker killed mid-task is retried and the race completes; a
 four trials is four nested runs, the best one's parameters the candidate's; a cluster that
 goes away stops the race with one line, the champion untouched.
 
-The race is a smaller one than configs/quick.yaml (which takes minutes on two shared cores):
-eight M4 Hourly series, two baselines and a tiny LSTM, two folds. Every address is on the
+The race of the leaderboard test is the demo's (configs/quick.yaml: six candidates on eight
+M4 Hourly series, about 20 s locally and 35 s on the two nodes here); the others are smaller:
+two baselines and tiny LSTMs on the same series. Every address is on the
 loopback range (the nodes at 127.0.0.2 and 127.0.0.3: Ray would replace 127.0.0.1 by the
 machine's network address), with a token of the test's own.
 """
@@ -35,14 +36,15 @@ from mlflow import MlflowClient
 
 from pipelines import registry
 from pipelines.backtest import METRICS
-from pipelines.config import RaceConfig
+from pipelines.config import RaceConfig, parse_config
 from pipelines.execution import check_reachable
 from pipelines.race import RaceResult, prepare_race, run_race
-from tests.pipeline_support import LSTM, SNAIVE, THETA, clean_mlflow_environment, race_config
+from tests.pipeline_support import LSTM, SNAIVE, clean_mlflow_environment, race_config
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "test-forecaster"
+DEMO = REPO / "configs" / "quick.yaml"
 HEAD_IP, WORKER_IP = "127.0.0.2", "127.0.0.3"
 START_TIMEOUT_S = 120
 
@@ -144,9 +146,21 @@ def _config(store: Path, data_dir: Path, candidates: list[dict[str, Any]],
                        tracking={"enable_system_metrics_logging": False})
 
 
+def _demo(store: Path, execution: dict[str, Any]) -> RaceConfig:
+    """The demo race (configs/quick.yaml: six candidates on eight M4 Hourly series), tracked
+    in ``store``."""
+    raw = yaml.safe_load(DEMO.read_text())
+    raw["tracking"] = {"tracking_uri": f"sqlite:///{store / 'mlflow.db'}",
+                       "artifact_location": str(store / "artifacts"),
+                       "enable_system_metrics_logging": False}
+    raw["execution"] = execution
+    return parse_config(raw, base_dir=DEMO.parent)
+
+
 @dataclass
 class TwoRaces:
     local: RaceResult
+    local_config: RaceConfig
     ray: RaceResult
     ray_config: RaceConfig
 
@@ -154,15 +168,14 @@ class TwoRaces:
 @pytest.fixture(scope="module")
 def two_races(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory,
               data_dir: Path) -> TwoRaces:
-    candidates = [SNAIVE, THETA, LSTM]
     with clean_mlflow_environment():
         # both configs first: a race exports its tracking URI, which a config read later
         # would take from the environment
-        local = _config(tmp_path_factory.mktemp("local"), data_dir, candidates)
-        config = _config(tmp_path_factory.mktemp("ray"), data_dir, candidates,
-                         {"engine": "ray", "address": cluster.address})
-        return TwoRaces(run_race(local, progress=False), run_race(config, progress=False),
-                        config)
+        local = _demo(tmp_path_factory.mktemp("local"), {})
+        config = _demo(tmp_path_factory.mktemp("ray"),
+                       {"engine": "ray", "address": cluster.address})
+        return TwoRaces(run_race(local, progress=False), local,
+                        run_race(config, progress=False), config)
 
 
 def _tasks(cluster: Cluster, **filters: str) -> list[Any]:
@@ -182,28 +195,52 @@ def test_a_race_on_two_nodes_gives_the_local_leaderboard(two_races: TwoRaces,
     assert two_races.ray.winner == two_races.local.winner
 
     # every candidate's folds and refit were Ray tasks, on both nodes
+    candidates = set(local.index)
     finished = [t for t in _tasks(cluster, state="FINISHED")
-                if t.name.split("/")[0] in {"snaive", "theta", "lstm"}]
-    names = {t.name for t in finished}
-    assert names >= {f"{c}/{part}" for c in ("snaive", "theta", "lstm")
-                     for part in ("fold_1", "fold_2", "refit")}
+                if t.name.split("/")[0] in candidates]
+    assert {t.name for t in finished} >= {f"{c}/{part}" for c in candidates
+                                          for part in ("fold_1", "fold_2", "refit")}
     assert len({t.node_id for t in finished}) == 2
 
 
-def test_a_ray_race_logs_what_a_local_race_logs(two_races: TwoRaces) -> None:
+def _logged(config: RaceConfig, result: RaceResult) -> dict[str, Any]:
+    """Each run's params, metrics (but times), artifacts, and every network's curves."""
     with clean_mlflow_environment():
-        mlflow.set_tracking_uri(two_races.ray_config.tracking.tracking_uri)
+        mlflow.set_tracking_uri(config.tracking.tracking_uri)
         client = MlflowClient()
-        runs = {run.info.run_name: run for run in client.search_runs(
-            [two_races.ray.experiment_id])}
-        lstm = runs["lstm"].info.run_id
-        # the learning curves came back with the tasks: one point per epoch, per fold and refit
-        for prefix in ("fold_1/", "fold_2/", ""):
-            history = client.get_metric_history(lstm, f"{prefix}val_loss")
-            assert [m.step for m in history] == [0, 1], prefix
-        assert runs["test-race"].data.params["execution.engine"] == "ray"
-        assert runs["lstm"].data.metrics["backtest_seconds"] > 0
-        assert "forecasts.png" in {a.path for a in client.list_artifacts(lstm)}
+        logged = {}
+        for run in client.search_runs([result.experiment_id]):
+            run_id = run.info.run_id
+            curves = {key: [(m.step, m.value) for m in client.get_metric_history(run_id, key)]
+                      for key in run.data.metrics if key.endswith("_loss")}
+            logged[run.info.run_name] = {
+                "params": run.data.params,
+                "metrics": {k: v for k, v in run.data.metrics.items()
+                            if not k.endswith("seconds")},
+                "artifacts": {a.path for a in client.list_artifacts(run_id)},
+                "curves": curves, "status": run.info.status}
+    return logged
+
+
+def test_a_ray_race_logs_what_a_local_race_logs(two_races: TwoRaces) -> None:
+    local = _logged(two_races.local_config, two_races.local)
+    remote = _logged(two_races.ray_config, two_races.ray)
+    assert set(remote) == set(local)
+    race = local["m4-hourly-quick"]["params"]
+    assert (race["execution.engine"], remote["m4-hourly-quick"]["params"]["execution.engine"]
+            ) == ("local", "ray")
+    for name, run in local.items():
+        differ = {k for k, v in run["params"].items() if remote[name]["params"].get(k) != v}
+        assert differ <= {"execution.engine", "execution.address"}, (name, differ)
+        assert remote[name]["artifacts"] == run["artifacts"], name
+        assert remote[name]["status"] == run["status"] == "FINISHED", name
+        # the learning curves came back with the tasks: the same epochs, the same losses
+        assert remote[name]["curves"] == run["curves"], name
+        assert remote[name]["metrics"].keys() == run["metrics"].keys(), name
+        for key, value in run["metrics"].items():
+            assert remote[name]["metrics"][key] == pytest.approx(value, abs=1e-6), (name, key)
+    assert {"fold_1/val_loss", "fold_2/val_loss", "val_loss"} <= set(local["lstm"]["curves"])
+    assert "attention.png" in local["transformer"]["artifacts"]
 
 
 def test_the_champion_of_a_ray_race_loads_from_the_registry(two_races: TwoRaces) -> None:
@@ -211,8 +248,9 @@ def test_the_champion_of_a_ray_race_loads_from_the_registry(two_races: TwoRaces)
     with clean_mlflow_environment():
         mlflow.set_tracking_uri(two_races.ray_config.tracking.tracking_uri)
         mlflow.set_registry_uri(two_races.ray_config.tracking.tracking_uri)
-        assert registry.aliases(MODEL) == {"champion": result.winner_version}
-        model = mlflow.pyfunc.load_model(f"models:/{MODEL}@champion")
+        name = two_races.ray_config.registry.model_name
+        assert registry.aliases(name) == {"champion": result.winner_version}
+        model = mlflow.pyfunc.load_model(f"models:/{name}@champion")
         long = prepare_race(two_races.ray_config).data.long
         history = long[long["series_id"] == long["series_id"].iloc[0]]
         forecast = model.predict(history, params={"horizon": 24})
@@ -346,3 +384,27 @@ def test_a_cluster_that_goes_away_stops_the_race_in_one_line(
         mlflow.set_tracking_uri(config.tracking.tracking_uri)
         mlflow.set_registry_uri(config.tracking.tracking_uri)
         assert registry.aliases(MODEL) == {"champion": before.winner_version}
+
+
+def test_bare_ray_without_an_address_races_on_a_ray_of_its_own(
+        tmp_path: Path, data_dir: Path) -> None:
+    """``--ray`` with neither an address nor RAY_ADDRESS: a Ray started in the process (a new
+    one, not the module's cluster that `ray start` left on this machine), on loopback."""
+    with clean_mlflow_environment():
+        config = _config(tmp_path, data_dir, [SNAIVE])
+    path = tmp_path / "race.yaml"
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json", by_alias=True)))
+    env = {key: value for key, value in os.environ.items()
+           if not key.startswith(("MLFLOW_", "RAY_"))}
+    done = subprocess.run([sys.executable, "-m", "cli.main", "train", str(path), "--ray",
+                           "--no-progress"], cwd=REPO, env={**env, "PYTHONPATH": str(REPO)},
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "winner: snaive (v1" in done.stdout
+    with clean_mlflow_environment():
+        mlflow.set_tracking_uri(config.tracking.tracking_uri)
+        (race,) = [run for run in mlflow.search_runs(experiment_names=[config.experiment_name],
+                                                     output_format="list")
+                   if run.info.run_name == "test-race"]
+    assert race.data.params["execution.engine"] == "ray"
+    assert race.data.params["execution.address"] == "None"
