@@ -1512,3 +1512,32 @@ def test_k8s_network_policies_open_only_the_paths_the_stack_needs(kustomization:
         assert connects(policies, pod, "10.96.0.10", 53, "UDP"), f"{pod.name}: no DNS"
     assert not connects(policies, newcomer, s3, 443)
     assert not connects(policies, stranger, newcomer, 8080)
+
+
+@pytest.mark.parametrize("kustomization", sorted(RAY_OVERLAYS))
+def test_k8s_ray_nodes_reach_each_other_and_only_the_driver_reaches_them(
+        kustomization: str) -> None:
+    """Under the namespace's default-deny, the RayCluster's head and workers talk on any port,
+    the CronJob (the driver) reaches the head's Ray Client port and nothing else of it, and
+    no other pod reaches the cluster."""
+    resources = rendered(kustomization)
+    policies = [r for r in resources if r["kind"] == "NetworkPolicy"]
+    pods = workload_pods(kustomization)
+    cluster = next(r for r in resources if r["kind"] == "RayCluster")
+    namespace = pods["mlflow"].namespace
+    head = Pod("ray-head", namespace,
+               cluster["spec"]["headGroupSpec"]["template"]["metadata"]["labels"], {})
+    workers = [Pod(f"ray-{group['groupName']}", namespace,
+                   group["template"]["metadata"]["labels"], {})
+               for group in cluster["spec"]["workerGroupSpecs"]]
+    for node in (head, *workers):
+        for other in (head, *workers):
+            for port in (6379, 8076, 10002, 20001):  # GCS, object manager, worker ports
+                assert connects(policies, node, other, port), (node.name, other.name, port)
+    driver = pods["forecaster-retrain"]
+    assert connects(policies, driver, head, 10001)
+    assert not connects(policies, driver, head, 6379)
+    for outsider in (pods["forecaster-service"], pods["mlflow"],
+                     Pod("stranger", "elsewhere", {}, {})):
+        assert not connects(policies, outsider, head, 10001), outsider.name
+        assert not connects(policies, outsider, workers[0], 6379), outsider.name
