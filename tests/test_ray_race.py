@@ -33,6 +33,7 @@ import numpy as np
 import pytest
 import yaml
 from mlflow import MlflowClient
+from ray._private.authentication_test_utils import reset_auth_token_state
 
 from pipelines import registry
 from pipelines.backtest import METRICS
@@ -98,10 +99,13 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)  # a second node needs it unset
     address = f"{HEAD_IP}:{port}"
     head = worker = None
-    # this process drives the cluster too (Ray reads the token once: set it first)
+    # this process drives the cluster too. Ray caches the token it read first (an earlier
+    # test's in-process Ray, or ~/.ray/auth_token): drop that cache once the cluster's token
+    # is set, and again once it is gone, as Ray's own tests do
     with pytest.MonkeyPatch.context() as patch:
         for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN"):
             patch.setenv(name, env[name])
+        reset_auth_token_state()
         try:
             head = _ray_start(["--head", "--port", str(port), "--node-ip-address", HEAD_IP,
                                "--dashboard-host", HEAD_IP,
@@ -118,6 +122,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             for process in (worker, head):
                 if process is not None:
                     _stop(process)
+    reset_auth_token_state()
 
 
 def _wait_for_nodes(address: str, count: int, process: subprocess.Popen[bytes],
