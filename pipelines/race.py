@@ -273,7 +273,7 @@ def run_race(config: RaceConfig, *, progress: bool = True) -> RaceResult:
         with http_requests(config.tracking):
             return _run_race(config, progress)
     except Exception as error:
-        if unreachable(error):
+        if unreachable(error, config.tracking.tracking_uri):
             raise unavailable(error, config.tracking) from None
         raise
 
@@ -480,7 +480,8 @@ def _race_candidate(prepared: PreparedRace, candidate: CandidateConfig, work: _W
         except ClusterLost:  # not the candidate's fault: the race stops
             raise
         except Exception as error:  # the candidate's model failed: the race goes on
-            if isinstance(error, MlflowException) or unreachable(error):
+            if isinstance(error, MlflowException) or unreachable(
+                    error, config.tracking.tracking_uri):
                 raise  # logging its curve failed: MLflow's error fails the race
             return _failed(outcome, "backtest" if outcome.backtest is None
                            else "refit on all data", error)

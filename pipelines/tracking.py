@@ -123,13 +123,18 @@ class TrackingUnavailable(RuntimeError):
     """The tracking server did not answer a request within the race's HTTP budget."""
 
 
-def unreachable(error: BaseException) -> bool:
+def unreachable(error: BaseException, tracking_uri: str | None = None) -> bool:
     """Whether ``error``, or one it was raised from or while handling, is a failed HTTP
-    request (refused, timed out, retried out): the tracking server did not answer."""
+    request (refused, timed out, retried out): the tracking server did not answer. With
+    ``tracking_uri``, only a request to that server counts (Ray's own HTTP calls, say, do not;
+    a local store has none)."""
+    server = urlsplit(tracking_uri).netloc.rpartition("@")[2] if tracking_uri else None
     seen: set[int] = set()
     while error is not None and id(error) not in seen:
         if isinstance(error, requests.RequestException):
-            return True
+            url = getattr(error.request, "url", None)
+            if server is None or url is None or urlsplit(url).netloc == server:
+                return True
         seen.add(id(error))
         error = error.__cause__ or error.__context__
     return False

@@ -204,6 +204,14 @@ def test_a_tracking_failure_is_told_in_one_line_without_credentials() -> None:
                               "dropped the connection (ConnectionError; each request gives up "
                               "within 33 s")
     assert not unreachable(ValueError("a model's own error"))
+    # a failed request elsewhere (Ray's own HTTP calls) is not the tracking server's
+    elsewhere = requests.exceptions.RetryError(
+        "retried out", request=requests.Request("GET", "http://127.0.0.2:8265/api").prepare())
+    assert unreachable(elsewhere) and not unreachable(elsewhere, tracking.tracking_uri)
+    assert not unreachable(elsewhere, "sqlite:///mlflow.db")
+    to_server = requests.exceptions.RetryError(
+        "retried out", request=requests.Request("GET", "http://mlflow.internal:5000/api").prepare())
+    assert unreachable(to_server, tracking.tracking_uri)
     assert redact("sqlite:///mlflow.db") == "sqlite:///mlflow.db"
 
 

@@ -302,10 +302,11 @@ def test_an_interrupted_cronjob_run_is_pushed_as_a_failure(
         return job
 
     monkeypatch.setattr(schedule_module, "race_job", lambda path, ray=None: terminated())
+    before = signal.getsignal(signal.SIGTERM)  # SIG_DFL, or what an earlier in-process Ray set
     with pytest.raises(Interrupted) as interrupted, interrupt_on_signals():
         train_once(Path("race.yaml"), gateway, "cronjob")
     assert interrupted.value.exit_code == 143 and str(interrupted.value) == "received SIGTERM"
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # restored on the way out
+    assert signal.getsignal(signal.SIGTERM) is before  # restored on the way out
     [(method, path, body)] = requests
     assert (method, path) == ("POST", "/metrics/job/cronjob")
     pushed = body.decode()
