@@ -379,6 +379,12 @@ class _Work:
         return _Tasks(folds, final)
 
 
+def _takes_X(prepared: PreparedRace, estimator: BaseForecaster) -> bool:
+    """Whether ``estimator`` gets the covariates: the data have some and it takes them
+    (sktime's tag); the others ignore them."""
+    return prepared.data.X is not None and takes_covariates(estimator)
+
+
 def fit_fold(prepared: PreparedRace, candidate: CandidateConfig, fold: Fold,
              on_epoch: EpochCallback | None = None) -> FitRecord:
     """A fresh ``candidate`` fitted on the fold's training window, and its forecast of the
@@ -386,11 +392,11 @@ def fit_fold(prepared: PreparedRace, candidate: CandidateConfig, fold: Fold,
     backtested. ``on_epoch`` gets the learning curve as it trains. A candidate that takes
     covariates (sktime's tag) gets the fold's X: its training window's and, for the
     forecast, its test window's."""
-    config, data = prepared.config, prepared.data
+    config = prepared.config
     record = FitRecord()
     with recording(on_epoch, record) as epoch:
         estimator = build_estimator(candidate, config, on_epoch=epoch)
-        takes_X = data.X is not None and takes_covariates(estimator)
+        takes_X = _takes_X(prepared, estimator)
         estimator.fit(fold.y_train, X=fold.X_train if takes_X else None, fh=prepared.fh)
         record.forecast = forecast_frame(
             estimator, model_levels(estimator, config.forecast_levels),
@@ -413,7 +419,7 @@ def _refit_task(prepared: PreparedRace, candidate: CandidateConfig,
     record = FitRecord()
     with recording(on_epoch, record) as epoch:
         final = build_estimator(candidate, config, on_epoch=epoch)
-        takes_X = data.X is not None and takes_covariates(final)
+        takes_X = _takes_X(prepared, final)
         final.fit(data.panel, X=data.X if takes_X else None, fh=prepared.fh)
     record.estimator = final
     return record
@@ -516,7 +522,7 @@ def _backtest_and_refit(prepared: PreparedRace, candidate: CandidateConfig,
     plot, the refit on all data."""
     config, data, run_id = prepared.config, prepared.data, outcome.run_id
     # covariates go to the candidates that take them (sktime's tag); the others ignore them
-    takes_X = data.X is not None and takes_covariates(build_estimator(candidate, config))
+    takes_X = _takes_X(prepared, build_estimator(candidate, config))
     outcome.covariates = (*data.known_future, *data.static) if takes_X else ()
     outcome.ignores_covariates = data.X is not None and not takes_X
     mlflow.log_param("covariates", ",".join(outcome.covariates) if takes_X else "none")
