@@ -28,6 +28,23 @@ from serving.first_forecast import wait_for_ok
 
 DATA_DIR = default_data_dir()
 
+
+@pytest.fixture(autouse=True)
+def _mlflow_uris_restored() -> Iterator[None]:
+    """Whatever a test points MLflow at stays with that test: ``mlflow.set_tracking_uri`` and
+    ``set_registry_uri`` export ``MLFLOW_*_URI``, which a later test's subprocess (a race, a
+    Ray node) would otherwise inherit, pointed at a server long stopped."""
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    saved = {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")}
+    uris = tracking_utils._tracking_uri, registry_utils._registry_uri
+    yield
+    for name in [k for k in os.environ if k.startswith("MLFLOW_")]:
+        os.environ.pop(name)
+    os.environ.update(saved)
+    tracking_utils._tracking_uri, registry_utils._registry_uri = uris
+
 PERIOD = 12
 LENGTHS = {"a": 80, "b": 64, "c": 48}  # different lengths: a ragged panel
 

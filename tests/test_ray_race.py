@@ -40,7 +40,13 @@ from pipelines.backtest import METRICS
 from pipelines.config import RaceConfig, parse_config
 from pipelines.execution import check_reachable
 from pipelines.race import RaceResult, prepare_race, run_race
-from tests.pipeline_support import LSTM, SNAIVE, clean_mlflow_environment, race_config
+from tests.pipeline_support import (
+    LSTM,
+    MLFLOW_VARIABLES,
+    SNAIVE,
+    clean_mlflow_environment,
+    race_config,
+)
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -97,6 +103,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
            "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": uuid.uuid4().hex}
     env.pop("RAY_ADDRESS", None)
     env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)  # a second node needs it unset
+    for name in MLFLOW_VARIABLES:  # each race names its own store
+        env.pop(name, None)
     address = f"{HEAD_IP}:{port}"
     head = worker = None
     # this process drives the cluster too. Ray caches the token it read first (an earlier
@@ -274,7 +282,6 @@ def test_a_worker_killed_mid_task_is_retried_and_the_race_completes(
     path.write_text(yaml.safe_dump(config.model_dump(mode="json", by_alias=True)))
     # bare --ray: the cluster in RAY_ADDRESS
     env = {**cluster.env, "RAY_ADDRESS": cluster.address}
-    env.pop("MLFLOW_TRACKING_URI", None)
     race = subprocess.Popen([sys.executable, "-m", "cli.main", "train", str(path), "--ray",
                              "--no-progress"], cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
