@@ -404,3 +404,11 @@ def test_bentoml_metric_names_match_the_installed_bentoml() -> None:
     # BentoML names its counter "request_total"; prometheus_client keeps the single _total
     found = {name.replace("_total_total", "_total"): kind for name, kind in found.items()}
     assert found == BENTOML_METRICS
+
+
+def test_trainer_metrics_are_what_the_scheduler_exports() -> None:
+    from pipelines.schedule import TrainingMetrics
+
+    exported = {family.name + ("_total" if family.type == "counter" else ""): family.type
+                for family in TrainingMetrics.create().registry.collect()}
+    assert exported == TRAINER_METRICS
