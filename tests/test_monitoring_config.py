@@ -235,9 +235,13 @@ def test_prometheus_config_scrapes_the_stack() -> None:
     # the pushed job="forecaster_training" label must survive the scrape
     assert jobs["pushgateway"]["honor_labels"] is True
     assert not jobs["forecaster-service"].get("honor_labels", False)
+    # the alerts go to the Alertmanager (deploy/alertmanager: the drift alert retrains)
+    assert [target for manager in config["alerting"]["alertmanagers"]
+            for static in manager["static_configs"] for target in static["targets"]] == [
+        "alertmanager:9093"]
     # every target appears once in the text, so that replacing it rewrites exactly that target
     text = PROMETHEUS_CONFIG.read_text()
-    for name in ("service:3000", "trainer:9101", "pushgateway:9091"):
+    for name in ("service:3000", "trainer:9101", "pushgateway:9091", "alertmanager:9093"):
         assert text.count(name) == 1, name
 
 
