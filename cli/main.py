@@ -9,6 +9,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+from pipelines.api_token import TOKEN_VARIABLE
 from pipelines.execution import ClusterLost
 from pipelines.schedule import PUSH_JOB, RunAtStart
 from pipelines.signing import KEY_VARIABLE
@@ -28,6 +29,7 @@ examples:
   forecaster serve --port 3000               serve m4-hourly-quick@champion (Swagger UI at /)
   forecaster serve --model-name m4-hourly --alias challenger
   forecaster schedule --run-at-start configs/m4_hourly.yaml --cron "0 3 * * *"
+  curl -X POST localhost:9101/retrain        that scheduler: a race now (or coalesced)
   forecaster explain configs/quick.yaml --series history.csv --out heatmap.png
   forecaster bench m4-hourly --models LSTMForecaster ThetaForecaster
 """
@@ -52,6 +54,8 @@ environment:
                         the key of the HMAC with which races sign the models they register,
                         and `serve` and `export-bento` check them (unset: a model's files are
                         checked against their digest only, and loads are unsigned)
+  {TOKEN_VARIABLE}  the bearer token that POST /actuals (`serve`) and POST /retrain
+                        (`schedule`) ask for (unset: none asked, and both say so at start)
   RAY_ADDRESS           the Ray cluster of `train --ray` and `schedule --ray`
   FORECASTER_DATA_DIR   the folder of the reference data sets (m4/, ett/) for `bench`
                         (default: ../shared/data beside the checkout)
@@ -275,16 +279,22 @@ def build_parser() -> argparse.ArgumentParser:
     models.set_defaults(run=_models)
 
     schedule = commands.add_parser(
-        "schedule", help="retrain on a cron schedule (long-running), with Prometheus metrics")
+        "schedule", help="retrain on a cron schedule (long-running), with Prometheus metrics",
+        description="Retrain on a cron schedule, one race at a time: a long-running process "
+                    "serving /metrics and POST /retrain on --metrics-port. POST /retrain "
+                    "runs a race now (202 {\"started\": true}), or, while one runs, is "
+                    "coalesced into it (202 {\"started\": false, \"coalesced\": true}); "
+                    "its body is ignored, so an Alertmanager webhook can call it. With "
+                    f"${TOKEN_VARIABLE} set it needs 'Authorization: Bearer TOKEN' (else 401).")
     schedule.add_argument("config", type=Path, nargs="?", action=_ConfigAction,
                           help="race config (YAML), read again at each run")
     schedule.add_argument("--cron", default="0 3 * * *",
                           help='five-field crontab expression (default: "0 3 * * *")')
     schedule.add_argument("--timezone", default="UTC", help="time zone of --cron (default UTC)")
     schedule.add_argument("--metrics-port", type=int, default=9101,
-                          help="port of the /metrics endpoint (default 9101)")
+                          help="port of /metrics and POST /retrain (default 9101)")
     schedule.add_argument("--metrics-addr", default="0.0.0.0",
-                          help="address the /metrics endpoint binds (default 0.0.0.0)")
+                          help="address that port binds (default 0.0.0.0)")
     schedule.add_argument("--pushgateway", default=os.environ.get(PUSHGATEWAY_VARIABLE),
                           help="Prometheus Pushgateway to push the metrics to after each run, "
                                "e.g. pushgateway:9091 (default: $PUSHGATEWAY_URL, else none)")

@@ -8,15 +8,23 @@ The metrics live in a registry of their own (so that tests, and several schedule
 process, never share counters), are served on ``/metrics`` and, when a Pushgateway is
 configured, pushed to it after every run:
 
-=====================================================  ==========================================
-``forecaster_training_runs_total{outcome}``            runs by outcome, ``success`` or ``failure``
-``forecaster_training_skipped_runs_total``             fires skipped: a run still in progress
-``forecaster_training_last_success_timestamp_seconds`` end of the last successful run (Unix time)
-``forecaster_training_last_failure_timestamp_seconds`` end of the last failed run (Unix time)
-``forecaster_training_last_run_duration_seconds``      wall time of the last run
-``forecaster_champion_version``                        the registry's champion after the last run
-``forecaster_champion_score``                          its score on that run's folds (lower: better)
-=====================================================  ==========================================
+=======================================================  ===========================================
+``forecaster_training_runs_total{outcome}``              runs by outcome, ``success`` or ``failure``
+``forecaster_training_skipped_runs_total``               fires skipped: a run still in progress
+``forecaster_training_last_success_timestamp_seconds``   end of the last successful run (Unix time)
+``forecaster_training_last_failure_timestamp_seconds``   end of the last failed run (Unix time)
+``forecaster_training_last_run_duration_seconds``        wall time of the last run
+``forecaster_champion_version``                          the registry's champion after the last run
+``forecaster_champion_score``                            its score on its folds (lower is better)
+``forecaster_training_retrain_requests_total{outcome}``  POST /retrain: ``started``, ``coalesced``
+                                                         or ``unauthorized``
+=======================================================  ===========================================
+
+The same port answers ``POST /retrain`` (:mod:`pipelines.scheduler_http`): a race now, the cron
+job's own run brought forward (:meth:`TrainingScheduler.request_run`), unless one is running or
+about to, which the request is then folded into. Alertmanager's webhook can call it when
+ForecastAccuracyDegraded fires. With ``FORECASTER_API_TOKEN`` set it asks for that bearer token;
+unset, the scheduler says so in its log at start.
 
 An alert on ``time() - forecaster_training_last_success_timestamp_seconds`` catches failing
 and stuck runs alike; through the Pushgateway, whose values outlive the process, a dead
@@ -55,7 +63,14 @@ from prometheus_client import (
     Gauge,
     push_to_gateway,
     pushadd_to_gateway,
-    start_http_server,
+)
+
+from pipelines.api_token import NO_TOKEN_NOTE, api_token
+from pipelines.scheduler_http import (
+    RETRAIN_OUTCOMES,
+    SchedulerNotRunning,
+    scheduler_app,
+    start_server,
 )
 
 logger = logging.getLogger(__name__)
@@ -87,6 +102,7 @@ class TrainingMetrics:
     last_duration: Gauge
     champion_score: Gauge
     champion_version: Gauge
+    retrain_requests: Counter
 
     @classmethod
     def create(cls, registry: CollectorRegistry | None = None) -> TrainingMetrics:
@@ -97,6 +113,11 @@ class TrainingMetrics:
         # see a 0 before the first failure, not a missing series
         for outcome in ("success", "failure"):
             runs.labels(outcome=outcome)
+        retrain_requests = Counter("forecaster_training_retrain_requests",
+                                   "POST /retrain requests by outcome", ["outcome"],
+                                   registry=registry)
+        for outcome in RETRAIN_OUTCOMES:
+            retrain_requests.labels(outcome=outcome)
         return cls(
             registry=registry,
             runs=runs,
@@ -118,6 +139,7 @@ class TrainingMetrics:
             champion_version=Gauge("forecaster_champion_version",
                                    "Registry version of the champion model",
                                    registry=registry),
+            retrain_requests=retrain_requests,
         )
 
     def observe_champion(self, result: Any) -> None:
@@ -167,6 +189,10 @@ class TrainingScheduler:
         # job as the cron runs (fired early through next_run_time), so max_instances=1 keeps
         # it from overlapping a cron fire as well
         self._start_check_pending = self.run_at_start is RunAtStart.IF_NO_CHAMPION
+        # True from a run's request (request_run) or start until its end: a request meanwhile
+        # is coalesced into that run
+        self._busy = False
+        self._busy_lock = threading.Lock()
         self.scheduler = BackgroundScheduler(
             # one worker: runs never overlap, whatever the job defaults say
             executors={"default": ThreadPoolExecutor(max_workers=1)},
@@ -184,6 +210,34 @@ class TrainingScheduler:
         (KeyboardInterrupt, or :class:`Interrupted`) is counted and pushed as a failure, then
         raised.
         """
+        with self._busy_lock:
+            self._busy = True
+        try:
+            return self._run_once()
+        finally:
+            with self._busy_lock:
+                self._busy = False
+
+    def request_run(self) -> bool:
+        """Run now (``POST /retrain``), unless a run is in progress or already requested: then
+        the request is coalesced into it. Returns whether a run was started.
+
+        The run is the scheduled job's own, brought forward (its next run time set to now),
+        so it can never overlap a cron fire; the cron goes on from its next fire after that.
+        Raises :class:`SchedulerNotRunning` before :meth:`start` and after :meth:`shutdown`.
+        """
+        with self._busy_lock:
+            if not self.scheduler.running:
+                raise SchedulerNotRunning("the scheduler is not running (starting or stopping)")
+            if self._busy:
+                return False
+            self._busy = True  # until the run this brings forward ends
+            # asked for explicitly: it trains even where the start check would not
+            self._start_check_pending = False
+            self.scheduler.modify_job(JOB_ID, next_run_time=datetime.now(self.scheduler.timezone))
+        return True
+
+    def _run_once(self) -> bool:
         if self._start_check_pending:
             self._start_check_pending = False
             if self._champion_exists():
@@ -283,22 +337,27 @@ def race_job(config_path: Path, ray: str | None = None) -> Callable[[], Any]:
     return job
 
 
-def start_metrics_server(port: int, registry: CollectorRegistry,
-                         addr: str = "0.0.0.0") -> WSGIServer:
-    """Serve ``registry`` on ``http://addr:port/metrics`` from a daemon thread.
+def start_metrics_server(port: int, scheduler: TrainingScheduler, addr: str = "0.0.0.0",
+                         token: str | None = None) -> WSGIServer:
+    """Serve the scheduler's metrics on ``http://addr:port/metrics`` and ``POST /retrain``
+    (behind the bearer ``token``, when given) from a daemon thread.
 
     Port 0 picks a free port (read it from ``server.server_port``). Returns the server so that
     a caller (a test) can stop it with ``shutdown()`` and ``server_close()``.
     """
-    server, _thread = start_http_server(port, addr=addr, registry=registry)
-    logger.info("metrics on http://%s:%d/metrics", addr, server.server_port)
+    metrics = scheduler.metrics
+    server = start_server(scheduler_app(metrics.registry, scheduler.request_run,
+                                        metrics.retrain_requests, token), port, addr)
+    logger.info("metrics on http://%s:%d/metrics, POST /retrain on the same port (%s)", addr,
+                server.server_port, "bearer token required" if token else "no token")
     return server
 
 
 def serve_forever(scheduler: TrainingScheduler, metrics_port: int | None = None,
-                  metrics_addr: str = "0.0.0.0", stop: threading.Event | None = None) -> None:
-    """Serve the metrics, start ``scheduler`` and block until SIGTERM or SIGINT, then shut
-    down cleanly.
+                  metrics_addr: str = "0.0.0.0", stop: threading.Event | None = None,
+                  token: str | None = None) -> None:
+    """Serve the metrics and ``POST /retrain`` (behind ``token``), start ``scheduler`` and
+    block until SIGTERM or SIGINT, then shut down cleanly.
 
     The scheduler runs in a background thread while the main thread waits on an event that
     the signal handlers set: the handlers only set the event (nothing that could deadlock
@@ -321,7 +380,7 @@ def serve_forever(scheduler: TrainingScheduler, metrics_port: int | None = None,
     server = None
     try:
         if metrics_port is not None:
-            server = start_metrics_server(metrics_port, scheduler.metrics.registry, metrics_addr)
+            server = start_metrics_server(metrics_port, scheduler, metrics_addr, token)
         scheduler.start()
         # wait with a timeout: an Event.wait() without one is not interruptible on every
         # platform, and the loop costs nothing
@@ -454,4 +513,7 @@ def schedule_command(config_path: Path, cron: str, *, timezone: str = "UTC",
     scheduler = TrainingScheduler(race_job(config_path, ray), trigger, pushgateway=pushgateway,
                                   push_job=push_job, run_at_start=mode,
                                   champion_exists=champion_check)
-    serve_forever(scheduler, metrics_port, metrics_addr)
+    token = api_token()
+    if token is None and metrics_port is not None:
+        logger.warning(NO_TOKEN_NOTE)
+    serve_forever(scheduler, metrics_port, metrics_addr, token=token)

@@ -28,7 +28,8 @@ def test_help_shows_examples_and_the_environment() -> None:
     assert "forecaster schedule --run-at-start configs/m4_hourly.yaml" in text
     for variable in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "PUSHGATEWAY_URL",
                      "FORECASTER_DATA_DIR", "FORECASTER_MODEL_NAME", "FORECASTER_MODEL_ALIAS",
-                     "FORECASTER_TIMEOUT_SECONDS", "FORECASTER_REFIT_THREADS"):
+                     "FORECASTER_TIMEOUT_SECONDS", "FORECASTER_REFIT_THREADS",
+                     "FORECASTER_API_TOKEN"):
         assert variable in text, variable
     # every serving setting the environment can set (the tracking URIs are MLflow's names)
     settings = [ENV_PREFIX + name.upper() for name, field in ServingConfig.model_fields.items()
@@ -43,6 +44,16 @@ def test_train_help_says_where_the_results_go() -> None:
     for words in ("MLflow tracking store", "model registry", "registry.model_name",
                   "alias champion", "$MLFLOW_TRACKING_URI", "sqlite:///mlflow.db",
                   "$MLFLOW_REGISTRY_URI"):
+        assert words in text, words
+
+
+def test_schedule_help_tells_of_post_retrain() -> None:
+    result = forecaster("schedule", "--help")
+    assert result.returncode == 0, result.stderr
+    text = " ".join(result.stdout.split())
+    for words in ("/metrics and POST /retrain on --metrics-port", '202 {"started": true}',
+                  '"coalesced": true', "Alertmanager webhook", "$FORECASTER_API_TOKEN",
+                  "Authorization: Bearer TOKEN", "401"):
         assert words in text, words
 
 

