@@ -11,7 +11,9 @@ Offline and quick (a few seconds): no Docker, no cluster. What would otherwise o
 - every kustomize overlay rendered (kubectl kustomize) and validated against the Kubernetes
   schemas (kubernetes-validate) and, for the Prometheus Operator kinds, a structural schema;
 - the wiring between them: probes, references, scrape targets and job names, the GPU patch,
-  the retraining CronJob's push to the Pushgateway and the scrape that keeps its job label;
+  the retraining CronJob's push to the Pushgateway and the scrape that keeps its job label,
+  and in the drift-retrain overlay the scheduler that replaces the CronJob, with the
+  Alertmanager route of the drift alert to its POST /retrain;
 - closed by default: MLflow's basic-auth app with the users deploy/mlflow-auth creates (the
   trainer writes, the service reads), credentials only from .env or Secrets, compose's ports on
   127.0.0.1 but the forecast API's, no Prometheus lifecycle API, and the NetworkPolicies, each
@@ -40,11 +42,13 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
+from datetime import datetime
 from fnmatch import fnmatch
 from functools import cache
 from pathlib import Path
 from typing import Any, NamedTuple
 from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo
 
 import pytest
 import yaml
@@ -57,9 +61,15 @@ from serving.config import CONFIG_FILE_VARIABLE, ServingConfig
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_FILES = ("docker-compose.yml", "docker-compose.gpu.yml")
 K8S = ROOT / "deploy" / "k8s"
-KUSTOMIZATIONS = ("base", "overlays/dev", "overlays/ray", "overlays/gpu")
+KUSTOMIZATIONS = ("base", "overlays/dev", "overlays/ray", "overlays/gpu",
+                  "overlays/drift-retrain")
 # the overlays whose race runs on a KubeRay RayCluster, and the worker groups each gives it
 RAY_OVERLAYS = {"overlays/ray": {"cpu"}, "overlays/gpu": {"cpu", "gpu"}}
+# the overlays that retrain with `forecaster schedule` (a Deployment, with POST /retrain for the
+# drift alert) in place of the base's nightly CronJob
+SCHEDULER_OVERLAYS = ("overlays/drift-retrain",)
+# the retraining workload: the base's CronJob, or the scheduler's Deployment and Service
+RETRAIN_CRONJOB, SCHEDULER = "forecaster-retrain", "forecaster-trainer"
 # the oldest Kubernetes these manifests claim to support (CronJob timeZone is GA since 1.27) and
 # the newest whose schemas kubernetes-validate bundles
 KUBERNETES_VERSIONS = ("1.30.0", "1.37.0")
@@ -72,7 +82,7 @@ EXTERNAL_SECRETS = {"mlflow-secrets", "mlflow-admin", "mlflow-trainer", "mlflow-
 MLFLOW_AUTH = ROOT / "deploy" / "mlflow-auth"
 # credentials: given only by reference (${VAR:?} in compose, a Secret in Kubernetes)
 CREDENTIAL = re.compile(r"PASSWORD|SECRET|TOKEN")
-PROMETHEUS_OPERATOR_KINDS = {"ServiceMonitor", "PrometheusRule"}
+PROMETHEUS_OPERATOR_KINDS = {"ServiceMonitor", "PrometheusRule", "AlertmanagerConfig"}
 KUBERAY_KINDS = {"RayCluster"}  # checked field by field: test_k8s_ray_cluster
 
 # The environment variables the project's containers may be given: anything else there is a
@@ -103,6 +113,9 @@ KNOWN_ENV = {
 PROJECT_PREFIXES = ("FORECASTER_", "MLFLOW_")
 # pipelines.forecast_store.STORE_URL_VARIABLE: the store of the forecast log and the actuals
 STORE_URL_VARIABLE = "FORECASTER_STORE_URL"
+# the service's gauge of the served version's backtest MASE: the drift alert is the rule that
+# compares the live MASE with it
+BACKTEST_GAUGE = "forecaster_backtest_mase"
 
 
 
@@ -322,6 +335,13 @@ def resource(kustomization: str, kind: str, name: str) -> dict[str, Any]:
              if r["kind"] == kind and r["metadata"]["name"] == name]
     assert len(found) == 1, f"{kustomization}: expected one {kind}/{name}, found {len(found)}"
     return found[0]
+
+
+def trainer_of(kustomization: str) -> dict[str, Any]:
+    """The workload that runs the races: the nightly CronJob, or the scheduler's Deployment."""
+    if kustomization in SCHEDULER_OVERLAYS:
+        return resource(kustomization, "Deployment", SCHEDULER)
+    return resource(kustomization, "CronJob", RETRAIN_CRONJOB)
 
 
 def pod_spec(workload: dict[str, Any]) -> dict[str, Any] | None:
@@ -936,10 +956,10 @@ def structural_schemas() -> dict[str, dict[str, Any]]:
                 "properties": {"name": {"type": "string"}, "namespace": {"type": "string"},
                                "labels": string_map, "annotations": string_map}}
 
-    def kind(name: str, spec: dict[str, Any]) -> dict[str, Any]:
+    def kind(name: str, spec: dict[str, Any], version: str = "v1") -> dict[str, Any]:
         return {"type": "object", "additionalProperties": False,
                 "required": ["apiVersion", "kind", "metadata", "spec"],
-                "properties": {"apiVersion": {"const": "monitoring.coreos.com/v1"},
+                "properties": {"apiVersion": {"const": f"monitoring.coreos.com/{version}"},
                                "kind": {"const": name}, "metadata": metadata, "spec": spec}}
 
     endpoint = {"type": "object", "additionalProperties": False, "properties": {
@@ -976,8 +996,43 @@ def structural_schemas() -> dict[str, dict[str, Any]]:
                                "properties": {"name": {"type": "string"}, "interval": duration,
                                               "limit": {"type": "integer"},
                                               "rules": {"type": "array", "items": rule}}}}}}
+    # AlertmanagerConfig (v1alpha1): a route and webhook receivers, their HTTP client settings
+    string_list = {"type": "array", "items": {"type": "string"}}
+    secret_key = {"type": "object", "additionalProperties": False, "required": ["name", "key"],
+                  "properties": {"name": {"type": "string", "minLength": 1},
+                                 "key": {"type": "string", "minLength": 1},
+                                 "optional": {"type": "boolean"}}}
+    matcher = {"type": "object", "additionalProperties": False, "required": ["name"],
+               "properties": {"name": {"type": "string", "minLength": 1},
+                              "value": {"type": "string"},
+                              "matchType": {"enum": ["=", "!=", "=~", "!~"]},
+                              "regex": {"type": "boolean"}}}
+    route = {"type": "object", "additionalProperties": False, "properties": {
+        "receiver": {"type": "string"}, "groupBy": string_list, "groupWait": duration,
+        "groupInterval": duration, "repeatInterval": duration,
+        "matchers": {"type": "array", "items": matcher}, "continue": {"type": "boolean"},
+        "routes": {"type": "array"}, "muteTimeIntervals": string_list,
+        "activeTimeIntervals": string_list}}
+    http_config = {"type": "object", "additionalProperties": False, "properties": {
+        "authorization": {"type": "object", "additionalProperties": False,
+                          "properties": {"type": {"type": "string"}, "credentials": secret_key}},
+        "basicAuth": {"type": "object"}, "oauth2": {"type": "object"},
+        "bearerTokenSecret": secret_key, "tlsConfig": {"type": "object"},
+        "proxyURL": {"type": "string"}, "followRedirects": {"type": "boolean"},
+        "enableHttp2": {"type": "boolean"}}}
+    webhook = {"type": "object", "additionalProperties": False, "properties": {
+        "url": {"type": "string", "pattern": "^https?://"}, "urlSecret": secret_key,
+        "sendResolved": {"type": "boolean"}, "httpConfig": http_config,
+        "maxAlerts": {"type": "integer", "minimum": 0}, "timeout": duration}}
+    receiver = {"type": "object", "additionalProperties": False, "required": ["name"],
+                "properties": {"name": {"type": "string", "minLength": 1},
+                               "webhookConfigs": {"type": "array", "items": webhook}}}
+    alertmanager_config = {"type": "object", "additionalProperties": False, "properties": {
+        "route": route, "receivers": {"type": "array", "items": receiver},
+        "inhibitRules": {"type": "array"}, "muteTimeIntervals": {"type": "array"}}}
     return {"ServiceMonitor": kind("ServiceMonitor", service_monitor),
-            "PrometheusRule": kind("PrometheusRule", prometheus_rule)}
+            "PrometheusRule": kind("PrometheusRule", prometheus_rule),
+            "AlertmanagerConfig": kind("AlertmanagerConfig", alertmanager_config, "v1alpha1")}
 
 
 @pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
@@ -1006,8 +1061,11 @@ def test_kustomization_renders_valid_resources(kustomization: str) -> None:
                 problems.append(f"{name} (Kubernetes {version}): {path}: {error.message}")
     assert not problems, f"{kustomization}:\n" + "\n".join(problems)
     kinds = {item["kind"] for item in resources}
-    assert {"Deployment", "Service", "CronJob", "ServiceMonitor", "PrometheusRule",
+    assert {"Deployment", "Service", "ServiceMonitor", "PrometheusRule",
             "ConfigMap", "PersistentVolumeClaim"} <= kinds
+    # the races: the nightly CronJob, or the scheduler and the route of the drift alert to it
+    scheduled = {"AlertmanagerConfig"} if kustomization in SCHEDULER_OVERLAYS else {"CronJob"}
+    assert kinds & {"CronJob", "AlertmanagerConfig"} == scheduled
 
 
 @pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
@@ -1018,7 +1076,7 @@ def test_k8s_forecaster_commands_parse(kustomization: str) -> None:
         if PROJECT_IMAGE.match(container["image"].split("@")[0]) and argv[:1] == ["forecaster"]:
             mounts = [m["mountPath"] for m in container.get("volumeMounts", [])]
             commands.append((f"{kustomization}:{k8s_id(workload, container)}", argv, mounts))
-    assert len(commands) >= 2, f"{kustomization}: expected the service and the CronJob"
+    assert len(commands) >= 2, f"{kustomization}: expected the service and the trainer"
     check_forecaster_commands(commands)
 
 
@@ -1091,7 +1149,11 @@ def test_k8s_service_probes_and_scaling(kustomization: str) -> None:
 
 @pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
 def test_k8s_retraining_cronjob(kustomization: str) -> None:
-    cronjob = resource(kustomization, "CronJob", "forecaster-retrain")
+    if kustomization in SCHEDULER_OVERLAYS:  # test_k8s_drift_retrain_scheduler
+        assert not [r for r in rendered(kustomization) if r["kind"] == "CronJob"], (
+            f"{kustomization}: the CronJob would race beside the scheduler")
+        return
+    cronjob = resource(kustomization, "CronJob", RETRAIN_CRONJOB)
     assert cronjob["spec"]["concurrencyPolicy"] == "Forbid"
     assert cronjob["spec"]["schedule"] == "0 3 * * *"
     spec = pod_spec(cronjob)
@@ -1164,13 +1226,13 @@ def test_k8s_ray_cluster(kustomization: str) -> None:
     # KubeRay names <cluster>-head-svc, with the same token
     client = next(p["containerPort"] for p in pods["head"]["containers"][0]["ports"]
                   if p["name"] == "client")
-    train = pod_spec(resource(kustomization, "CronJob", "forecaster-retrain"))["containers"][0]
+    train = pod_spec(resource(kustomization, "CronJob", RETRAIN_CRONJOB))["containers"][0]
     env = {e["name"]: e for e in train["env"]}
     assert env["RAY_ADDRESS"]["value"] == (f"ray://{cluster['metadata']['name']}-head-svc:"
                                            f"{client}")
     assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "ray-auth"
     assert cluster["metadata"]["namespace"] == \
-        resource(kustomization, "CronJob", "forecaster-retrain")["metadata"]["namespace"]
+        resource(kustomization, "CronJob", RETRAIN_CRONJOB)["metadata"]["namespace"]
 
 
 def selected_workloads(kustomization: str, service: dict[str, Any]) -> list[dict[str, Any]]:
@@ -1178,6 +1240,18 @@ def selected_workloads(kustomization: str, service: dict[str, Any]) -> list[dict
     return [w for w in rendered(kustomization) if pod_spec(w) is not None
             and w["kind"] != "CronJob"
             and selector.items() <= w["spec"]["template"]["metadata"]["labels"].items()]
+
+
+def compose_alerts() -> dict[str, Any]:
+    """deploy/prometheus/alerts.yml, a fresh copy each call."""
+    return yaml.safe_load((ROOT / "deploy/prometheus/alerts.yml").read_text())
+
+
+def drift_alert(alerts: dict[str, Any]) -> dict[str, Any]:
+    """The rule of ``alerts`` that fires on drift: live accuracy against the backtest's."""
+    (rule,) = [rule for group in alerts["groups"] for rule in group["rules"]
+               if "alert" in rule and BACKTEST_GAUGE in rule["expr"]]
+    return rule
 
 
 def monitors_of(kustomization: str, service: dict[str, Any]) -> list[dict[str, Any]]:
@@ -1191,15 +1265,16 @@ def monitors_of(kustomization: str, service: dict[str, Any]) -> list[dict[str, A
 def test_k8s_retraining_pushes_to_the_pushgateway(
         kustomization: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The CronJob's pod is gone before a scrape: its metrics reach Prometheus only through
-    the Pushgateway, under the job the alert rules and compose's trainer use."""
+    the Pushgateway, under the job the alert rules and compose's trainer use. The scheduler
+    pushes too: its own /metrics start from zero when its pod is replaced."""
     from pipelines.schedule import PUSH_JOB
 
-    cronjob = resource(kustomization, "CronJob", "forecaster-retrain")
+    cronjob = trainer_of(kustomization)
     (container,) = pod_spec(cronjob)["containers"]
     where = f"{kustomization}:{k8s_id(cronjob, container)}"
     argv = container["command"] + container.get("args", [])
     args = container_args(argv, container_env(kustomization, container), monkeypatch, where)
-    assert args.command == "train"
+    assert args.command in ("train", "schedule")
     assert args.pushgateway, f"{where}: no --pushgateway (nor PUSHGATEWAY_URL): nothing pushes"
     assert args.push_job == PUSH_JOB == "forecaster_training"
     compose_trainer = command_of(compose("docker-compose.yml")["services"]["trainer"])
@@ -1232,6 +1307,108 @@ def test_k8s_retraining_pushes_to_the_pushgateway(
         f"ServiceMonitor {monitors[0]['metadata']['name']}: honorLabels must be true")
     assert endpoint["port"] == ports[address.port]["name"]
     assert endpoint.get("path", "/metrics") == "/metrics"
+
+
+@pytest.mark.parametrize("kustomization", SCHEDULER_OVERLAYS)
+def test_k8s_drift_retrain_scheduler(kustomization: str,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """`forecaster schedule` in place of the CronJob: one pod (two would race twice), the
+    CronJob's race at the CronJob's hour with its container's settings, plus the API token,
+    and /metrics and POST /retrain on a port its Service and ServiceMonitor expose."""
+    deployment = resource(kustomization, "Deployment", SCHEDULER)
+    assert deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["strategy"]["type"] == "Recreate", (
+        "a rolling update runs the old and the new scheduler side by side")
+    (container,) = pod_spec(deployment)["containers"]
+    where = f"{kustomization}:{k8s_id(deployment, container)}"
+    env = container_env(kustomization, container)
+    args = container_args(container["command"] + container.get("args", []), env, monkeypatch,
+                          where)
+    assert args.command == "schedule"
+
+    # the base's CronJob, which this replaces: the same race, hour, image and settings
+    cronjob = resource("base", "CronJob", RETRAIN_CRONJOB)
+    (train,) = pod_spec(cronjob)["containers"]
+    assert str(args.config) == train["command"][2]
+    assert args.cron == cronjob["spec"]["schedule"] == "0 3 * * *"
+    offsets = [[datetime(2025, month, 1, tzinfo=ZoneInfo(zone)).utcoffset()
+                for month in (1, 7)] for zone in (args.timezone, cronjob["spec"]["timeZone"])]
+    assert offsets[0] == offsets[1], "the scheduler's time zone is not the CronJob's"
+    assert container["image"] == train["image"]
+    assert env == container_env("base", train) | {TOKEN_VARIABLE: None}, (
+        f"{where}: the settings differ from the CronJob's")
+    assert secret_refs(container) == secret_refs(train) | {
+        TOKEN_VARIABLE: ("forecaster-api-token", "token")}
+    for key in ("volumeMounts", "resources", "securityContext"):
+        assert container[key] == train[key], f"{where}: {key} differs from the CronJob's"
+    assert pod_spec(deployment)["volumes"] == pod_spec(cronjob)["volumes"]
+
+    # /metrics and POST /retrain on --metrics-port, the container's port `http`, ready once
+    # it answers; the Service and the ServiceMonitor on it
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"http": args.metrics_port} and args.metrics_addr == "0.0.0.0"
+    assert container["readinessProbe"]["httpGet"] == {"path": "/metrics", "port": "http"}
+    assert "livenessProbe" not in container, "a liveness restart would kill a running race"
+    service = resource(kustomization, "Service", SCHEDULER)
+    assert selected_workloads(kustomization, service) == [deployment]
+    (service_port,) = service["spec"]["ports"]
+    assert ports[service_port["targetPort"]] == args.metrics_port
+    (monitor,) = monitors_of(kustomization, service)
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert (endpoint["port"], endpoint["path"]) == (service_port["name"], "/metrics")
+
+
+@pytest.mark.parametrize("kustomization", SCHEDULER_OVERLAYS)
+def test_k8s_drift_alert_reaches_the_schedulers_retrain(kustomization: str,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The AlertmanagerConfig (a CRD the Kubernetes schemas do not know) routes the drift alert
+    of deploy/prometheus/alerts.yml, as docker-compose's Alertmanager does, to a webhook on
+    the scheduler's Service, port and POST /retrain, with the token the scheduler asks for;
+    the alert carries the namespace label the Operator adds to the route's matchers."""
+    alert = drift_alert(compose_alerts())["alert"]
+    (config,) = [r for r in rendered(kustomization) if r["kind"] == "AlertmanagerConfig"]
+    assert config["apiVersion"] == "monitoring.coreos.com/v1alpha1"
+    namespace = config["metadata"]["namespace"]
+    route = config["spec"]["route"]
+    assert [(m["name"], m.get("matchType", "="), m["value"]) for m in route["matchers"]] == [
+        ("alertname", "=", alert)], f"the route does not select {alert} of alerts.yml"
+    (rule,) = [r for r in rendered(kustomization) if r["kind"] == "PrometheusRule"]
+    assert drift_alert(rule["spec"])["labels"]["namespace"] == namespace, (
+        "the Operator routes only alerts labelled with the AlertmanagerConfig's namespace")
+
+    # the same grouping and pace as docker-compose's route of that alert
+    compose_config = yaml.safe_load((ROOT / "deploy/alertmanager/alertmanager.yml").read_text())
+    (compose_route,) = [r for r in compose_config["route"]["routes"]
+                        if r["matchers"] == [f'alertname="{alert}"']]
+    assert route["groupBy"] == compose_route.get("group_by", compose_config["route"]["group_by"])
+    for field in ("group_wait", "group_interval", "repeat_interval"):
+        camel = re.sub(r"_(\w)", lambda m: m[1].upper(), field)
+        assert route[camel] == compose_route[field], f"{camel} differs from compose's {field}"
+
+    (receiver,) = [r for r in config["spec"]["receivers"] if r["name"] == route["receiver"]]
+    (webhook,) = receiver["webhookConfigs"]
+    assert webhook["sendResolved"] is False, "a resolved alert would start a race too"
+    # Alertmanager runs in another namespace: the Service by its namespaced name
+    url = urlsplit(webhook["url"])
+    name, _, domain = url.hostname.partition(".")
+    assert domain in (f"{namespace}.svc", f"{namespace}.svc.cluster.local"), (
+        f"{webhook['url']}: not a Service of namespace {namespace}")
+    assert (url.scheme, name, url.path) == ("http", SCHEDULER, RETRAIN_PATH)
+    service = resource(kustomization, "Service", name)
+    assert service["metadata"]["namespace"] == namespace
+    [service_port] = [p for p in service["spec"]["ports"] if p["port"] == url.port]
+    deployment = resource(kustomization, "Deployment", SCHEDULER)
+    (container,) = pod_spec(deployment)["containers"]
+    args = container_args(container["command"], container_env(kustomization, container),
+                          monkeypatch, f"{kustomization}:{k8s_id(deployment, container)}")
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports[service_port["targetPort"]] == args.metrics_port
+
+    # the bearer token: the Secret key the scheduler reads FORECASTER_API_TOKEN from
+    authorization = webhook["httpConfig"]["authorization"]
+    assert authorization.get("type", "Bearer") == "Bearer"
+    credentials = authorization["credentials"]
+    assert (credentials["name"], credentials["key"]) == secret_refs(container)[TOKEN_VARIABLE]
 
 
 @pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
@@ -1322,6 +1499,8 @@ def test_k8s_monitoring_matches_the_compose_stack(kustomization: str) -> None:
     # service: the same job label (the alert rules select on it) and honor_labels
     monitors = {r["metadata"]["name"]: r for r in resources if r["kind"] == "ServiceMonitor"}
     compose_targets = {"forecaster-service": "service:3000", "pushgateway": "pushgateway:9091"}
+    if kustomization in SCHEDULER_OVERLAYS:  # `forecaster schedule`'s own /metrics
+        compose_targets[SCHEDULER] = "trainer:9101"
     assert set(monitors) == set(compose_targets)
     for name, monitor in monitors.items():
         services = [r for r in resources if r["kind"] == "Service" and
@@ -1345,7 +1524,11 @@ def test_k8s_monitoring_matches_the_compose_stack(kustomization: str) -> None:
     assert monitors["pushgateway"]["spec"]["endpoints"][0]["honorLabels"] is True
 
     (rule,) = [r for r in resources if r["kind"] == "PrometheusRule"]
-    alerts = yaml.safe_load((ROOT / "deploy/prometheus/alerts.yml").read_text())
+    alerts = compose_alerts()
+    if kustomization in SCHEDULER_OVERLAYS:
+        # the one difference: the drift alert carries the namespace its AlertmanagerConfig
+        # routes (test_k8s_drift_alert_reaches_the_schedulers_retrain)
+        drift_alert(alerts)["labels"]["namespace"] = rule["metadata"]["namespace"]
     assert rule["spec"]["groups"] == alerts["groups"], (
         "the PrometheusRule differs from deploy/prometheus/alerts.yml: "
         "run `python deploy/k8s/sync_monitoring.py`")
@@ -1398,7 +1581,7 @@ def test_k8s_mlflow_runs_basic_auth_with_the_users_it_needs(
             server_secrets["MLFLOW_AUTH_ADMIN_PASSWORD"])
     granted = {tuple(setup_secrets[name] for name in user_variables(prefix)): permission
                for prefix, permission in create_users().USERS.items()}
-    clients = {"trainer": resource(kustomization, "CronJob", "forecaster-retrain"),
+    clients = {"trainer": trainer_of(kustomization),
                "service": resource(kustomization, "Deployment", "forecaster-service")}
     logins = set()
     for client, workload in clients.items():
@@ -1413,16 +1596,17 @@ def test_k8s_mlflow_runs_basic_auth_with_the_users_it_needs(
 @pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
 def test_k8s_store_and_api_token_come_from_secrets(kustomization: str) -> None:
     """The service and the retraining CronJob share the store (FORECASTER_STORE_URL, with its
-    password, from the Secret forecaster-store); the service asks for the API token of the
-    Secret forecaster-api-token."""
+    password, from the Secret forecaster-store); the service, and the scheduler where it
+    replaces the CronJob, ask for the API token of the Secret forecaster-api-token."""
     (service,) = pod_spec(resource(kustomization, "Deployment", "forecaster-service"))[
         "containers"]
-    (trainer,) = pod_spec(resource(kustomization, "CronJob", "forecaster-retrain"))[
-        "containers"]
-    service_refs, trainer_refs = secret_refs(service), secret_refs(trainer)
+    (training,) = pod_spec(trainer_of(kustomization))["containers"]
+    service_refs, trainer_refs = secret_refs(service), secret_refs(training)
     assert service_refs[STORE_URL_VARIABLE] == trainer_refs[STORE_URL_VARIABLE] == (
         "forecaster-store", "url")
     assert service_refs[TOKEN_VARIABLE] == ("forecaster-api-token", "token")
+    if kustomization in SCHEDULER_OVERLAYS:  # POST /retrain
+        assert trainer_refs[TOKEN_VARIABLE] == service_refs[TOKEN_VARIABLE]
 
 
 @pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
@@ -1572,29 +1756,39 @@ def test_k8s_network_policies_open_only_the_paths_the_stack_needs(kustomization:
     namespace = pods["mlflow"].namespace
     service, mlflow, pushgateway = (pods[name] for name in (
         "forecaster-service", "mlflow", "pushgateway"))
-    trainer, setup = pods["forecaster-retrain"], pods["mlflow-users"]
-    # Prometheus (the Operator's label) and an unlabelled pod in other namespaces; a pod added
-    # to this namespace later, with no policy of its own; PostgreSQL and S3 outside the cluster
+    trainer, setup = pods[trainer_of(kustomization)["metadata"]["name"]], pods["mlflow-users"]
+    # Prometheus and Alertmanager (the Operator's labels) and an unlabelled pod in other
+    # namespaces; a pod added to this namespace later, with no policy of its own; PostgreSQL
+    # and S3 outside the cluster
     prometheus = Pod("prometheus", "monitoring", {"app.kubernetes.io/name": "prometheus"}, {})
+    alertmanager = Pod("alertmanager", "monitoring",
+                       {"app.kubernetes.io/name": "alertmanager"}, {})
     stranger = Pod("stranger", "elsewhere", {}, {})
     newcomer = Pod("newcomer", namespace, {"app.kubernetes.io/name": "debug"}, {"http": 8080})
     postgres, s3 = "203.0.113.10", "198.51.100.7"
     destinations = [(service, service.ports["http"]), (mlflow, mlflow.ports["http"]),
                     (pushgateway, pushgateway.ports["http"]), (newcomer, 8080),
                     (postgres, 5432), (s3, 443)]
+    if "http" in trainer.ports:  # the scheduler's /metrics and POST /retrain
+        destinations.append((trainer, trainer.ports["http"]))
     expected = {
         # the forecast API is public; the service only calls MLflow, which proxies S3
         ("stranger", "forecaster-service"), ("prometheus", "forecaster-service"),
+        ("alertmanager", "forecaster-service"),
         ("mlflow", "forecaster-service"), ("forecaster-service", "mlflow"),
         # MLflow: the trainer, the service and the users' Job; it reaches its stores
-        ("forecaster-retrain", "mlflow"), ("mlflow-users", "mlflow"),
+        (trainer.name, "mlflow"), ("mlflow-users", "mlflow"),
         ("mlflow", postgres), ("mlflow", s3),
         # the Pushgateway: the trainer pushes, Prometheus scrapes
-        ("forecaster-retrain", "pushgateway"), ("prometheus", "pushgateway"),
+        (trainer.name, "pushgateway"), ("prometheus", "pushgateway"),
         # the forecast log and actuals store (PostgreSQL): the service writes, races read
-        ("forecaster-service", postgres), ("forecaster-retrain", postgres),
+        ("forecaster-service", postgres), (trainer.name, postgres),
     }
-    sources = [service, mlflow, pushgateway, trainer, setup, prometheus, stranger, newcomer]
+    if kustomization in SCHEDULER_OVERLAYS:
+        # the scheduler: Alertmanager posts the drift alert to /retrain, Prometheus scrapes
+        expected |= {("alertmanager", trainer.name), ("prometheus", trainer.name)}
+    sources = [service, mlflow, pushgateway, trainer, setup, prometheus, alertmanager, stranger,
+               newcomer]
     wrong = [f"{peer_name(source)} -> {peer_name(destination)}:{port}: "
              f"{'open' if allowed else 'closed'}"
              for source in sources for destination, port in destinations
@@ -1611,6 +1805,8 @@ def test_k8s_network_policies_open_only_the_paths_the_stack_needs(kustomization:
         assert connects(policies, pod, "10.96.0.10", 53, "UDP"), f"{pod.name}: no DNS"
     assert not connects(policies, newcomer, s3, 443)
     assert not connects(policies, stranger, newcomer, 8080)
+    if kustomization in SCHEDULER_OVERLAYS:  # the port of POST /retrain and no other
+        assert not connects(policies, alertmanager, trainer, 8080)
 
 
 @pytest.mark.parametrize("kustomization", sorted(RAY_OVERLAYS))
