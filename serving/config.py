@@ -68,11 +68,13 @@ class ServingConfig(BaseSettings):
     # the forecast log and the actuals (pipelines.forecast_store; FORECASTER_STORE_URL, which
     # "none" turns off): each worker queues at most forecast_log_queue_rows rows (forecast
     # steps) and writes them in batches of forecast_log_batch_rows, at least every
-    # forecast_log_flush_seconds (serving.forecast_log)
+    # forecast_log_flush_seconds, busy at most forecast_log_max_share of the time: past what
+    # that share writes, the queue fills and drops rows (serving.forecast_log)
     store_url: str | None = Field(default=None, min_length=1)  # None: the store's default
     forecast_log_queue_rows: int = Field(default=200_000, ge=1)
     forecast_log_batch_rows: int = Field(default=5_000, ge=1)
     forecast_log_flush_seconds: float = Field(default=1.0, gt=0)
+    forecast_log_max_share: float = Field(default=0.05, gt=0, le=1)
     # the drift alert's thresholds, exported as gauges for its rule (ForecastAccuracyDegraded):
     # the live MASE over this factor times the backtest's, with at least this many points
     accuracy_alert_factor: float = Field(default=1.3, gt=0)

@@ -5,10 +5,14 @@ accuracy that the actuals posted later give (POST /actuals, GET /accuracy).
 Writing never slows or fails /forecast. A request hands the log what it already holds (the
 parsed request, the prepared request and the model's forecasts) and goes on; a thread of the
 worker turns them into rows and writes them in batches of ``batch_rows``, at least every
-``flush_seconds``. The queue holds at most ``max_rows`` rows: a request whose rows do not fit
-is not logged (``queue_full``); a batch the store cannot take (StoreUnavailable: the database
-is down) is dropped with everything queued behind it (``store_unavailable``), and the next
-flush tries again. Each dropped row is counted (forecaster_forecast_log_dropped_total).
+``flush_seconds``. That thread shares the worker's CPU (and the GIL) with the requests, and the
+database often shares the machine: it writes at most ``max_share`` of the time, resting after
+each batch in proportion to the time the batch took, so that the log costs the service at most
+about that share of its throughput whatever the rate of forecasts. The queue holds at most
+``max_rows`` rows: a request whose rows do not fit is not logged (``queue_full``: the log
+cannot keep up); a batch the store cannot take (StoreUnavailable: the database is down) is
+dropped with everything queued behind it (``store_unavailable``), and the next flush tries
+again. Each dropped row is counted (forecaster_forecast_log_dropped_total).
 
 Each row carries the scale of its series: the in-sample MAE of the seasonal naive forecast on
 the history that was sent, with the model's season length, the denominator of the backtest's
@@ -20,6 +24,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -93,9 +98,10 @@ class ForecastLog:
     ``on_drop(reason, rows)`` counts the rows dropped."""
 
     def __init__(self, store: StoreAccess, max_rows: int, batch_rows: int,
-                 flush_seconds: float, on_drop: Callable[[str, int], None]):
+                 flush_seconds: float, on_drop: Callable[[str, int], None],
+                 max_share: float = 1.0):
         self.store, self.max_rows, self.batch_rows = store, max_rows, batch_rows
-        self.flush_seconds, self.on_drop = flush_seconds, on_drop
+        self.flush_seconds, self.on_drop, self.max_share = flush_seconds, on_drop, max_share
         self._queue: deque[Served] = deque()
         self._queued_rows = 0
         self._lock = threading.Lock()
@@ -133,27 +139,35 @@ class ForecastLog:
         return self._queued_rows
 
     def flush(self) -> None:
-        """Write everything queued now, a batch at a time."""
+        """Write everything queued now, a batch at a time (resting after each, see the
+        module doc, unless the log is stopping)."""
         while batch := self._take():
-            rows = sum(served.rows for served in batch)
-            try:
-                self.store.get().write_forecasts([row for served in batch
-                                                  for row in logged_rows(served)])
-            except StoreUnavailable as error:
-                if not self._failing:
-                    logger.warning("the forecast log drops rows while the store is "
-                                   "unavailable: %s", error)
-                self._failing = True
-                self.on_drop(STORE_UNAVAILABLE, rows + self._drop_queue())
-                return
-            except Exception:  # noqa: BLE001 - the log never takes the worker down
-                logger.exception("the forecast log failed to write %d rows; they are dropped",
-                                 rows)
-                self.on_drop(FAILED, rows)
-                continue
-            if self._failing:
-                logger.warning("the forecast log writes to the store again")
-                self._failing = False
+            started = time.perf_counter()
+            if self._write(batch):  # not after a failure: the next flush tries again
+                busy = time.perf_counter() - started
+                self._stopping.wait(busy * (1 - self.max_share) / self.max_share)
+
+    def _write(self, batch: list[Served]) -> bool:
+        """Write a batch; False when it was dropped."""
+        rows = sum(served.rows for served in batch)
+        try:
+            self.store.get().write_forecasts([row for served in batch
+                                              for row in logged_rows(served)])
+        except StoreUnavailable as error:
+            if not self._failing:
+                logger.warning("the forecast log drops rows while the store is unavailable: %s",
+                               error)
+            self._failing = True
+            self.on_drop(STORE_UNAVAILABLE, rows + self._drop_queue())
+            return False
+        except Exception:  # noqa: BLE001 - the log never takes the worker down
+            logger.exception("the forecast log failed to write %d rows; they are dropped", rows)
+            self.on_drop(FAILED, rows)
+            return False
+        if self._failing:
+            logger.warning("the forecast log writes to the store again")
+            self._failing = False
+        return True
 
     def _take(self) -> list[Served]:
         """The oldest answers queued, up to batch_rows rows (at least one answer)."""

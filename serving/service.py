@@ -212,7 +212,8 @@ class Forecaster:
             self.store.try_open()
             self.log = ForecastLog(
                 self.store, CONFIG.forecast_log_queue_rows, CONFIG.forecast_log_batch_rows,
-                CONFIG.forecast_log_flush_seconds, on_drop=lambda reason, rows:
+                CONFIG.forecast_log_flush_seconds, max_share=CONFIG.forecast_log_max_share,
+                on_drop=lambda reason, rows:
                 metrics.FORECAST_LOG_DROPPED.labels(reason=reason).inc(rows))
             self.log.start()
         self._backtests: dict[tuple[str, str], BacktestFigures] = {}  # of versions not served

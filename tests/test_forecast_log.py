@@ -195,3 +195,28 @@ def test_a_store_down_drops_the_queue_and_counts_it(champion: ServedModel) -> No
         log.submit(served)
     log.flush()  # the first batch fails: it and the two queued behind it are dropped
     assert dropped == {STORE_UNAVAILABLE: 36} and log.queued_rows == 0
+
+
+def test_the_thread_writes_at_most_its_share_of_the_time(champion: ServedModel,
+                                                         tmp_path: Path) -> None:
+    served, _ = answered(champion, body_of(series=2))  # 12 rows: one batch each
+
+    runs = iter(range(100))
+
+    def flush_time(share: float) -> float:
+        store = StoreAccess(f"sqlite:///{tmp_path / f'store-{next(runs)}.db'}")
+        store.get()  # opened (and migrated) before the clock starts
+        log = ForecastLog(store, max_rows=1000, batch_rows=12, flush_seconds=30,
+                          on_drop=lambda reason, rows: None, max_share=share)
+        for _ in range(4):
+            log.submit(served)
+        started = time.perf_counter()
+        log.flush()
+        seconds = time.perf_counter() - started
+        assert written(store) == 48
+        store.close()
+        return seconds
+
+    alone = min(flush_time(1.0) for _ in range(3))  # no rest: the writes' own time
+    # busy a quarter of the time: it rests three times as long as each batch took
+    assert flush_time(0.25) >= 2.5 * alone
