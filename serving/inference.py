@@ -261,10 +261,12 @@ def step_index(start: object, freq: str | None, first: int, count: int,
     try:
         offset = pd.tseries.frequencies.to_offset(freq)
         index = pd.date_range(pd.Timestamp(start) + first * offset, periods=count, freq=offset)
-        # the last time as Python holds it (year 9999 at most): the store and JSON need it
-        index[-1:].to_pydatetime()
+        # the first and last times as Python holds them (years 1 to 9999), in UTC as the
+        # forecast store keeps them
+        edges = index[[0, -1]]
+        (edges if edges.tz is None else edges.tz_convert(None)).to_pydatetime()
     except (ValueError, OverflowError):
         raise RequestError((*loc, "start"), "timestamps_out_of_range",
-                           f"the times from start {start} every {freq} are past the year "
-                           "9999") from None
+                           f"the times from start {start} every {freq} leave the years 1 to "
+                           "9999 (in UTC)") from None
     return index

@@ -46,7 +46,8 @@ def _pandas_frequency(freq: str) -> str:
 
 Frequency = Annotated[str, AfterValidator(_pandas_frequency),
                       Field(description="pandas frequency, e.g. 'h' or '15min'")]
-SeriesId = Annotated[str, Field(min_length=1, max_length=256,
+# no NUL: PostgreSQL's text cannot hold one, and the forecast store keeps the ids
+SeriesId = Annotated[str, Field(min_length=1, max_length=256, pattern=r"^[^\x00]*$",
                                 description="the series' name, echoed back")]
 
 

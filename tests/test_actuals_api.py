@@ -61,6 +61,9 @@ def request_of(body: dict) -> ActualsRequest:
      "string_too_short"),
     ({"id": "a", "values": [1.0], "start": "2024-01-01", "freq": "h", "horizon": 2},
      ("series", 0, "horizon"), "extra_forbidden"),
+    # PostgreSQL's text holds no NUL: refused here, as in /forecast's ids
+    ({"id": "a\x00b", "values": [1.0], "start": "2024-01-01", "freq": "h"},
+     ("series", 0, "id"), "string_pattern_mismatch"),
 ])
 def test_a_bad_series_is_refused_naming_the_field(series: dict, loc: tuple, kind: str) -> None:
     with pytest.raises(ValidationError) as caught:
@@ -88,13 +91,15 @@ def test_observations_are_the_values_at_their_times() -> None:
     assert [(p.series_id, p.timestamp, p.value) for p in points] == [
         ("a", T0, 1.0), ("a", T0 + timedelta(hours=1), 2.0), ("a", T0 + timedelta(hours=2), 3.0),
         ("b", T0, 5.0), ("b", T0 + timedelta(days=1), 6.0)]
-    late = request_of({"series": [request.series[0].model_dump(mode="json"),
-                                  {"id": "c", "values": [1.0, 2.0],
-                                   "start": "9999-12-31T00:00:00", "freq": "D"}]})
-    with pytest.raises(RequestError) as caught:
-        observations(late.series)
-    assert caught.value.loc == ("series", 1, "start")
-    assert caught.value.body()["error"].startswith("series.1.start: ")
+    for start, freq in (("9999-12-31T00:00:00", "D"),  # past 9999
+                        ("0001-01-01T00:00:00+05:00", "h")):  # before year 1 in UTC
+        late = request_of({"series": [request.series[0].model_dump(mode="json"),
+                                      {"id": "c", "values": [1.0, 2.0], "start": start,
+                                       "freq": freq}]})
+        with pytest.raises(RequestError) as caught:
+            observations(late.series)
+        assert caught.value.loc == ("series", 1, "start")
+        assert caught.value.body()["error"].startswith("series.1.start: ")
 
 
 # ---------------------------------------------------------------- the live counters
