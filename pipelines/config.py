@@ -127,7 +127,9 @@ class FillConfig(StrictModel):
 
 
 class DataConfig(StrictModel):
-    """A file (``path`` plus ``columns``) or a bundled loader (``loader`` plus ``data_dir``).
+    """A file (``path`` plus ``columns``), a bundled loader (``loader`` plus ``data_dir``), or
+    the actuals the service received (``loader: store``, with the store's ``url``; by default
+    the environment's store, as FORECASTER_STORE_URL names it).
 
     A file is ``long`` (a row per series and time: the ``columns`` mapping names its columns)
     or ``wide`` (a column per series, named by its id; the time in the ``columns.timestamp``
@@ -136,8 +138,9 @@ class DataConfig(StrictModel):
     gaps and short series. Relative paths are relative to the config file.
     """
 
-    loader: Literal["m4_hourly", "etth1"] | None = None
+    loader: Literal["m4_hourly", "etth1", "store"] | None = None
     data_dir: Path | None = None
+    url: str | None = None  # loader store: the database URL of the forecast store
     variables: list[str] | None = None  # etth1: the columns to forecast, each its own series
     path: Path | None = None
     format: Literal["long", "wide"] = "long"
@@ -150,9 +153,15 @@ class DataConfig(StrictModel):
     def _one_source(self) -> DataConfig:
         if (self.loader is None) == (self.path is None):
             raise ValueError("give either `path` (a CSV or Parquet file) or `loader` "
-                             "(m4_hourly or etth1), not both")
-        if self.loader is not None and self.data_dir is None:
+                             "(m4_hourly, etth1 or store), not both")
+        if self.loader == "store":
+            if self.data_dir is not None:
+                raise ValueError("`data_dir` applies to the m4_hourly and etth1 loaders; the "
+                                 "store loader reads `url`")
+        elif self.loader is not None and self.data_dir is None:
             raise ValueError(f"`data_dir` is required with loader {self.loader!r}")
+        if self.url is not None and self.loader != "store":
+            raise ValueError("`url` applies to loader store only")
         if self.path is not None and self.path.suffix.lower() not in (".csv", ".parquet",
                                                                       ".pq"):
             raise ValueError(f"path {str(self.path)!r}: expected a .csv or .parquet file")

@@ -1,14 +1,16 @@
 """The race's data: a configured source read into the long format and its sktime panel.
 
 Sources are a CSV or Parquet file, long (``columns`` maps the id, time and target columns)
-or wide (one column per series, the time in the first column or ``columns.timestamp``), or
-the bundled M4 Hourly and ETTh1 loaders. Problems with the source itself (a missing file or
-column) are config errors naming the key. Problems with the values are all collected and
-raised together as one :class:`~forecaster.data.DataError`, naming each series by its id and
-each column by the file's own name: unreadable numbers or dates, missing ids, NaN and
-infinite values, duplicate, missing and off-frequency timestamps, series too short for the
-race. ``data.fill`` turns gaps (``missing``: interpolate or zero) and short series
-(``short``: drop) from errors into repairs, which :class:`DataReport` records.
+or wide (one column per series, the time in the first column or ``columns.timestamp``), the
+bundled M4 Hourly and ETTh1 loaders, or the forecast store's actuals (``loader: store``: what
+the service was sent, so that a retrain learns from what was observed). Problems with the
+source itself (a missing file or column, a store that does not answer) are config errors
+naming the key. Problems with the values are all collected and raised together as one
+:class:`~forecaster.data.DataError`, naming each series by its id and each column by the
+file's own name: unreadable numbers or dates, missing ids, NaN and infinite values,
+duplicate, missing and off-frequency timestamps, series too short for the race.
+``data.fill`` turns gaps (``missing``: interpolate or zero) and short series (``short``:
+drop) from errors into repairs, which :class:`DataReport` records.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 from forecaster.data import (
     SERIES,
@@ -41,6 +45,13 @@ from forecaster.data import (
 )
 from forecaster.datasets import load_m4_hourly, wide_to_long
 from pipelines.config import ConfigError, DataConfig
+from pipelines.forecast_store import (
+    STORE_URL_VARIABLE,
+    ForecastStore,
+    StoreUnavailable,
+    shown_url,
+    store_url_from_environment,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -164,7 +175,35 @@ def _read_file(config: DataConfig) -> tuple[pd.DataFrame, Names]:
     return long, dict(mapping)
 
 
+def store_url(config: DataConfig) -> str | None:
+    """The store a ``loader: store`` source reads: ``url``, else the environment's."""
+    return config.url if config.url is not None else store_url_from_environment()
+
+
+def _read_store(config: DataConfig) -> tuple[pd.DataFrame, Names]:
+    url = store_url(config)
+    if url is None:
+        raise ConfigError(f"data.url: not given, and {STORE_URL_VARIABLE}=none turns the "
+                          "store off")
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        parsed = None  # ForecastStore.open says what is wrong with it
+    if parsed is not None and parsed.get_backend_name() == "sqlite" and parsed.database \
+            and parsed.database != ":memory:" and not Path(parsed.database).is_file():
+        # reading must not leave an empty store where there was none
+        raise ConfigError(f"data.url: no store at {shown_url(url)} (file {parsed.database!r} "
+                          "not found)")
+    try:
+        with ForecastStore.open(url) as store:
+            return store.read_panel(), {}
+    except (ValueError, StoreUnavailable) as error:
+        raise ConfigError(f"data.url: {error}") from None
+
+
 def _read_loader(config: DataConfig) -> tuple[pd.DataFrame, Names]:
+    if config.loader == "store":
+        return _read_store(config)
     assert config.data_dir is not None
     if not config.data_dir.is_dir():
         raise ConfigError(f"data.data_dir: folder {str(config.data_dir)!r} not found")
@@ -393,6 +432,9 @@ def _inferred_frequency(panel: pd.DataFrame) -> str | None:
 
 def source_description(config: DataConfig) -> str:
     """A short human-readable name of the source, for run tags."""
+    if config.loader == "store":
+        url = store_url(config)
+        return f"store:{url and shown_url(url)}"
     where = config.path if config.path is not None else Path(config.data_dir or ".")
     kind = config.loader or where.suffix.lstrip(".")
     return f"{kind}:{where}"

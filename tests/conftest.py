@@ -165,25 +165,32 @@ class MlflowBackend:
     root: Path
 
 
-@pytest.fixture(scope="session")
-def mlflow_backend(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowBackend]:
-    """A new PostgreSQL database (dropped at the end of the session) and an artifacts folder,
-    for ``mlflow_server`` and for any further server a test starts on the same store."""
+@contextmanager
+def postgres_database(prefix: str = "forecaster_test") -> Iterator[str]:
+    """A new, uniquely named PostgreSQL database, as its SQLAlchemy URL; dropped afterwards
+    (a skip, or in CI a failure, when PostgreSQL is not reachable)."""
     admin = _postgres_admin()
-    database = f"forecaster_test_{uuid.uuid4().hex[:12]}"
+    database = f"{prefix}_{uuid.uuid4().hex[:12]}"
     with admin.cursor() as cursor:
         cursor.execute(f'CREATE DATABASE "{database}"')
-    root = tmp_path_factory.mktemp("mlflow_server")
-    # +psycopg2: SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3, which is not installed;
-    # psycopg2-binary is
-    store = "postgresql+psycopg2://{user}@{host}:{port}/".format(**POSTGRES_DSN) + database
     try:
-        yield MlflowBackend(store, root / "artifacts", root)
+        # +psycopg2: SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3, which is not
+        # installed; psycopg2-binary is
+        yield "postgresql+psycopg2://{user}@{host}:{port}/".format(**POSTGRES_DSN) + database
     finally:
         with admin.cursor() as cursor:
             # FORCE (PostgreSQL 13+): ends connections a killed server may have left behind
             cursor.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
         admin.close()
+
+
+@pytest.fixture(scope="session")
+def mlflow_backend(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowBackend]:
+    """A new PostgreSQL database (dropped at the end of the session) and an artifacts folder,
+    for ``mlflow_server`` and for any further server a test starts on the same store."""
+    with postgres_database() as store:
+        root = tmp_path_factory.mktemp("mlflow_server")
+        yield MlflowBackend(store, root / "artifacts", root)
 
 
 @pytest.fixture(scope="session")

@@ -58,7 +58,9 @@ def clean_mlflow_environment() -> Iterator[None]:
 def race_config(store: Path, data_dir: Path, candidates: list[dict[str, Any]],
                 **overrides: Any) -> RaceConfig:
     """Eight M4 Hourly series cut to their last 200 hours, horizon 24, two folds, tracked in
-    ``store``/mlflow.db with artifacts in ``store``/artifacts."""
+    ``store``/mlflow.db with artifacts in ``store``/artifacts. A dict in ``overrides`` is
+    merged into its section, except a ``data`` naming a ``loader`` or ``path``: that one is
+    the whole data section."""
     raw: dict[str, Any] = {
         "name": "test-race",
         "data": {"loader": "m4_hourly", "data_dir": str(data_dir / "m4"), "max_series": 8,
@@ -75,7 +77,9 @@ def race_config(store: Path, data_dir: Path, candidates: list[dict[str, Any]],
         "plot_series": 2,
     }
     for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(raw.get(key), dict):
+        # a data section naming its own source replaces the M4 slice, not merged into it
+        replaces = key == "data" and isinstance(value, dict) and {"loader", "path"} & set(value)
+        if isinstance(value, dict) and isinstance(raw.get(key), dict) and not replaces:
             raw[key] = {**raw[key], **value}
         else:
             raw[key] = value
