@@ -34,6 +34,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -126,12 +127,12 @@ def service_body(history: np.ndarray, series: int = 1, timestamps: bool = False)
 
 def actuals_bodies() -> Callable[[], bytes]:
     """POST /actuals bodies of series never sent before: each request stores new points."""
-    counter = itertools.count()
+    counter, run = itertools.count(), uuid.uuid4().hex[:8]  # new ids in every run too
     values = np.linspace(0, 1, ACTUALS_POINTS).tolist()
 
     def body() -> bytes:
         batch = next(counter)
-        return json.dumps({"series": [{"id": f"A{batch}-{i}", "values": values,
+        return json.dumps({"series": [{"id": f"A{run}-{batch}-{i}", "values": values,
                                        "start": START, "freq": "h"}
                                       for i in range(ACTUALS_SERIES)]}).encode()
 
