@@ -261,22 +261,23 @@ def points_per_post() -> int:
 def log_table(results: dict[tuple[str, str, int, int], list[LoadResult]],
               log_rates: dict[str, list[tuple[float, float]]], ingestion: list[LoadResult],
               clients: int, repeats: int) -> str:
-    def rate(model: str, server: str) -> float:
-        return float(np.median([r.throughput for r in results[(model, server, clients, 1)]]))
+    def rates(model: str, server: str) -> np.ndarray:
+        return np.array([r.throughput for r in results[(model, server, clients, 1)]])
 
     rows = []
     for (model, server, _, _), runs in results.items():
+        logged = server == "log on"
         rows.append({
             "model": model, "server": server, "clients": clients,
-            "series/s": rate(model, server),
+            "series/s": np.median(rates(model, server)),
             "p50 ms": np.median([r.percentile(50) for r in runs]),
             "p99 ms": np.median([r.percentile(99) for r in runs]),
             "failed": int(sum(r.errors for r in runs)),
-            "x log off": rate(model, server) / rate(model, "log off"),
-            "rows written/s": np.median([w for w, _ in log_rates[model]])
-            if server == "log on" else np.nan,
-            "rows dropped/s": np.median([d for _, d in log_rates[model]])
-            if server == "log on" else np.nan,
+            # each repeat's ratio to the log off measured just before it, then their median
+            "x log off": np.median(rates(model, server) / rates(model, "log off")),
+            "rows offered/s": np.median(rates(model, server)) * HORIZON if logged else np.nan,
+            "rows written/s": np.median([w for w, _ in log_rates[model]]) if logged else np.nan,
+            "rows dropped/s": np.median([d for _, d in log_rates[model]]) if logged else np.nan,
         })
     forecast_table = pd.DataFrame(rows).to_markdown(index=False, floatfmt=".1f")
     actuals_table = pd.DataFrame([{
@@ -289,8 +290,9 @@ def log_table(results: dict[tuple[str, str, int, int], list[LoadResult]],
                                                                        floatfmt=".1f")
     note = (f"medians over {repeats} repeats of {clients} closed-loop clients posting one series "
             f"of {INPUT} values with start and freq, horizon {HORIZON} (a row per step); x log "
-            "off: throughput over that of the log off in the same repeats; rows written and "
-            "dropped per second of the run (warm-up included). /actuals: new series each "
+            "off: the median over repeats of the throughput over the log off's in the same "
+            "repeat; rows offered: a row per step of each series answered; written and dropped "
+            "per second of the run (warm-up included). /actuals: new series each "
             "request, into the same store, after the forecasts")
     return f"{forecast_table}\n\n{actuals_table}\n\n{note}"
 
