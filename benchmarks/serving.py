@@ -279,7 +279,8 @@ def log_table(results: dict[tuple[str, str, int, int], list[LoadResult]],
             "rows written/s": np.median([w for w, _ in log_rates[model]]) if logged else np.nan,
             "rows dropped/s": np.median([d for _, d in log_rates[model]]) if logged else np.nan,
         })
-    forecast_table = pd.DataFrame(rows).to_markdown(index=False, floatfmt=".1f")
+    forecast_table = pd.DataFrame(rows).to_markdown(
+        index=False, floatfmt=("", "", "", ".1f", ".1f", ".1f", "", ".2f", ".0f", ".0f", ".0f"))
     actuals_table = pd.DataFrame([{
         "endpoint": "POST /actuals", "clients": ACTUALS_CLIENTS,
         "points/request": points_per_post(),
