@@ -104,7 +104,10 @@ def prepare(request: ForecastRequest, model: ServedModel, max_series: int) -> Pr
                                f"model needs at least {info.min_history}")
         values = _representable(series.values, i, series.id, model.dtype)
         histories.append(_model_input(i, series, values, model, request.horizon))
-    timestamps = [step_times(s.start, s.freq, len(s.values), request.horizon, ("series", i))
+    # from the forecast's origin (the last value's time), which the forecast log keeps: a
+    # series whose times the store cannot hold is refused here, not in the log's thread
+    timestamps = [step_times(s.start, s.freq, len(s.values) - 1, request.horizon + 1,
+                             ("series", i))[1:]
                   if s.start is not None else None for i, s in enumerate(request.series)]
     return PreparedRequest(model, [s.id for s in request.series], histories, request.horizon,
                            levels, columns, timestamps)

@@ -130,12 +130,15 @@ def test_the_rows_are_what_forecast_answered(champion: ServedModel) -> None:
 
 def test_times_past_what_a_time_holds_are_a_400_naming_the_series(
         champion: ServedModel) -> None:
-    body = body_of(series=2)
-    body["series"][1] |= {"start": "9999-12-31T00:00:00", "freq": "D"}
-    with pytest.raises(RequestError) as caught:
-        prepare(ForecastRequest.model_validate_json(json.dumps(body)), champion, 100)
-    assert caught.value.loc == ("series", 1, "start")
-    assert caught.value.reason == "timestamps_out_of_range"
+    for start, freq in (("9999-12-31T00:00:00", "D"),  # the steps ahead: past 9999
+                        # the origin (the last value's), which the log keeps: year 0 in UTC
+                        ("0001-01-01T00:00:00+05:00", "min")):
+        body = body_of(series=2)
+        body["series"][1] |= {"start": start, "freq": freq}
+        with pytest.raises(RequestError) as caught:
+            prepare(ForecastRequest.model_validate_json(json.dumps(body)), champion, 100)
+        assert caught.value.loc == ("series", 1, "start")
+        assert caught.value.reason == "timestamps_out_of_range"
 
 
 # ---------------------------------------------------------------- the queue
