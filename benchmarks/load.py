@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -33,7 +34,11 @@ class LoadResult:
         return float(np.percentile(self.latencies_ms, q)) if len(self.latencies_ms) else np.nan
 
 
-async def _drive(url: str, body: bytes, clients: int, seconds: float, warmup: float
+# a body for every request, or a function that makes each request's (new data each time)
+Body = bytes | Callable[[], bytes]
+
+
+async def _drive(url: str, body: Body, clients: int, seconds: float, warmup: float
                  ) -> LoadResult:
     latencies: list[float] = []
     failures: Counter = Counter()
@@ -45,9 +50,11 @@ async def _drive(url: str, body: bytes, clients: int, seconds: float, warmup: fl
         measure_from, end = start + warmup, start + warmup + seconds
 
         async def client() -> None:
-            while (now := time.perf_counter()) < end:
+            while time.perf_counter() < end:
+                data = body() if callable(body) else body
+                now = time.perf_counter()  # the request's, not the making of its body
                 try:
-                    async with session.post(url, data=body, headers=headers) as response:
+                    async with session.post(url, data=data, headers=headers) as response:
                         await response.read()
                         outcome = response.status
                 except (aiohttp.ClientError, asyncio.TimeoutError) as error:
@@ -63,7 +70,7 @@ async def _drive(url: str, body: bytes, clients: int, seconds: float, warmup: fl
     return LoadResult(clients, seconds, np.asarray(latencies) * 1000.0, failures)
 
 
-def run_load(url: str, body: bytes, clients: int, seconds: float, warmup: float = 2.0
+def run_load(url: str, body: Body, clients: int, seconds: float, warmup: float = 2.0
              ) -> LoadResult:
     """Closed-loop load for ``warmup`` + ``seconds``; only the last ``seconds`` are measured."""
     return asyncio.run(_drive(url, body, clients, seconds, warmup))

@@ -1,6 +1,7 @@
 """Serving benchmark: throughput and latency of POST /forecast against its peers.
 
     python -m benchmarks.serving [--repeats 3] [--seconds 10] [--clients 64] [--models ...]
+    python -m benchmarks.serving --log-store postgresql://... [--models ...]
 
 Trains the benchmark models once (benchmarks/serving_lstm.yaml: LSTMs with hidden size 128,
 two layers, input length 96, horizon 48; one reads its input step by step, one in 24-step
@@ -13,28 +14,42 @@ The load generator shares the machine's cores with the server under test, for ev
 alike. Prints medians over the repeats, the ratios to mlflow and to batching off measured in
 the same repeats, and the ratio to the bare model call (what the model alone could answer: a
 network's forward pass at batch 64, the baseline's refits one after another).
+
+With ``--log-store URL`` it measures the forecast log instead (serving.forecast_log): the
+service with batching on, each request's series carrying ``start`` and ``freq``, with the log
+off (FORECASTER_STORE_URL=none) and on (into the store at URL, an existing database), at
+``--clients`` clients; with the log on, the rows it wrote and dropped per second, and then the
+ingestion rate of POST /actuals into that store (ACTUALS_CLIENTS clients posting
+ACTUALS_SERIES new series of ACTUALS_POINTS values each).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import socket
 import subprocess
 import sys
 import time
+import urllib.request
+import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from mlflow import MlflowClient
+from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import func, select
 from tqdm.auto import tqdm
 
 from benchmarks.load import LoadResult, run_load
 from forecaster.datasets import default_data_dir, load_m4_hourly
 from pipelines import registry
 from pipelines.config import load_config
+from pipelines.forecast_store import ForecastStore, forecasts
 from pipelines.race import run_race
 from serving.first_forecast import wait_for_ok, wait_until_ready
 from serving.model import load_version
@@ -49,6 +64,9 @@ PEERS = [("lstm-step", "batching on"), ("lstm-step", "batching off"), ("lstm-ste
          ("lstm-segmented", "batching on"), ("lstm-segmented", "batching off"),
          ("snaive", "batching on")]
 BIG_REQUEST = 64  # series per request of the baseline's single-client run
+LOG_SERVERS = ("log off", "log on")  # --log-store: the service, batching on, either way
+ACTUALS_CLIENTS, ACTUALS_SERIES, ACTUALS_POINTS = 8, 10, 100  # the /actuals ingestion load
+START = "2024-01-01T00:00:00"  # of each series sent in the log's runs
 
 
 def free_port() -> int:
@@ -101,9 +119,36 @@ def example_history() -> np.ndarray:
     return first["target"].to_numpy(np.float32)[-INPUT:]
 
 
-def service_body(history: np.ndarray, series: int = 1) -> bytes:
-    return json.dumps({"series": [{"id": f"H{i + 1}", "values": history.tolist()}
+def service_body(history: np.ndarray, series: int = 1, timestamps: bool = False) -> bytes:
+    times = {"start": START, "freq": "h"} if timestamps else {}
+    return json.dumps({"series": [{"id": f"H{i + 1}", "values": history.tolist(), **times}
                                   for i in range(series)], "horizon": HORIZON}).encode()
+
+
+def actuals_bodies() -> Callable[[], bytes]:
+    """POST /actuals bodies of series never sent before: each request stores new points."""
+    counter, run = itertools.count(), uuid.uuid4().hex[:8]  # new ids in every run too
+    values = np.linspace(0, 1, ACTUALS_POINTS).tolist()
+
+    def body() -> bytes:
+        batch = next(counter)
+        return json.dumps({"series": [{"id": f"A{run}-{batch}-{i}", "values": values,
+                                       "start": START, "freq": "h"}
+                                      for i in range(ACTUALS_SERIES)]}).encode()
+
+    return body
+
+
+def logged_rows(store_url: str) -> int:
+    with ForecastStore.open(store_url) as store, store.engine.connect() as connection:
+        return connection.execute(select(func.count()).select_from(forecasts)).scalar_one()
+
+
+def dropped_rows(url: str) -> float:
+    metrics = urllib.request.urlopen(f"{url}/metrics", timeout=30).read().decode()
+    return sum(sample.value for family in text_string_to_metric_families(metrics)
+               for sample in family.samples
+               if sample.name == "forecaster_forecast_log_dropped_total")
 
 
 def mlflow_body(history: np.ndarray) -> bytes:
@@ -115,7 +160,7 @@ def mlflow_body(history: np.ndarray) -> bytes:
 
 
 def start_server(server: str, port: int, env: dict[str, str], name: str, model: str,
-                 version: int, log: Path) -> subprocess.Popen:
+                 version: int, log: Path, store_url: str = "none") -> subprocess.Popen:
     full_env = {**os.environ, **env, "OMP_NUM_THREADS": "1",
                 # mlflow models serve runs `uvicorn` from PATH: this environment's
                 "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
@@ -127,7 +172,8 @@ def start_server(server: str, port: int, env: dict[str, str], name: str, model: 
         # two workers, like mlflow's best configuration: one per core
         full_env |= {"FORECASTER_MODEL_NAME": name, "FORECASTER_MODEL_ALIAS": model,
                      "FORECASTER_WORKERS": "2",
-                     "FORECASTER_BATCHING": str(server == "batching on").lower()}
+                     "FORECASTER_BATCHING": str(server != "batching off").lower(),
+                     "FORECASTER_STORE_URL": store_url}
         command = [sys.executable, "-m", "cli.main", "serve", "--host", "127.0.0.1",
                    "--port", str(port)]
     with log.open("wb") as output:
@@ -142,40 +188,114 @@ def main() -> None:
     parser.add_argument("--store", type=Path, default=Path("/tmp/forecaster-serving-bench"))
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS),
                         help="the models to serve (default: all)")
+    parser.add_argument("--log-store", help="measure the forecast log into this store (an "
+                        "existing database's URL) instead of the peers: see the module doc")
     args = parser.parse_args()
 
     env, name, versions = prepare_store(args.store)
     history = example_history()
-    floors = {model: bare_forward(name, versions[model], history) for model in args.models}
     logs = args.store / "logs"
     logs.mkdir(exist_ok=True)
     results: dict[tuple[str, str, int, int], list[LoadResult]] = {}
-    runs = [(r, *peer) for r in range(args.repeats) for peer in PEERS if peer[0] in args.models]
+    log_rates: dict[str, list[tuple[float, float]]] = {}  # model -> (written, dropped) rows/s
+    ingestion: list[LoadResult] = []
+    if args.log_store:
+        logged_rows(args.log_store)  # migrated before any service opens it
+        runs = [(r, model, server) for r in range(args.repeats) for model in args.models
+                for server in LOG_SERVERS]
+    else:
+        runs = [(r, *peer) for r in range(args.repeats) for peer in PEERS
+                if peer[0] in args.models]
     for repeat, model, server in tqdm(runs, desc="serving benchmark"):
         port = free_port()
         log = logs / f"{model}-{server.replace(' ', '-')}-{repeat}.log"
-        process = start_server(server, port, env, name, model, versions[model], log)
+        log_on = server == "log on"
+        process = start_server(server, port, env, name, model, versions[model], log,
+                               store_url=args.log_store if log_on else "none")
         url = f"http://127.0.0.1:{port}"
         try:
-            loads = [(args.clients, 1), (1, 1)] + ([(1, BIG_REQUEST)] if model == "snaive" else [])
+            loads = [(args.clients, 1)] if args.log_store else \
+                [(args.clients, 1), (1, 1)] + ([(1, BIG_REQUEST)] if model == "snaive" else [])
             if server == "mlflow":
                 wait_for_ok(f"{url}/ping", timeout=180, alive=lambda p=process: p.poll() is None)
                 endpoint, bodies = f"{url}/invocations", {1: mlflow_body(history)}
             else:
                 wait_until_ready(url, timeout=180, alive=lambda p=process: p.poll() is None)
                 endpoint = f"{url}/forecast"
-                bodies = {n: service_body(history, n) for _, n in loads}
+                bodies = {n: service_body(history, n, timestamps=bool(args.log_store))
+                          for _, n in loads}
             for clients, series in loads:
+                if log_on:
+                    before, started = (logged_rows(args.log_store), dropped_rows(url)), \
+                        time.perf_counter()
                 result = run_load(endpoint, bodies[series], clients, args.seconds)
                 results.setdefault((model, server, clients, series), []).append(result)
                 tqdm.write(f"{model:>14} {server:>12} {clients:>3} clients x {series:>3} "
                            f"series: {result.throughput * series:7.1f} series/s, p50 "
                            f"{result.percentile(50):6.1f} ms, p99 {result.percentile(99):6.1f} "
                            f"ms, failures {dict(result.failures)}")
+                if log_on:
+                    elapsed = time.perf_counter() - started
+                    log_rates.setdefault(model, []).append(
+                        ((logged_rows(args.log_store) - before[0]) / elapsed,
+                         (dropped_rows(url) - before[1]) / elapsed))
+            if log_on:
+                ingestion.append(run_load(f"{url}/actuals", actuals_bodies(), ACTUALS_CLIENTS,
+                                          args.seconds))
+                tqdm.write(f"/actuals: {ingestion[-1].throughput * points_per_post():.0f} "
+                           f"points/s, failures {dict(ingestion[-1].failures)}")
         finally:
             process.terminate()
             process.wait(30)
-    print(table(results, floors, args.clients, args.repeats))
+    if args.log_store:
+        print(log_table(results, log_rates, ingestion, args.clients, args.repeats))
+    else:
+        floors = {model: bare_forward(name, versions[model], history) for model in args.models}
+        print(table(results, floors, args.clients, args.repeats))
+
+
+def points_per_post() -> int:
+    return ACTUALS_SERIES * ACTUALS_POINTS
+
+
+def log_table(results: dict[tuple[str, str, int, int], list[LoadResult]],
+              log_rates: dict[str, list[tuple[float, float]]], ingestion: list[LoadResult],
+              clients: int, repeats: int) -> str:
+    def rates(model: str, server: str) -> np.ndarray:
+        return np.array([r.throughput for r in results[(model, server, clients, 1)]])
+
+    rows = []
+    for (model, server, _, _), runs in results.items():
+        logged = server == "log on"
+        rows.append({
+            "model": model, "server": server, "clients": clients,
+            "series/s": np.median(rates(model, server)),
+            "p50 ms": np.median([r.percentile(50) for r in runs]),
+            "p99 ms": np.median([r.percentile(99) for r in runs]),
+            "failed": int(sum(r.errors for r in runs)),
+            # each repeat's ratio to the log off measured just before it, then their median
+            "x log off": np.median(rates(model, server) / rates(model, "log off")),
+            "rows offered/s": np.median(rates(model, server)) * HORIZON if logged else np.nan,
+            "rows written/s": np.median([w for w, _ in log_rates[model]]) if logged else np.nan,
+            "rows dropped/s": np.median([d for _, d in log_rates[model]]) if logged else np.nan,
+        })
+    forecast_table = pd.DataFrame(rows).to_markdown(
+        index=False, floatfmt=("", "", "", ".1f", ".1f", ".1f", "", ".2f", ".0f", ".0f", ".0f"))
+    actuals_table = pd.DataFrame([{
+        "endpoint": "POST /actuals", "clients": ACTUALS_CLIENTS,
+        "points/request": points_per_post(),
+        "points/s": np.median([r.throughput * points_per_post() for r in ingestion]),
+        "p50 ms": np.median([r.percentile(50) for r in ingestion]),
+        "p99 ms": np.median([r.percentile(99) for r in ingestion]),
+        "failed": int(sum(r.errors for r in ingestion))}]).to_markdown(index=False,
+                                                                       floatfmt=".1f")
+    note = (f"medians over {repeats} repeats of {clients} closed-loop clients posting one series "
+            f"of {INPUT} values with start and freq, horizon {HORIZON} (a row per step); x log "
+            "off: the median over repeats of the throughput over the log off's in the same "
+            "repeat; rows offered: a row per step of each series answered; written and dropped "
+            "per second of the run (warm-up included). /actuals: new series each "
+            "request, into the same store, after the forecasts")
+    return f"{forecast_table}\n\n{actuals_table}\n\n{note}"
 
 
 def table(results: dict[tuple[str, str, int, int], list[LoadResult]],

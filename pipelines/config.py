@@ -55,6 +55,15 @@ SEASONALITY = {"h": 24, "min": 60, "D": 7, "B": 5, "W": 52, "MS": 12, "ME": 12, 
                "QS": 4, "QE": 4, "Q": 4}
 
 
+def season_length_of(frequency: str) -> int:
+    """The seasonal period a pandas ``frequency`` implies (1: none), for a race whose config
+    gives no ``season_length``: the MASE scale and the seasonal naive baseline use it."""
+    offset = pd.tseries.frequencies.to_offset(frequency)
+    # rule codes carry an anchor ("W-SUN", "QE-DEC"); a multiple ("15min") has none
+    code = offset.rule_code.split("-")[0]
+    return SEASONALITY.get(code, 1) if offset.n == 1 else 1
+
+
 class ConfigError(ValueError):
     """A config that cannot run; the message names each offending key."""
 
@@ -434,10 +443,7 @@ class RaceConfig(StrictModel):
     @model_validator(mode="after")
     def _consistent(self) -> RaceConfig:
         if self.season_length is None:
-            offset = pd.tseries.frequencies.to_offset(self.frequency)
-            # rule codes carry an anchor ("W-SUN", "QE-DEC"); a multiple ("15min") has none
-            code = offset.rule_code.split("-")[0]
-            self.season_length = SEASONALITY.get(code, 1) if offset.n == 1 else 1
+            self.season_length = season_length_of(self.frequency)
         names = [c.name for c in self.candidates]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:

@@ -65,6 +65,20 @@ class ServingConfig(BaseSettings):
     # an OpenTelemetry span per /forecast request (exported per BentoML's tracing settings)
     # costs about 15% of the request's CPU (py-spy), so it is opt-in
     trace_requests: bool = False
+    # the forecast log and the actuals (pipelines.forecast_store; FORECASTER_STORE_URL, which
+    # "none" turns off): each worker queues at most forecast_log_queue_rows rows (forecast
+    # steps) and writes them in batches of forecast_log_batch_rows, at least every
+    # forecast_log_flush_seconds, busy at most forecast_log_max_share of the time: past what
+    # that share writes, the queue fills and drops rows (serving.forecast_log)
+    store_url: str | None = Field(default=None, min_length=1)  # None: the store's default
+    forecast_log_queue_rows: int = Field(default=200_000, ge=1)
+    forecast_log_batch_rows: int = Field(default=5_000, ge=1)
+    forecast_log_flush_seconds: float = Field(default=1.0, gt=0)
+    forecast_log_max_share: float = Field(default=0.05, gt=0, le=1)
+    # the drift alert's thresholds, exported as gauges for its rule (ForecastAccuracyDegraded):
+    # the live MASE over this factor times the backtest's, with at least this many points
+    accuracy_alert_factor: float = Field(default=1.3, gt=0)
+    accuracy_alert_min_points: int = Field(default=50, ge=1)
 
     @classmethod
     def settings_customise_sources(cls, settings_cls: type[BaseSettings],
@@ -79,6 +93,16 @@ class ServingConfig(BaseSettings):
     @property
     def model_uri(self) -> str:
         return f"models:/{self.model_name}@{self.model_alias}"
+
+    @property
+    def store(self) -> str | None:
+        """The store's URL (store_url, else the store's default), None when the log is off."""
+        # imported here: the store module imports forecaster (torch), which importing the
+        # settings must not (the CLI reads them)
+        from pipelines.forecast_store import DEFAULT_STORE_URL, STORE_OFF
+
+        url = self.store_url or DEFAULT_STORE_URL
+        return None if url.strip().lower() == STORE_OFF else url
 
     @property
     def model_cache_dir(self) -> Path:

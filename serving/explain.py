@@ -69,7 +69,8 @@ def render_explanations(request: ForecastRequest, prepared: PreparedRequest,
             raise ModelOutputError(prepared.model, i, series.id)
         steps = attention.shape[1]
         times = None if series.start is None else \
-            step_times(series.start, series.freq, len(series.values) - steps, steps)
+            step_times(series.start, series.freq, len(series.values) - steps, steps,
+                       ("series", i))
         mean = attention.mean(axis=0)
         top = []
         for position in np.argsort(-mean, kind="stable")[:TOP_INPUTS]:

@@ -52,9 +52,7 @@ def export_bento(name: str | None = None, alias: str | None = None,
             _bento_name(name), str(files),
             labels={"registered_model": name, "version": str(version.version),
                     "alias": alias},
-            metadata={"name": meta.name, "version": meta.version, "alias": alias,
-                      "tags": meta.tags, "run_id": meta.run_id,
-                      "trained_at": meta.trained_at.isoformat() if meta.trained_at else None})
+            metadata={**meta.to_json(), "alias": alias})
     with tempfile.TemporaryDirectory() as build_dir:
         # a build context of its own: the sources plus the file naming the pinned model
         context = Path(build_dir)

@@ -1,12 +1,15 @@
-"""The service's ASGI middlewares: request bodies over a size limit get a 413, and /readyz
-says why no model is served."""
+"""The service's ASGI middlewares: request bodies over a size limit get a 413, /readyz says why
+no model is served, and the routes that need the API token get a 401 without it. Middlewares
+leave BentoML's own routes (/metrics, /livez, the docs) as they are."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from pipelines.api_token import authorization_problem
 
 
 class BodySizeLimit:
@@ -68,6 +71,28 @@ class ExplainNotReady:
             if why is not None:
                 response = JSONResponse({"error": f"not ready: {why}", "detail": []},
                                         status_code=503)
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+class BearerToken:
+    """Answers a request to one of ``paths`` with a 401 (and ``WWW-Authenticate: Bearer``)
+    unless it carries ``Authorization: Bearer <token>`` (pipelines.api_token); with ``token``
+    None, every request passes."""
+
+    def __init__(self, app: ASGIApp, token: str | None, paths: Collection[str]):
+        self.app, self.token, self.paths = app, token, frozenset(paths)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.token is not None and scope["type"] == "http" and \
+                scope["path"].rstrip("/") in self.paths:
+            header = dict(scope["headers"]).get(b"authorization")
+            problem = authorization_problem(
+                header.decode("latin-1") if header is not None else None, self.token)
+            if problem is not None:
+                response = JSONResponse({"error": problem, "detail": []}, status_code=401,
+                                        headers={"WWW-Authenticate": "Bearer"})
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)

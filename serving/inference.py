@@ -104,8 +104,11 @@ def prepare(request: ForecastRequest, model: ServedModel, max_series: int) -> Pr
                                f"model needs at least {info.min_history}")
         values = _representable(series.values, i, series.id, model.dtype)
         histories.append(_model_input(i, series, values, model, request.horizon))
-    timestamps = [step_times(s.start, s.freq, len(s.values), request.horizon)
-                  if s.start is not None else None for s in request.series]
+    # from the forecast's origin (the last value's time), which the forecast log keeps: a
+    # series whose times the store cannot hold is refused here, not in the log's thread
+    timestamps = [step_times(s.start, s.freq, len(s.values) - 1, request.horizon + 1,
+                             ("series", i))[1:]
+                  if s.start is not None else None for i, s in enumerate(request.series)]
     return PreparedRequest(model, [s.id for s in request.series], histories, request.horizon,
                            levels, columns, timestamps)
 
@@ -158,25 +161,32 @@ def forward(jobs: Sequence[Sequence[Item]],
 
 def render(prepared: PreparedRequest, forecasts: Forecasts) -> bytes:
     """The response JSON; a series the model could not forecast raises RequestError."""
-    info, horizon = prepared.model.info, prepared.horizon
-    keys = [f"{level:g}" for level in prepared.levels]
+    info = prepared.model.info
     entries = []
     for i, (series_id, forecast) in enumerate(zip(prepared.ids, forecasts, strict=True)):
         if isinstance(forecast, Exception):
             raise RequestError(("series", i, "values"), "model_failed",
                                f"series {series_id!r} could not be forecast: {forecast}")
-        values = forecast[:horizon].T  # (1 + levels, horizon)
-        if not np.isfinite(values).all():
+        if not np.isfinite(forecast[:prepared.horizon]).all():
             raise ModelOutputError(prepared.model, i, series_id)
-        entry = {"id": series_id, "mean": values[0].tolist(),
-                 "quantiles": {key: values[1 + c].tolist()
-                               for key, c in zip(keys, prepared.columns, strict=True)}}
+        mean, quantiles = served_forecast(prepared, forecast)
+        entry = {"id": series_id, "mean": mean, "quantiles": quantiles}
         if prepared.timestamps[i] is not None:
             entry["timestamps"] = prepared.timestamps[i]
         entries.append(entry)
     body = {"model": {"name": info.name, "version": info.version, "alias": info.alias},
             "forecasts": entries}
     return pydantic_core.to_json(body)
+
+
+def served_forecast(prepared: PreparedRequest, forecast: np.ndarray
+                    ) -> tuple[list[float], dict[str, list[float]]]:
+    """A series' forecast as /forecast answers it: the mean, and each requested level's
+    values by its key ("0.1")."""
+    values = forecast[:prepared.horizon].T  # (1 + levels, horizon)
+    return values[0].tolist(), {f"{level:g}": values[1 + c].tolist()
+                                for level, c in zip(prepared.levels, prepared.columns,
+                                                    strict=True)}
 
 
 def _model_input(i: int, series: Series, values: np.ndarray, model: ServedModel,
@@ -241,8 +251,25 @@ def _levels(requested: list[float] | None, available: list[float]
     return levels, columns
 
 
-def step_times(start: object, freq: str | None, first: int, count: int) -> list[str]:
-    """The times of ``count`` steps from step ``first`` (0: ``start``) of a series, ISO 8601."""
-    offset = pd.tseries.frequencies.to_offset(freq)
-    origin = pd.Timestamp(start) + first * offset
-    return [t.isoformat() for t in pd.date_range(origin, periods=count, freq=offset)]
+def step_times(start: object, freq: str | None, first: int, count: int,
+               loc: tuple[str | int, ...] = ()) -> list[str]:
+    """The times of ``count`` steps from step ``first`` (0: ``start``) of a series, ISO 8601;
+    RequestError naming ``loc`` (the series) when they are past what a time can hold."""
+    return [t.isoformat() for t in step_index(start, freq, first, count, loc)]
+
+
+def step_index(start: object, freq: str | None, first: int, count: int,
+               loc: tuple[str | int, ...] = ()) -> pd.DatetimeIndex:
+    """:func:`step_times` as a DatetimeIndex."""
+    try:
+        offset = pd.tseries.frequencies.to_offset(freq)
+        index = pd.date_range(pd.Timestamp(start) + first * offset, periods=count, freq=offset)
+        # the first and last times as Python holds them (years 1 to 9999), in UTC as the
+        # forecast store keeps them
+        edges = index[[0, -1]]
+        (edges if edges.tz is None else edges.tz_convert(None)).to_pydatetime()
+    except (ValueError, OverflowError):
+        raise RequestError((*loc, "start"), "timestamps_out_of_range",
+                           f"the times from start {start} every {freq} leave the years 1 to "
+                           "9999 (in UTC)") from None
+    return index

@@ -4,11 +4,22 @@
 worker writes its samples to files there and /metrics sums them over workers: counters and
 histograms add up, the served-version gauge reports the most recent value of a live worker, and
 the cache and divergence gauges the highest (1 when any worker is in that state).
+
+The live accuracy is counted as sums and counts (per model name, version and horizon bucket),
+so that PromQL divides them over any window and across workers and pods: the live MASE is
+``forecaster_live_scaled_error_total / forecaster_live_scaled_points_total``, the MAE and sMAPE
+divide by ``forecaster_live_points_total``, the coverage of a level is
+``forecaster_live_interval_hits_total / forecaster_live_interval_points_total``.
 """
 
 from __future__ import annotations
 
+import math
+from collections import defaultdict
+
 from prometheus_client import Counter, Gauge, Histogram
+
+from pipelines.forecast_store import ActualsOutcome, horizon_bucket, interval_hit, point_errors
 
 SERIES_FORECAST = Counter(
     "forecaster_series_forecast", "Series forecast, by the model version that answered",
@@ -48,7 +59,86 @@ REGISTRY_DIVERGENCE = Gauge(
     "version the registry alias names", multiprocess_mode="livemax")
 
 
+LIVE_LABELS = ("model_name", "model_version", "horizon")  # horizon: a HORIZON_BUCKETS value
+LIVE_ABS_ERROR = Counter(
+    "forecaster_live_abs_error", "Sum of |actual - mean| over the actuals that met a logged "
+    "forecast", LIVE_LABELS)
+LIVE_SCALED_ERROR = Counter(
+    "forecaster_live_scaled_error", "Sum of |actual - mean| / scale (the history's in-sample "
+    "seasonal naive MAE) over the matched points that had a scale", LIVE_LABELS)
+LIVE_SMAPE = Counter(
+    "forecaster_live_smape", "Sum of the sMAPE terms (M4, percent) of the matched points",
+    LIVE_LABELS)
+LIVE_POINTS = Counter(
+    "forecaster_live_points", "Actuals that met a logged forecast (forecast steps matched)",
+    LIVE_LABELS)
+LIVE_SCALED_POINTS = Counter(
+    "forecaster_live_scaled_points", "Matched points that had a scale: the MASE's count",
+    LIVE_LABELS)
+LIVE_INTERVAL_HITS = Counter(
+    "forecaster_live_interval_hits", "Matched points inside the central interval of `level`",
+    (*LIVE_LABELS, "level"))
+LIVE_INTERVAL_POINTS = Counter(
+    "forecaster_live_interval_points", "Matched points of forecasts with the central interval "
+    "of `level`", (*LIVE_LABELS, "level"))
+ACTUALS_RECEIVED = Counter(
+    "forecaster_actuals_received", "Observations stored by POST /actuals (new or not)")
+ACTUALS_MATCHED = Counter(
+    "forecaster_actuals_matched", "Observations posted that met at least one logged forecast")
+FORECAST_LOG_DROPPED = Counter(
+    "forecaster_forecast_log_dropped", "Forecast log rows (forecast steps) not written, the "
+    "forecast itself answered: queue_full (the worker's queue was full), store_unavailable "
+    "(the store was down), error", ["reason"])
+# prometheus_client cannot remove a child in multiprocess mode (its samples stay in the
+# worker's file): the version no longer served is set to NaN, which no alert comparison passes
+BACKTEST_MASE = Gauge(
+    "forecaster_backtest_mase", "Backtest MASE of the served version (its registry tag); NaN "
+    "for a version no longer served", ["model_name", "model_version"],
+    multiprocess_mode="livemostrecent")
+ACCURACY_ALERT_FACTOR = Gauge(
+    "forecaster_accuracy_alert_factor", "ForecastAccuracyDegraded fires when the live MASE "
+    "exceeds this many times the backtest MASE", multiprocess_mode="livemax")
+ACCURACY_ALERT_MIN_POINTS = Gauge(
+    "forecaster_accuracy_alert_min_points", "ForecastAccuracyDegraded needs at least this many "
+    "matched points over its window", multiprocess_mode="livemax")
+_backtest_shown: list[tuple[str, str]] = []  # the labels BACKTEST_MASE was last set for
+
+
 def observe_forward(model_version: int, series: int, seconds: float) -> None:
     BATCH_SIZE.observe(series)
     FORWARD_SECONDS.observe(seconds)
     SERIES_FORECAST.labels(model_version=str(model_version)).inc(series)
+
+
+def show_backtest_mase(model_name: str, model_version: int, mase: float | None) -> None:
+    """The served version's backtest MASE (None: not recorded); the previous version's, NaN."""
+    labels = (model_name, str(model_version))
+    for old in _backtest_shown:
+        if old != labels:
+            BACKTEST_MASE.labels(*old).set(math.nan)
+    _backtest_shown[:] = []
+    if mase is not None:
+        BACKTEST_MASE.labels(*labels).set(mase)
+        _backtest_shown.append(labels)
+
+
+def observe_actuals(outcome: ActualsOutcome) -> None:
+    """Count the posted actuals, and each new (forecast, actual) pair's error terms."""
+    ACTUALS_RECEIVED.inc(outcome.accepted)
+    ACTUALS_MATCHED.inc(outcome.matched)
+    # summed per series of samples first: one increment each, not one per point
+    increments: dict[tuple[Counter, tuple[str, ...]], float] = defaultdict(float)
+    for match in outcome.new_matches:
+        labels = (match.model_name, str(match.model_version), horizon_bucket(match.step))
+        errors = point_errors(match.actual, match.mean, match.scale)
+        increments[LIVE_ABS_ERROR, labels] += errors.abs_error
+        increments[LIVE_SMAPE, labels] += errors.smape
+        increments[LIVE_POINTS, labels] += 1
+        if errors.scaled_error is not None:
+            increments[LIVE_SCALED_ERROR, labels] += errors.scaled_error
+            increments[LIVE_SCALED_POINTS, labels] += 1
+        for level, hit in interval_hit(match.actual, match.quantiles).items():
+            increments[LIVE_INTERVAL_HITS, (*labels, level)] += hit
+            increments[LIVE_INTERVAL_POINTS, (*labels, level)] += 1
+    for (counter, labels), amount in increments.items():
+        counter.labels(*labels).inc(amount)

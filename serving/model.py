@@ -46,6 +46,7 @@ from forecaster.estimators import Explanation, explains
 from pipelines import signing
 from pipelines.backtest import METRICS
 from pipelines.candidates import min_history as min_history_of
+from pipelines.config import season_length_of
 from pipelines.forecasts import POINT, quantile_column
 from pipelines.pyfunc_model import NEURAL, ForecasterModel, forecast_history
 from pipelines.registry import TAG_CANDIDATE, TAG_MODEL_CLASS, tag_number
@@ -122,22 +123,27 @@ class VersionMeta:
     tags: dict[str, str]
     run_id: str | None
     trained_at: datetime | None
+    # the race's season length (its run's param), when the race recorded one: the backtest's
+    # MASE scaled by it, and so does the live MASE (serving.forecast_log)
+    season_length: int | None = None
 
     @classmethod
     def of(cls, client: MlflowClient, version: ModelVersion) -> VersionMeta:
         return cls(version.name, int(version.version), dict(version.tags), version.run_id,
-                   _trained_at(client, version))
+                   *_run_facts(client, version))
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "version": self.version, "tags": self.tags,
                 "run_id": self.run_id,
-                "trained_at": self.trained_at.isoformat() if self.trained_at else None}
+                "trained_at": self.trained_at.isoformat() if self.trained_at else None,
+                "season_length": self.season_length}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> VersionMeta:
         trained_at = data.get("trained_at")
         return cls(data["name"], int(data["version"]), dict(data["tags"]), data.get("run_id"),
-                   datetime.fromisoformat(trained_at) if trained_at else None)
+                   datetime.fromisoformat(trained_at) if trained_at else None,
+                   data.get("season_length"))
 
 
 def why_missing(client: MlflowClient, name: str, alias: str) -> str:
@@ -235,9 +241,9 @@ def served_model(pyfunc: mlflow.pyfunc.PyFuncModel, meta: VersionMeta, alias: st
             candidate=tags.get(TAG_CANDIDATE, ""), horizon=wrapper.horizon, quantiles=levels,
             min_history=min_history, covariates=wrapper.known_future, static=wrapper.static,
             frequency=wrapper.frequency, explains=explain is not None,
+            season_length=meta.season_length or season_length_of(wrapper.frequency),
             trained_at=meta.trained_at, run_id=meta.run_id,
-            metrics={m: value for m in METRICS
-                     if math.isfinite(value := tag_number(tags.get(m)))},
+            metrics=backtest_metrics(tags),
             loaded_at=datetime.now(timezone.utc), source=source),
         predict=predict, dtype=dtype, explain=explain)
     check_and_warm_up(model, sorted({min(b, warmup_batch) for b in batches}))
@@ -245,6 +251,11 @@ def served_model(pyfunc: mlflow.pyfunc.PyFuncModel, meta: VersionMeta, alias: st
         model = dataclasses.replace(model, info=model.info.model_copy(
             update={"refit_cost": measure_refit_cost(model, refit_threads)}))
     return model
+
+
+def backtest_metrics(tags: dict[str, str]) -> dict[str, float]:
+    """The backtest metrics a race recorded on a version, from its tags (those it has)."""
+    return {m: value for m in METRICS if math.isfinite(value := tag_number(tags.get(m)))}
 
 
 def load_bento_model(tag: str, warmup_batch: int = max(WARMUP_BATCHES), refit_threads: int = 1
@@ -257,7 +268,7 @@ def load_bento_model(tag: str, warmup_batch: int = max(WARMUP_BATCHES), refit_th
     trained_at = datetime.fromisoformat(meta["trained_at"]) if meta.get("trained_at") else None
     return served_model(bentoml.mlflow.load_model(stored),
                         VersionMeta(meta["name"], int(meta["version"]), meta["tags"],
-                                    meta.get("run_id"), trained_at),
+                                    meta.get("run_id"), trained_at, meta.get("season_length")),
                         meta["alias"], warmup_batch, refit_threads, source="bento")
 
 
@@ -368,13 +379,20 @@ def _baseline_predict(wrapper: ForecasterModel) -> Callable[[list[np.ndarray]], 
     return predict
 
 
-def _trained_at(client: MlflowClient, version: ModelVersion) -> datetime | None:
-    """When the version's run finished (its registration time if the run is gone)."""
-    millis = version.creation_timestamp
+def _run_facts(client: MlflowClient, version: ModelVersion) -> tuple[datetime | None,
+                                                                     int | None]:
+    """When the version's run finished (its registration time if the run is gone), and the
+    season length the race logged on it (None: not recorded)."""
+    millis, season = version.creation_timestamp, None
     if version.run_id:
         try:
-            millis = client.get_run(version.run_id).info.end_time or millis
+            run = client.get_run(version.run_id)
         except MlflowException:
             logger.warning("run %s of %s v%s is gone", version.run_id, version.name,
                            version.version)
-    return datetime.fromtimestamp(millis / 1000, tz=timezone.utc) if millis else None
+        else:
+            millis = run.info.end_time or millis
+            recorded = run.data.params.get("season_length")
+            season = int(recorded) if recorded and recorded.isdigit() else None
+    return (datetime.fromtimestamp(millis / 1000, tz=timezone.utc) if millis else None,
+            season)

@@ -1,5 +1,6 @@
 """The HTTP API's request and response bodies (pydantic): what the OpenAPI schema publishes.
-POST /explain takes the body of POST /forecast.
+POST /explain takes the body of POST /forecast; POST /actuals the observed values, which
+GET /accuracy compares with the forecasts served.
 
 Checks that need no model live here (strict types: "7" is not a horizon nor ``true`` a value;
 finite numbers, non-empty series, unique ids, a positive horizon); checks against the served
@@ -19,9 +20,10 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    field_validator,
     model_validator,
 )
+
+from pipelines.forecast_store import VersionAccuracy
 
 # JSON has no NaN or infinity, but Python's parsers accept the literals; refuse them here
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
@@ -31,6 +33,30 @@ def _strictly_inside(level: float) -> float:
     if level in (0.0, 1.0):
         raise ValueError("a quantile level lies strictly between 0 and 1")
     return level
+
+
+def _pandas_frequency(freq: str) -> str:
+    try:
+        pd.tseries.frequencies.to_offset(freq)
+    except ValueError:
+        raise ValueError(f"{freq!r} is not a pandas frequency (e.g. 'h', 'D', "
+                         "'15min')") from None
+    return freq
+
+
+Frequency = Annotated[str, AfterValidator(_pandas_frequency),
+                      Field(description="pandas frequency, e.g. 'h' or '15min'")]
+# no NUL: PostgreSQL's text cannot hold one, and the forecast store keeps the ids
+SeriesId = Annotated[str, Field(min_length=1, max_length=256, pattern=r"^[^\x00]*$",
+                                description="the series' name, echoed back")]
+
+
+def _unique_ids(series: list[BaseModel]) -> list[BaseModel]:
+    counts = Counter(s.id for s in series)
+    repeated = sorted(name for name, count in counts.items() if count > 1)
+    if repeated:
+        raise ValueError(f"series ids must be unique; repeated: {repeated}")
+    return series
 
 
 # BentoML publishes OpenAPI 3.0, whose exclusive bounds are flags, not numbers: the bounds
@@ -44,28 +70,17 @@ class Series(BaseModel):
     # strict: JSON's types as they are, no string or boolean taken for a number
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    id: str = Field(min_length=1, max_length=256, description="the series' name, echoed back")
+    id: SeriesId
     values: list[FiniteFloat] = Field(min_length=1, description="the history, oldest first")
     start: datetime | date | None = Field(
         default=None, description="time of the first value: an ISO 8601 date or date-time")
-    freq: str | None = Field(default=None, description="pandas frequency, e.g. 'h' or '15min'")
+    freq: Frequency | None = None
     covariates: dict[str, list[FiniteFloat]] | None = Field(
         default=None, description="known-future covariates by name (GET /model lists those "
         "the model takes): len(values) + horizon values each, the history's then the steps "
         "ahead")
     static: dict[str, FiniteFloat] | None = Field(
         default=None, description="static covariates by name: one value per series")
-
-    @field_validator("freq")
-    @classmethod
-    def _pandas_frequency(cls, freq: str | None) -> str | None:
-        if freq is not None:
-            try:
-                pd.tseries.frequencies.to_offset(freq)
-            except ValueError:
-                raise ValueError(f"{freq!r} is not a pandas frequency (e.g. 'h', 'D', "
-                                 "'15min')") from None
-        return freq
 
     @model_validator(mode="after")
     def _start_with_freq(self) -> Series:
@@ -79,19 +94,59 @@ class ForecastRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    series: list[Series] = Field(min_length=1, description="one or more series")
+    series: Annotated[list[Series], AfterValidator(_unique_ids)] = Field(
+        min_length=1, description="one or more series")
     horizon: int = Field(ge=1, description="steps ahead, at most the model's horizon")
     quantiles: list[QuantileLevel] | None = Field(
         default=None, description="levels among the model's (GET /model); default: all")
 
-    @field_validator("series")
-    @classmethod
-    def _unique_ids(cls, series: list[Series]) -> list[Series]:
-        counts = Counter(s.id for s in series)
-        repeated = sorted(name for name, count in counts.items() if count > 1)
-        if repeated:
-            raise ValueError(f"series ids must be unique; repeated: {repeated}")
-        return series
+
+class ActualSeries(BaseModel):
+    """One series' observed values, oldest first, at the times ``start`` and ``freq`` give."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    id: SeriesId
+    values: list[FiniteFloat] = Field(min_length=1, description="the observations, oldest "
+                                      "first")
+    start: datetime | date = Field(
+        description="time of the first value: an ISO 8601 date or date-time")
+    freq: Frequency
+
+
+class ActualsRequest(BaseModel):
+    """Observed values of series that were (or will be) forecast: stored by (series id,
+    time), so that posting the same values again changes nothing."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    series: Annotated[list[ActualSeries], AfterValidator(_unique_ids)] = Field(
+        min_length=1, description="one or more series")
+
+
+class ActualsResponse(BaseModel):
+    accepted: int = Field(description="observations stored (new or updated), all committed")
+    matched: int = Field(description="of those, the ones at the time of a logged forecast of "
+                         "their series")
+
+
+class BacktestFigures(BaseModel):
+    """The version's backtest scores, recorded on it when the race registered it (None: not
+    recorded, or the registry did not answer)."""
+
+    mase: float | None = None
+    smape: float | None = None
+    mae: float | None = None
+
+
+class VersionReport(VersionAccuracy):
+    backtest: BacktestFigures
+
+
+class AccuracyResponse(BaseModel):
+    versions: list[VersionReport] = Field(
+        description="per model name and version: live accuracy from the logged forecasts and "
+        "the actuals posted, beside its backtest's")
 
 
 class ModelRef(BaseModel):
@@ -173,6 +228,9 @@ class ModelInfo(BaseModel):
     static: list[str] = Field(
         default_factory=list, description="static covariates each series must carry")
     frequency: str
+    season_length: int = Field(
+        description="the seasonal period of the MASE scale: the race's (its backtest's MASE), "
+        "and of the live MASE (GET /accuracy)")
     trained_at: datetime | None
     run_id: str | None
     metrics: dict[str, float] = Field(description="backtest metrics recorded at registration")

@@ -3,6 +3,9 @@
     POST /forecast   forecasts for one or more series (adaptively batched)
     POST /explain    the same body: each forecast step's attention over the input time steps,
                      for a network with attention (batched the same way; serving.explain)
+    POST /actuals    observed values: stored, and met with the forecasts logged for their
+                     times (serving.forecast_log) into the live accuracy counters
+    GET  /accuracy   the live accuracy per model version, from the store, beside the backtest's
     GET  /model      the served model: registry version, horizon, levels, backtest metrics
     GET  /readyz     200 once a model is loaded and warmed up, else 503 saying why;
                      /livez, /metrics: BentoML's
@@ -18,6 +21,11 @@ each series (an sktime baseline) runs them on a pool of threads shared fairly be
 (serving.fair_pool), and a request it would not answer within the timeout is refused before
 any work starts. A refused request is a 503 with the reason (and Retry-After when waiting
 helps), logged as one WARNING line.
+
+Each forecast with timestamps is logged to the forecast store (FORECASTER_STORE_URL; ``none``
+turns the log, /actuals and /accuracy off) by a thread of the worker, never delaying the
+answer. ``FORECASTER_API_TOKEN`` guards POST /actuals, and with ``FORECASTER_PROTECT_READS=true``
+/forecast, /explain and /accuracy too (pipelines.api_token).
 
 Run it with ``forecaster serve`` (or ``bentoml serve serving.service:Forecaster``); settings
 come from :mod:`serving.config`.
@@ -45,13 +53,16 @@ from pydantic import ConfigDict
 from starlette.responses import JSONResponse, Response
 
 from pipelines import signing
+from pipelines.api_token import NO_TOKEN_NOTE, api_token, reads_protected
 from pipelines.config import TrackingConfig
+from pipelines.forecast_store import StoreUnavailable
 from serving import metrics
 from serving.batching import batched
 from serving.config import load_serving_config
 from serving.explain import explain_forward, prepare_explanation, render_explanations
 from serving.fair_pool import FairPool
-from serving.http_limits import BodySizeLimit, ExplainNotReady
+from serving.forecast_log import ForecastLog, Served
+from serving.http_limits import BearerToken, BodySizeLimit, ExplainNotReady
 from serving.inference import (
     Item,
     ModelOutputError,
@@ -62,6 +73,14 @@ from serving.inference import (
     forward,
     prepare,
     render,
+)
+from serving.live_accuracy import (
+    STORE_OFF_MESSAGE,
+    STORE_RETRY_AFTER_S,
+    accuracy_report,
+    backtest_figures,
+    observations,
+    registry_backtest,
 )
 from serving.model import (
     Explanations,
@@ -74,6 +93,11 @@ from serving.model import (
 from serving.model_cache import ModelCache
 from serving.model_watcher import ModelWatcher, PinnedModel, new_error_id
 from serving.schemas import (
+    AccuracyResponse,
+    ActualSeries,
+    ActualsRequest,
+    ActualsResponse,
+    BacktestFigures,
     ErrorResponse,
     ExplainResponse,
     ForecastRequest,
@@ -81,6 +105,7 @@ from serving.schemas import (
     ModelInfo,
     Series,
 )
+from serving.store_access import StoreAccess
 
 logger = logging.getLogger(__name__)
 # BentoML's logging passes WARNING and above from other packages; ours say at INFO what the
@@ -117,19 +142,25 @@ class _OneLineRefusal(logging.Filter):
 logging.getLogger("bentoml._internal.server.http_app").addFilter(_OneLineRefusal())
 
 
-class ForecastInput(ForecastRequest):
-    """The request schema, counting what it refuses (malformed JSON included) by reason."""
-
-    model_config = ConfigDict(title="ForecastRequest")
+class _CountsRefusals:
+    """A request schema that counts what it refuses (malformed JSON included) by reason."""
 
     @classmethod
-    def model_validate_json(cls, json_data: Any, **kwargs: Any) -> ForecastInput:
+    def model_validate_json(cls, json_data: Any, **kwargs: Any) -> Any:
         try:
             return super().model_validate_json(json_data, **kwargs)
         except pydantic.ValidationError as error:
             for reason in {e["type"] for e in error.errors()}:
                 metrics.VALIDATION_FAILURES.labels(reason=reason).inc()
             raise
+
+
+class ForecastInput(_CountsRefusals, ForecastRequest):
+    model_config = ConfigDict(title="ForecastRequest")
+
+
+class ActualsInput(_CountsRefusals, ActualsRequest):
+    model_config = ConfigDict(title="ActualsRequest")
 
 
 @bentoml.asgi_app(ROUTES, path="/")
@@ -171,6 +202,21 @@ class Forecaster:
         # non-batchable API (its `threads` setting, default 1); batching has one batch in flight
         self._unbatched = anyio.CapacityLimiter(1)
         self._refits = FairPool(CONFIG.refit_threads)
+        if api_token() is None:
+            logger.warning("%s", NO_TOKEN_NOTE)
+        metrics.ACCURACY_ALERT_FACTOR.set(CONFIG.accuracy_alert_factor)
+        metrics.ACCURACY_ALERT_MIN_POINTS.set(CONFIG.accuracy_alert_min_points)
+        self.store = StoreAccess(CONFIG.store) if CONFIG.store else None
+        self.log: ForecastLog | None = None
+        if self.store is not None:
+            self.store.try_open()
+            self.log = ForecastLog(
+                self.store, CONFIG.forecast_log_queue_rows, CONFIG.forecast_log_batch_rows,
+                CONFIG.forecast_log_flush_seconds, max_share=CONFIG.forecast_log_max_share,
+                on_drop=lambda reason, rows:
+                metrics.FORECAST_LOG_DROPPED.labels(reason=reason).inc(rows))
+            self.log.start()
+        self._backtests: dict[tuple[str, str], BacktestFigures] = {}  # of versions not served
 
     def __is_ready__(self) -> bool:
         return self.watcher.current is not None
@@ -178,6 +224,10 @@ class Forecaster:
     @bentoml.on_shutdown
     def stop_watching(self) -> None:
         self.watcher.stop()
+        if self.log is not None:
+            self.log.stop()
+        if self.store is not None:
+            self.store.close()
 
     @bentoml.api(route="/forecast", input_spec=ForecastInput, output_spec=ForecastResponse)
     async def forecast(self, series: list[Series], horizon: int,
@@ -191,7 +241,11 @@ class Forecaster:
 
         async def answer() -> bytes:
             prepared = prepare(request, model, CONFIG.max_series_per_request)
-            return render(prepared, await self._forecasts(prepared))
+            forecasts = await self._forecasts(prepared)
+            body = render(prepared, forecasts)
+            if self.log is not None:  # the rows are made and written by the log's thread
+                self.log.submit(Served(request, prepared, forecasts))
+            return body
 
         return await _respond(model, len(series), answer)
 
@@ -217,6 +271,67 @@ class Forecaster:
             return render_explanations(request, prepared, explanations)
 
         return await _respond(model, len(series), answer)
+
+    @bentoml.api(route="/actuals", input_spec=ActualsInput, output_spec=ActualsResponse)
+    async def actuals(self, series: list[ActualSeries]) -> Response:
+        """Store observed values by (series id, time): posting the same ones again changes
+        nothing, a new value replaces the old. Each value at the time of a forecast this
+        service logged adds to the live accuracy (GET /accuracy, and the counters on /metrics).
+        A 200 means the values are committed; 503 with Retry-After while the store is down
+        (nothing is written); 401 without the API token when one is set."""
+        if self.store is None:
+            return _store_off()
+        try:
+            points = observations(series)
+        except RequestError as error:
+            metrics.VALIDATION_FAILURES.labels(reason=error.reason).inc()
+            return JSONResponse(error.body(), status_code=400)
+        try:
+            outcome = await anyio.to_thread.run_sync(
+                lambda: self.store.get().upsert_actuals(points))
+        except StoreUnavailable as error:
+            return _store_unavailable(error, "no actuals were written")
+        metrics.observe_actuals(outcome)
+        return JSONResponse({"accepted": outcome.accepted, "matched": outcome.matched})
+
+    @ROUTES.get("/accuracy", response_model=AccuracyResponse, summary="Live accuracy",
+                responses={503: {"model": ErrorResponse,
+                                 "description": "the store is off or unavailable"}})
+    async def accuracy(self, model_version: str | None = None, model_name: str | None = None
+                       ) -> Response:
+        """The live accuracy of each model version (or only of ``model_version`` and
+        ``model_name``) over the forecasts logged and the actuals posted since: MAE, MASE (each
+        error over the scale of its series' history), sMAPE (M4) and the coverage of each
+        central interval served, overall and by horizon bucket, beside the version's backtest
+        MASE, sMAPE and MAE from the registry."""
+        if self.store is None:
+            return _store_off()
+        try:
+            versions = await anyio.to_thread.run_sync(
+                lambda: self.store.get().accuracy(model_version, model_name))
+        except StoreUnavailable as error:
+            return _store_unavailable(error, "the accuracy cannot be computed")
+        backtests: dict[tuple[str, str], BacktestFigures] = {}
+        for version in versions:  # outside the event loop: the registry may be slow
+            key = (version.model_name, version.model_version)
+            if key not in backtests:
+                backtests[key] = await anyio.to_thread.run_sync(self._backtest, *key)
+        report = accuracy_report(versions, backtests)
+        return Response(report.model_dump_json(), media_type="application/json")
+
+    def _backtest(self, name: str, version: str) -> BacktestFigures:
+        """A version's backtest figures: the served model's own, else the registry's (kept)."""
+        served = self.watcher.current
+        if served is not None and (served.info.name, str(served.version)) == (name, version):
+            return backtest_figures(served.info.metrics)
+        if CONFIG.bento_model:  # an exported Bento has no registry to ask
+            return BacktestFigures()
+        if (name, version) not in self._backtests:
+            figures = registry_backtest(MlflowClient(), name, version)
+            if figures == BacktestFigures():  # not recorded, or no answer: asked again
+                return figures
+            self._backtests[name, version] = figures
+        return self._backtests[name, version]
 
     @ROUTES.get("/model", response_model=ModelInfo, summary="The served model",
                 responses={503: {"model": ErrorResponse, "description": "no model loaded yet"}})
@@ -258,6 +373,10 @@ Forecaster.add_asgi_middleware(BodySizeLimit, max_bytes=CONFIG.max_body_bytes,
                                    reason="body_too_large").inc())
 Forecaster.add_asgi_middleware(ExplainNotReady, path="/readyz",
                                reason=lambda: _why_no_model(bentoml.get_current_service()))
+# what writes needs the token, and with FORECASTER_PROTECT_READS=true what reads forecasts
+Forecaster.add_asgi_middleware(
+    BearerToken, token=api_token(),
+    paths={"/actuals", *(("/forecast", "/explain", "/accuracy") if reads_protected() else ())})
 
 
 async def _respond(model: ServedModel, n_series: int, answer: Callable[[], Awaitable[bytes]]
@@ -306,6 +425,7 @@ def _report_load(outcome: str, model: ServedModel | None) -> None:
         metrics.SERVED_VERSION.labels(model_name=model.info.name,
                                       alias=model.info.alias).set(model.version)
         metrics.SERVED_FROM_CACHE.set(int(model.info.source == "cache"))
+        metrics.show_backtest_mase(model.info.name, model.version, model.info.metrics.get("mase"))
 
 
 def _overloaded() -> None:
@@ -322,6 +442,18 @@ def _why_no_model(service: Forecaster | None) -> str | None:
         return None
     return service.watcher.last_error or \
         f"{CONFIG.model_name}@{CONFIG.model_alias} is loading"
+
+
+def _store_off() -> Response:
+    return JSONResponse({"error": STORE_OFF_MESSAGE, "detail": []}, status_code=503)
+
+
+def _store_unavailable(error: StoreUnavailable, consequence: str) -> Response:
+    """A 503 saying the store is down and what follows (its URL is in the log only)."""
+    logger.warning("503: %s: %s", consequence, error)
+    return JSONResponse({"error": f"the forecast store is unavailable: {consequence}; try "
+                                  "again later", "detail": []}, status_code=503,
+                        headers={"Retry-After": str(STORE_RETRY_AFTER_S)})
 
 
 def _no_model(service: Forecaster | None) -> Response:

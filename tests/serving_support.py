@@ -153,12 +153,15 @@ def serving(tracking_uri: str, log: Path, arguments: list[str], ready: str = "/r
     """``forecaster serve ARGUMENTS`` on a free loopback port of the registry at
     ``tracking_uri`` (``settings`` as in running_service, then more variables from
     ``environment``); yields its URL once ``ready`` answers 200, and for /readyz once every
-    worker has loaded its model (/readyz reaches one worker)."""
+    worker has loaded its model (/readyz reaches one worker). Its forecast store is SQLite
+    beside ``log`` unless ``store_url`` is set."""
     for attempt in range(1, PORT_ATTEMPTS + 1):
         port = _free_port()
         # a BentoML home of its own (its default model cache folder, serving.config)
         env = clean_environment(**{"MLFLOW_TRACKING_URI": tracking_uri,
                                    "BENTOML_HOME": str(log.parent / f"bentoml-home-{port}"),
+                                   f"{ENV_PREFIX}STORE_URL":
+                                       f"sqlite:///{log.parent / 'forecaster-store.db'}",
                                    **{f"{ENV_PREFIX}{name.upper()}": v
                                       for name, v in settings.items()},
                                    **(environment or {})})
@@ -198,9 +201,9 @@ def _wait_for_loads(url: str, workers: int, server: subprocess.Popen[bytes]) -> 
 
 
 def call(url: str, body: bytes | dict | None = None, method: str | None = None,
-         timeout: float = 30) -> tuple[int, dict | str]:
+         timeout: float = 30, headers: dict[str, str] | None = None) -> tuple[int, dict | str]:
     """Its status and its body, parsed when JSON: a 4xx is an answer here, not an error."""
-    status, text, _ = call_with_headers(url, body, method, timeout)
+    status, text, _ = call_with_headers(url, body, method, timeout, headers)
     try:
         return status, json.loads(text)
     except json.JSONDecodeError:
@@ -208,11 +211,14 @@ def call(url: str, body: bytes | dict | None = None, method: str | None = None,
 
 
 def call_with_headers(url: str, body: bytes | dict | None = None, method: str | None = None,
-                      timeout: float = 30) -> tuple[int, str, dict[str, str]]:
-    """Its status, its body as text and its headers (names in lower case)."""
+                      timeout: float = 30, headers: dict[str, str] | None = None
+                      ) -> tuple[int, str, dict[str, str]]:
+    """Its status, its body as text and its headers (names in lower case); ``headers``: more
+    request headers."""
     data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
     request = urllib.request.Request(url, data=data, method=method,
-                                     headers={"content-type": "application/json"})
+                                     headers={"content-type": "application/json",
+                                              **(headers or {})})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             status, text, headers = response.status, response.read().decode(), response.headers
