@@ -25,7 +25,7 @@ demo: $(STAMP)  ## race tiny models into ./mlflow.db, then serve the champion on
 test: lint  ## lint, then the whole test suite (slow end-to-end tests included): what CI runs
 	$(BIN)/python -m pytest --durations=20
 
-test-fast: lint  ## lint, then the tests not marked slow (under a minute): the edit-test loop
+test-fast: lint  ## lint, then the tests not marked slow (a few minutes): the edit-test loop
 	$(BIN)/python -m pytest -m "not slow"
 
 lint: $(STAMP)
