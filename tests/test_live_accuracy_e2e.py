@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -23,11 +22,10 @@ import pandas as pd
 import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from sklearn.metrics import mean_absolute_error
-from sqlalchemy import create_engine, text
 
 from serving.first_forecast import wait_for_ok
 from tests.conftest import postgres_database, sine_series
+from tests.live_accuracy_support import expected_accuracy, hourly_actuals, rows, wait_for
 from tests.pipeline_support import clean_mlflow_environment
 from tests.postgres_support import private_postgres
 from tests.serving_support import (
@@ -44,8 +42,6 @@ pytestmark = pytest.mark.slow
 TOKEN = "live-accuracy-e2e"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 START = datetime(2024, 5, 1)
-SEASON = 24  # the served LSTM's frequency is "h"
-LEVELS = {"0.5": ("0.25", "0.75"), "0.8": ("0.1", "0.9"), "0.9": ("0.05", "0.95")}
 FLUSH = "0.2"  # seconds between the log's writes
 
 
@@ -79,60 +75,11 @@ def histories(count: int, prefix: str = "s") -> list[dict]:
              "start": START.isoformat(), "freq": "h"} for i in range(count)]
 
 
-def rows(url: str, table: str, where: str = "TRUE") -> int:
-    engine = create_engine(url.replace("postgresql://", "postgresql+psycopg2://", 1))
-    try:
-        with engine.connect() as connection:
-            return connection.execute(text(f"SELECT count(*) FROM {table} WHERE {where}")
-                                      ).scalar_one()
-    finally:
-        engine.dispose()
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 30, what: str = "the condition"
-             ) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} did not hold within {timeout} s")
-        time.sleep(0.1)
-
-
 def scraped(url: str, name: str, **labels: str) -> float:
     text_ = urllib.request.urlopen(f"{url}/metrics", timeout=30).read().decode()
     return sum(sample.value for family in text_string_to_metric_families(text_)
                for sample in family.samples
                if sample.name == name and labels.items() <= sample.labels.items())
-
-
-def expected_accuracy(served: list[dict], sent: list[dict], actuals: dict[str, dict]) -> dict:
-    """MAE, MASE, sMAPE and coverage of the served forecasts against the actuals, computed
-    here: each matched point's error, MASE's over the in-sample seasonal naive MAE of its
-    series' history (sklearn's MAE of the history against itself a season later)."""
-    scale = {s["id"]: mean_absolute_error(s["values"][SEASON:], s["values"][:-SEASON])
-             for s in sent}
-    points = []
-    for forecast in served:
-        for step, moment in enumerate(forecast["timestamps"]):
-            actual = actuals[forecast["id"]].get(datetime.fromisoformat(moment))
-            if actual is None:
-                continue
-            mean = forecast["mean"][step]
-            points.append({"step": step + 1, "error": abs(actual - mean),
-                           "scaled": abs(actual - mean) / scale[forecast["id"]],
-                           "smape": 200 * abs(actual - mean) / (abs(actual) + abs(mean)),
-                           **{level: forecast["quantiles"][low][step] <= actual
-                              <= forecast["quantiles"][high][step]
-                              for level, (low, high) in LEVELS.items()}})
-    frame = pd.DataFrame(points)
-
-    def figures(part: pd.DataFrame) -> dict:
-        return {"points": len(part), "mae": part["error"].mean(),
-                "mase": part["scaled"].mean(), "smape": part["smape"].mean()}
-
-    return {**figures(frame), "coverage": {level: frame[level].mean() for level in LEVELS},
-            "by_horizon": [{"steps": bucket, **figures(frame[mask])} for bucket, mask in (
-                ("1", frame["step"] == 1), ("2-6", frame["step"].between(2, 6)))]}
 
 
 def assert_figures(got: dict, expected: dict) -> None:
@@ -159,10 +106,9 @@ def test_accuracy_equals_the_figures_computed_from_the_served_forecasts(
     for i, series in enumerate(sent):
         first = len(series["values"]) - 2
         values = sine_series(first + 2 + HORIZON, phase=i, level=3 + i, seed=100 + i)[first:]
-        times = [START + timedelta(hours=first + k) for k in range(len(values))]
-        actuals[series["id"]] = dict(zip(times, values.tolist(), strict=True))
-        posted.append({"id": series["id"], "values": values.tolist(),
-                       "start": times[0].isoformat(), "freq": "h"})
+        actuals[series["id"]], post = hourly_actuals(series["id"],
+                                                     START + timedelta(hours=first), values)
+        posted.append(post)
     status, _, headers = call_with_headers(f"{service}/actuals", {"series": posted})
     assert (status, headers["www-authenticate"]) == (401, "Bearer")
     status, ack = call(f"{service}/actuals", {"series": posted}, headers=AUTH)

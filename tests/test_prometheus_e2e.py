@@ -3,7 +3,11 @@
 ``forecaster serve``, a real ``forecaster schedule`` that trains once at start, and a
 Pushgateway the scheduler pushes to. After some traffic, Prometheus's query API must answer
 the questions the dashboard and the alerts ask: request rate, latency quantiles, batch sizes,
-the served version, the last successful training, every target up, every rule loaded.
+the served version, the last successful training, every target up, every rule loaded. Then
+forecasts with timestamps and their actuals: the live MAE, MASE, sMAPE and coverage from the
+service's counters, per version and horizon bucket, equal the figures computed in the test,
+and ForecastAccuracyDegraded stays inactive on the first round of actuals and goes pending on
+a drifted second.
 
 prometheus and prometheus-pushgateway come from Debian's packages, which .ci/run installs;
 without them the test fails, never skips, with the command that installs them
@@ -25,14 +29,18 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from mlflow import MlflowClient
 
 from serving.first_forecast import wait_for_ok
 from tests.conftest import _free_port
+from tests.live_accuracy_support import expected_accuracy, hourly_actuals, rows
 from tests.monitoring_support import require_binaries
 from tests.pipeline_support import LSTM, SNAIVE, clean_mlflow_environment, race_config
 from tests.serving_support import (
@@ -64,6 +72,8 @@ class Stack:
     champion: int  # the service registry's champion version
     panel: pd.DataFrame
     logs: dict[str, Path]
+    store: str  # the service's forecast store (SQLite, the default kind)
+    registry: MlflowClient  # the service's
 
     def tails(self) -> str:
         """The end of every process's log, for a failure message."""
@@ -139,7 +149,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Iterator[
         # the LSTM is its own baseline floor: the champion served is a network
         service_config, result, panel = race(tmp / "service", data_dir, [LSTM],
                                              selection={"baseline": LSTM["name"]})
-        service = processes.enter_context(running_service(service_config, logs["service"]))
+        store = f"sqlite:///{tmp / 'forecaster-store.db'}"
+        service = processes.enter_context(running_service(service_config, logs["service"],
+                                                          store_url=store))
         ports["service:3000"] = urllib.parse.urlsplit(service).port
 
         # last, once every target's port is known; it starts in a second or two
@@ -151,7 +163,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Iterator[
         wait_for(f"http://{pushgateway}/-/ready", gateway.poll, logs["pushgateway"])
         wait_for(f"{prometheus}/-/ready", server.poll, logs["prometheus"])
         assert scheduler.poll() is None, logs["scheduler"].read_text(errors="replace")
-        yield Stack(prometheus, service, result.champion_version, panel, logs)
+        yield Stack(prometheus, service, result.champion_version, panel, logs, store,
+                    MlflowClient(service_config.tracking_uri, service_config.tracking_uri))
 
 
 # --- Prometheus's query API ---------------------------------------------------------------------
@@ -327,3 +340,176 @@ def test_last_successful_training_from_trainer_and_pushgateway(stack: Stack) -> 
     # the scheduler's race registered version 1 in its own store, and made it champion
     poll(stack, "forecaster_champion_version",
          lambda samples: by_job(samples) == dict.fromkeys(jobs, 1.0))
+
+
+# --- live accuracy ------------------------------------------------------------------------------
+
+LIVE_HORIZON = 24  # the race's: every step from bucket "1" to "7-24"
+LIVE_START = datetime(2024, 5, 1)  # of the histories sent with timestamps
+# the second round's actuals drift: shifted up by this many times the range of their history,
+# so that their MASE is far above any backtest's
+DRIFT = 100
+SAMPLES_BEFORE_SECOND_ROUND = 5  # scrapes of the first round's counters (see live)
+ACCURACY_ALERT = "ForecastAccuracyDegraded"
+
+
+@dataclass
+class Live:
+    """The live accuracy of the served version, computed in the test: over every matched
+    point, and over the second round of actuals alone; when Prometheus had scraped each
+    round, and the alert as evaluated on the first round alone."""
+
+    version: str
+    expected: dict  # tests.live_accuracy_support.expected_accuracy
+    second: dict
+    first_seen: float  # Unix times
+    seen: float
+    first_rule: dict  # ACCURACY_ALERT in /api/v1/rules
+
+
+def accuracy_rule(stack: Stack, after: float) -> dict:
+    """ACCURACY_ALERT in /api/v1/rules, once evaluated after Unix time ``after``."""
+    def fetch() -> list[dict]:
+        with urllib.request.urlopen(f"{stack.prometheus}/api/v1/rules?type=alert",
+                                    timeout=10) as response:
+            return [rule for group in json.load(response)["data"]["groups"]
+                    for rule in group["rules"] if rule["name"] == ACCURACY_ALERT]
+
+    [rule] = eventually(stack, f"{ACCURACY_ALERT} evaluated", fetch, lambda answer: (
+        pd.Timestamp(answer[0]["lastEvaluation"]).timestamp() > after))
+    return rule
+
+
+@pytest.fixture(scope="module")
+def live(stack: Stack) -> Live:
+    """Forecasts with timestamps for every series of the panel, less the last LIVE_HORIZON
+    values, which come back as their actuals (with two before each origin, which meet no
+    forecast) in two rounds of half the series each, the second drifted. A counter's series
+    appears with the value of its first increment, which increase() does not count: the first
+    round creates every series the counters will have (each bucket, each level), so that the
+    alert's increase() over 24 h counts the second round exactly. Runs after the traffic's
+    tests, whose counts these forecasts would change."""
+    full = series_of(stack.panel)
+    sent = [{"id": s["id"], "values": s["values"][:-LIVE_HORIZON],
+             "start": LIVE_START.isoformat(), "freq": "h"} for s in full]
+    status, answer = call(f"{stack.service}/forecast", {"series": sent, "horizon": LIVE_HORIZON})
+    assert status == 200, answer
+    served = answer["forecasts"]
+    eventually(stack, "the forecast log's rows", lambda: [rows(stack.store, "forecasts")],
+               lambda answer: answer == [len(sent) * LIVE_HORIZON])
+
+    half = len(sent) // 2
+    actuals: dict[str, dict] = {}
+    rounds: tuple[list[dict], list[dict]] = ([], [])
+    for i, (history, series) in enumerate(zip(sent, full, strict=True)):
+        first = len(history["values"]) - 2
+        truth = np.asarray(series["values"][first:])
+        if i >= half:
+            truth += DRIFT * np.ptp(history["values"])
+        actuals[series["id"]], post = hourly_actuals(
+            series["id"], LIVE_START + timedelta(hours=first), truth)
+        rounds[i >= half].append(post)
+    seen = []
+    for number, part in enumerate(rounds):
+        status, ack = call(f"{stack.service}/actuals", {"series": part})
+        assert (status, ack) == (200, {"accepted": len(part) * (2 + LIVE_HORIZON),
+                                       "matched": len(part) * LIVE_HORIZON}), ack
+        done = sum(map(len, rounds[: number + 1])) * LIVE_HORIZON
+        poll(stack, "sum(forecaster_live_points_total)",
+             lambda samples, done=done: value(samples) == done)
+        if number == 0:  # a few scrapes of the first round's values before the second
+            poll(stack, "min(count_over_time(forecaster_live_points_total[1m]))",
+                 lambda samples: value(samples) >= SAMPLES_BEFORE_SECOND_ROUND)
+            first_rule = accuracy_rule(stack, time.time())
+        seen.append(time.time())
+    second = {post["id"]: actuals[post["id"]] for post in rounds[1]}
+    return Live(str(stack.champion), expected_accuracy(served, sent, actuals),
+                expected_accuracy(served, sent, second), *seen, first_rule)
+
+
+def by_labels(stack: Stack, expr: str, by: tuple[str, ...], at: float | None = None
+              ) -> dict[tuple[str, ...], float]:
+    """The answer to ``expr`` by the values of its labels ``by``."""
+    return {tuple(labels[name] for name in by): number
+            for labels, number in query(stack, expr, at)}
+
+
+def assert_live_figures(stack: Stack, by: tuple[str, ...],
+                        expected: dict[tuple[str, ...], dict]) -> None:
+    """The points, MAE, MASE and sMAPE through Prometheus, grouped by the labels ``by``, as
+    ``expected`` (their values -> the figures of expected_accuracy)."""
+    group = f"sum by ({', '.join(by)})"
+    counted = by_labels(stack, f"{group} (forecaster_live_points_total)", by)
+    assert counted == {key: figures["points"] for key, figures in expected.items()}, by
+    for figure, numerator, denominator in (("mae", "abs_error", "points"),
+                                           ("mase", "scaled_error", "scaled_points"),
+                                           ("smape", "smape", "points")):
+        got = by_labels(stack, f"{group} (forecaster_live_{numerator}_total) / "
+                               f"{group} (forecaster_live_{denominator}_total)", by)
+        want = {key: figures[figure] for key, figures in expected.items()}
+        assert got == pytest.approx(want, rel=1e-9), (figure, by)
+
+
+def test_live_accuracy_through_prometheus_equals_the_figures_computed_here(
+        stack: Stack, live: Live) -> None:
+    expected, name, version = live.expected, "test-forecaster", live.version
+    points = len(series_of(stack.panel)) * LIVE_HORIZON
+    assert expected["points"] == points
+    for counter in ("points", "scaled_points"):  # every series' history has a scale
+        assert value(query(stack, f"sum(forecaster_live_{counter}_total)")) == points
+    assert_live_figures(stack, (), {(): expected})
+    assert_live_figures(stack, ("model_name", "model_version"), {(name, version): expected})
+    assert_live_figures(stack, ("model_version", "horizon"),
+                        {(version, bucket["steps"]): bucket for bucket in expected["by_horizon"]})
+    assert [bucket["steps"] for bucket in expected["by_horizon"]] == ["1", "2-6", "7-24"]
+    coverage = by_labels(stack, "sum by (model_version, level) "
+                                "(forecaster_live_interval_hits_total) / sum by (model_version, "
+                                "level) (forecaster_live_interval_points_total)",
+                         ("model_version", "level"))
+    assert coverage == pytest.approx({(version, level): share for level, share
+                                      in expected["coverage"].items()}, rel=1e-12)
+    # the served version's backtest MASE, as the race tagged it
+    tags = stack.registry.get_model_version(name, version).tags
+    assert query(stack, "forecaster_backtest_mase") == [
+        ({"__name__": "forecaster_backtest_mase", "job": SERVICE_JOB,
+          "instance": f"127.0.0.1:{urllib.parse.urlsplit(stack.service).port}",
+          "model_name": name, "model_version": version}, float(tags["mase"]))]
+
+
+def test_the_accuracy_alert_evaluates_as_the_numbers_imply(stack: Stack, live: Live) -> None:
+    by = ("model_name", "model_version")
+    group = f"sum by ({', '.join(by)})"
+    key = ("test-forecaster", live.version)
+    factor = value(query(stack, "forecaster_accuracy_alert_factor"))
+    min_points = value(query(stack, "forecaster_accuracy_alert_min_points"))
+    backtest = value(query(stack, f'forecaster_backtest_mase{{model_version="{live.version}"}}'))
+    assert (factor, min_points) == (1.3, 50)  # the service's defaults
+
+    def window(counter: str, at: float) -> dict[tuple[str, ...], float]:
+        """The counter's increase over the alert's window, at ``at``."""
+        return by_labels(stack, f"{group} (increase(forecaster_live_{counter}_total[24h]))",
+                         by, at)
+
+    # the first round alone: it created the counters' series, so no points in the window
+    assert window("points", live.first_seen) == {key: 0.0} and min_points > 0
+    assert (live.first_rule["health"], live.first_rule["state"]) == ("ok", "inactive")
+
+    # with the second: its drifted points, enough of them, their MASE far above the backtest's.
+    # increase() extrapolates each counter's rise to the window's edges, by up to 1.5 scrape
+    # intervals over the SAMPLES_BEFORE_SECOND_ROUND or more it sampled, less for a counter
+    # that rose from near zero (it stops at zero): the alert's MASE is the second round's
+    # within that, and the numbers are far from the threshold
+    second = live.second
+    scaled, scaled_points = (window(counter, live.seen)[key]
+                             for counter in ("scaled_error", "scaled_points"))
+    mase = scaled / scaled_points
+    assert mase == pytest.approx(second["mase"], rel=1.5 / SAMPLES_BEFORE_SECOND_ROUND)
+    assert second["mase"] > 2 * factor * backtest, (second["mase"], backtest)
+    assert min_points <= second["points"] <= window("points", live.seen)[key] \
+        < 2 * second["points"]
+    rule = accuracy_rule(stack, live.seen)
+    assert (rule["health"], rule.get("lastError", "")) == ("ok", "")
+    # `for: 30m`: pending for the rest of this test, never firing
+    assert rule["state"] == "pending"
+    assert [alert["labels"]["model_version"] for alert in rule["alerts"]] == [live.version]
+    assert by_labels(stack, rule["query"], by, live.seen) == {key: pytest.approx(mase)}
