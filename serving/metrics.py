@@ -19,7 +19,14 @@ from collections import defaultdict
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from pipelines.forecast_store import ActualsOutcome, horizon_bucket, interval_hit, point_errors
+from pipelines.forecast_store import (
+    HORIZON_BUCKETS,
+    ActualsOutcome,
+    horizon_bucket,
+    interval_hit,
+    interval_levels,
+    point_errors,
+)
 
 SERIES_FORECAST = Counter(
     "forecaster_series_forecast", "Series forecast, by the model version that answered",
@@ -120,6 +127,21 @@ def show_backtest_mase(model_name: str, model_version: int, mase: float | None) 
     if mase is not None:
         BACKTEST_MASE.labels(*labels).set(mase)
         _backtest_shown.append(labels)
+
+
+def start_live_series(model_name: str, model_version: int, quantiles: list[float]) -> None:
+    """The served version's live accuracy series, at 0 for every horizon bucket and interval
+    level it serves: Prometheus's ``increase()`` never counts a series' first sample, so a
+    series born holding its first matches would leave them out of the drift alert."""
+    levels = interval_levels({str(q): q for q in quantiles})
+    for bucket in HORIZON_BUCKETS:
+        labels = (model_name, str(model_version), bucket)
+        for counter in (LIVE_ABS_ERROR, LIVE_SCALED_ERROR, LIVE_SMAPE, LIVE_POINTS,
+                        LIVE_SCALED_POINTS):
+            counter.labels(*labels)
+        for level in levels:
+            LIVE_INTERVAL_HITS.labels(*labels, level)
+            LIVE_INTERVAL_POINTS.labels(*labels, level)
 
 
 def observe_actuals(outcome: ActualsOutcome) -> None:

@@ -426,6 +426,7 @@ def _report_load(outcome: str, model: ServedModel | None) -> None:
                                       alias=model.info.alias).set(model.version)
         metrics.SERVED_FROM_CACHE.set(int(model.info.source == "cache"))
         metrics.show_backtest_mase(model.info.name, model.version, model.info.metrics.get("mase"))
+        metrics.start_live_series(model.info.name, model.version, model.info.quantiles)
 
 
 def _overloaded() -> None:

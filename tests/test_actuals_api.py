@@ -23,6 +23,7 @@ from starlette.testclient import TestClient
 
 from pipelines.api_token import authorization_problem
 from pipelines.forecast_store import (
+    HORIZON_BUCKETS,
     ForecastStore,
     LoggedForecast,
     VersionAccuracy,
@@ -171,6 +172,22 @@ def test_each_new_match_adds_to_the_counters_once(tmp_path: Path) -> None:
     assert after == {(name, bucket): sample(name, **labels, horizon=bucket)
                      for name in names for bucket in ("1", "2-6", "7-24")}
     store.close()
+
+
+def test_the_served_versions_live_series_start_at_zero() -> None:
+    # Prometheus's increase() ignores a series' first sample: born at 0, none is lost
+    metrics.start_live_series("zero-model", 4, [0.05, 0.1, 0.5, 0.9, 0.95])
+    for bucket in HORIZON_BUCKETS:
+        labels = {"model_name": "zero-model", "model_version": "4", "horizon": bucket}
+        for name in ("abs_error", "scaled_error", "smape", "points", "scaled_points"):
+            assert REGISTRY.get_sample_value(f"forecaster_live_{name}_total", labels) == 0.0
+        for level in ("0.8", "0.9"):
+            for name in ("interval_hits", "interval_points"):
+                assert REGISTRY.get_sample_value(f"forecaster_live_{name}_total",
+                                                 {**labels, "level": level}) == 0.0
+        # the median bounds no interval
+        assert REGISTRY.get_sample_value("forecaster_live_interval_points_total",
+                                         {**labels, "level": "0"}) is None
 
 
 def test_the_backtest_gauge_follows_the_served_version() -> None:
