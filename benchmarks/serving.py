@@ -17,10 +17,11 @@ network's forward pass at batch 64, the baseline's refits one after another).
 
 With ``--log-store URL`` it measures the forecast log instead (serving.forecast_log): the
 service with batching on, each request's series carrying ``start`` and ``freq``, with the log
-off (FORECASTER_STORE_URL=none) and on (into the store at URL, an existing database), at
-``--clients`` clients; with the log on, the rows it wrote and dropped per second, and then the
-ingestion rate of POST /actuals into that store (ACTUALS_CLIENTS clients posting
-ACTUALS_SERIES new series of ACTUALS_POINTS values each).
+off (FORECASTER_STORE_URL=none) and on (into the store at URL, an existing database) at each
+of LOG_SHARES, at ``--clients`` clients; with the log on, its queues small (LOG_QUEUE_ROWS) so
+that they are full in the measured window, the rows it wrote and dropped per second of that
+window and the share of them it kept, and then the ingestion rate of POST /actuals into that
+store (ACTUALS_CLIENTS clients posting ACTUALS_SERIES new series of ACTUALS_POINTS values each).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 import uuid
@@ -64,9 +66,19 @@ PEERS = [("lstm-step", "batching on"), ("lstm-step", "batching off"), ("lstm-ste
          ("lstm-segmented", "batching on"), ("lstm-segmented", "batching off"),
          ("snaive", "batching on")]
 BIG_REQUEST = 64  # series per request of the baseline's single-client run
-LOG_SERVERS = ("log off", "log on")  # --log-store: the service, batching on, either way
+# --log-store: the service, batching on, with the log off, then on at each share of the time
+# its thread may write (FORECASTER_FORECAST_LOG_MAX_SHARE; the default first)
+LOG_SHARES = {"log on 5%": 0.05, "log on 10%": 0.10}
+LOG_SERVERS = ("log off", *LOG_SHARES)
+# while the log is on, each worker's queue holds one batch, so that it fills within the
+# warm-up and the run measures the steady state (the default queue, 200,000 rows, would absorb
+# a whole run's surplus and show nothing dropped); batches of 1,000 rows, not the default
+# 5,000: the thread writes one, then rests (1 - share) / share as long, and a 10 s window
+# must see many such cycles, not one or two, for its rate to be the steady one
+LOG_QUEUE_ROWS = LOG_BATCH_ROWS = 1_000
 ACTUALS_CLIENTS, ACTUALS_SERIES, ACTUALS_POINTS = 8, 10, 100  # the /actuals ingestion load
 START = "2024-01-01T00:00:00"  # of each series sent in the log's runs
+WARMUP_S = 2.0  # of each load, before its measured window
 
 
 def free_port() -> int:
@@ -151,6 +163,11 @@ def dropped_rows(url: str) -> float:
                if sample.name == "forecaster_forecast_log_dropped_total")
 
 
+def record_log_counts(into: list[tuple[int, float, float]], store_url: str, url: str) -> None:
+    """Append the rows the log has written and dropped so far, and the time."""
+    into.append((logged_rows(store_url), dropped_rows(url), time.perf_counter()))
+
+
 def mlflow_body(history: np.ndarray) -> bytes:
     # the registered signature's timestamps are integers, as the M4 loader gives them
     frame = pd.DataFrame({"series_id": "H1", "timestamp": np.arange(len(history)),
@@ -160,7 +177,8 @@ def mlflow_body(history: np.ndarray) -> bytes:
 
 
 def start_server(server: str, port: int, env: dict[str, str], name: str, model: str,
-                 version: int, log: Path, store_url: str = "none") -> subprocess.Popen:
+                 version: int, log: Path, store_url: str = "none",
+                 log_share: float | None = None) -> subprocess.Popen:
     full_env = {**os.environ, **env, "OMP_NUM_THREADS": "1",
                 # mlflow models serve runs `uvicorn` from PATH: this environment's
                 "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
@@ -174,6 +192,10 @@ def start_server(server: str, port: int, env: dict[str, str], name: str, model: 
                      "FORECASTER_WORKERS": "2",
                      "FORECASTER_BATCHING": str(server != "batching off").lower(),
                      "FORECASTER_STORE_URL": store_url}
+        if log_share is not None:
+            full_env |= {"FORECASTER_FORECAST_LOG_MAX_SHARE": str(log_share),
+                         "FORECASTER_FORECAST_LOG_QUEUE_ROWS": str(LOG_QUEUE_ROWS),
+                         "FORECASTER_FORECAST_LOG_BATCH_ROWS": str(LOG_BATCH_ROWS)}
         command = [sys.executable, "-m", "cli.main", "serve", "--host", "127.0.0.1",
                    "--port", str(port)]
     with log.open("wb") as output:
@@ -197,7 +219,8 @@ def main() -> None:
     logs = args.store / "logs"
     logs.mkdir(exist_ok=True)
     results: dict[tuple[str, str, int, int], list[LoadResult]] = {}
-    log_rates: dict[str, list[tuple[float, float]]] = {}  # model -> (written, dropped) rows/s
+    # (model, server) -> (written, dropped) rows/s of each repeat
+    log_rates: dict[tuple[str, str], list[tuple[float, float]]] = {}
     ingestion: list[LoadResult] = []
     if args.log_store:
         logged_rows(args.log_store)  # migrated before any service opens it
@@ -209,9 +232,10 @@ def main() -> None:
     for repeat, model, server in tqdm(runs, desc="serving benchmark"):
         port = free_port()
         log = logs / f"{model}-{server.replace(' ', '-')}-{repeat}.log"
-        log_on = server == "log on"
+        log_on = server in LOG_SHARES
         process = start_server(server, port, env, name, model, versions[model], log,
-                               store_url=args.log_store if log_on else "none")
+                               store_url=args.log_store if log_on else "none",
+                               log_share=LOG_SHARES.get(server))
         url = f"http://127.0.0.1:{port}"
         try:
             loads = [(args.clients, 1)] if args.log_store else \
@@ -225,21 +249,26 @@ def main() -> None:
                 bodies = {n: service_body(history, n, timestamps=bool(args.log_store))
                           for _, n in loads}
             for clients, series in loads:
-                if log_on:
-                    before, started = (logged_rows(args.log_store), dropped_rows(url)), \
-                        time.perf_counter()
-                result = run_load(endpoint, bodies[series], clients, args.seconds)
+                if log_on:  # the counts when the measured window opens, after the warm-up
+                    before: list[tuple[int, float, float]] = []
+                    timer = threading.Timer(WARMUP_S, record_log_counts,
+                                            (before, args.log_store, url))
+                    timer.start()
+                result = run_load(endpoint, bodies[series], clients, args.seconds,
+                                  warmup=WARMUP_S)
                 results.setdefault((model, server, clients, series), []).append(result)
                 tqdm.write(f"{model:>14} {server:>12} {clients:>3} clients x {series:>3} "
                            f"series: {result.throughput * series:7.1f} series/s, p50 "
                            f"{result.percentile(50):6.1f} ms, p99 {result.percentile(99):6.1f} "
                            f"ms, failures {dict(result.failures)}")
                 if log_on:
+                    timer.join()
+                    written, dropped, started = before[0]
                     elapsed = time.perf_counter() - started
-                    log_rates.setdefault(model, []).append(
-                        ((logged_rows(args.log_store) - before[0]) / elapsed,
-                         (dropped_rows(url) - before[1]) / elapsed))
-            if log_on:
+                    log_rates.setdefault((model, server), []).append(
+                        ((logged_rows(args.log_store) - written) / elapsed,
+                         (dropped_rows(url) - dropped) / elapsed))
+            if server == LOG_SERVERS[1]:
                 ingestion.append(run_load(f"{url}/actuals", actuals_bodies(), ACTUALS_CLIENTS,
                                           args.seconds))
                 tqdm.write(f"/actuals: {ingestion[-1].throughput * points_per_post():.0f} "
@@ -259,14 +288,16 @@ def points_per_post() -> int:
 
 
 def log_table(results: dict[tuple[str, str, int, int], list[LoadResult]],
-              log_rates: dict[str, list[tuple[float, float]]], ingestion: list[LoadResult],
+              log_rates: dict[tuple[str, str], list[tuple[float, float]]],
+              ingestion: list[LoadResult],
               clients: int, repeats: int) -> str:
     def rates(model: str, server: str) -> np.ndarray:
         return np.array([r.throughput for r in results[(model, server, clients, 1)]])
 
     rows = []
     for (model, server, _, _), runs in results.items():
-        logged = server == "log on"
+        logged = server in LOG_SHARES
+        written, dropped = np.array(log_rates.get((model, server), [(np.nan, np.nan)])).T
         rows.append({
             "model": model, "server": server, "clients": clients,
             "series/s": np.median(rates(model, server)),
@@ -276,11 +307,14 @@ def log_table(results: dict[tuple[str, str, int, int], list[LoadResult]],
             # each repeat's ratio to the log off measured just before it, then their median
             "x log off": np.median(rates(model, server) / rates(model, "log off")),
             "rows offered/s": np.median(rates(model, server)) * HORIZON if logged else np.nan,
-            "rows written/s": np.median([w for w, _ in log_rates[model]]) if logged else np.nan,
-            "rows dropped/s": np.median([d for _, d in log_rates[model]]) if logged else np.nan,
+            "rows written/s": np.median(written),
+            "rows dropped/s": np.median(dropped),
+            # of the rows the log received in the window: the share it wrote (steady state)
+            "kept %": np.median(100 * written / (written + dropped)),
         })
     forecast_table = pd.DataFrame(rows).to_markdown(
-        index=False, floatfmt=("", "", "", ".1f", ".1f", ".1f", "", ".2f", ".0f", ".0f", ".0f"))
+        index=False,
+        floatfmt=("", "", "", ".1f", ".1f", ".1f", "", ".2f", ".0f", ".0f", ".0f", ".1f"))
     actuals_table = pd.DataFrame([{
         "endpoint": "POST /actuals", "clients": ACTUALS_CLIENTS,
         "points/request": points_per_post(),
@@ -292,9 +326,12 @@ def log_table(results: dict[tuple[str, str, int, int], list[LoadResult]],
     note = (f"medians over {repeats} repeats of {clients} closed-loop clients posting one series "
             f"of {INPUT} values with start and freq, horizon {HORIZON} (a row per step); x log "
             "off: the median over repeats of the throughput over the log off's in the same "
-            "repeat; rows offered: a row per step of each series answered; written and dropped "
-            "per second of the run (warm-up included). /actuals: new series each "
-            "request, into the same store, after the forecasts")
+            "repeat; rows offered: a row per step of each series answered; log on N%: its thread "
+            f"writes at most N% of the time, each worker's queue {LOG_QUEUE_ROWS} rows (full "
+            f"after the warm-up: the steady state), batches of {LOG_BATCH_ROWS}; written and "
+            "dropped per second of the measured window; kept: written over written plus "
+            "dropped. /actuals: new series each request, into the same store, after the first "
+            "log-on run")
     return f"{forecast_table}\n\n{actuals_table}\n\n{note}"
 
 

@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 from alembic.script import ScriptDirectory
 from sktime.performance_metrics.forecasting import mean_absolute_error
-from sqlalchemy import inspect, text
+from sqlalchemy import func, inspect, select, text
 
 from forecaster.data import SERIES, TARGET, TIME
 from pipelines.config import ConfigError, RaceConfig, parse_config
@@ -32,6 +32,7 @@ from pipelines.forecast_store import (
     Match,
     Observation,
     StoreUnavailable,
+    forecasts,
     horizon_bucket,
     interval_hit,
     interval_levels,
@@ -178,6 +179,65 @@ def test_an_aware_timestamp_is_stored_in_utc(store: ForecastStore) -> None:
     plus_two = timezone(timedelta(hours=2))
     store.upsert_actuals([Observation("a", hour(3).replace(tzinfo=plus_two), 1.0)])
     assert list(store.read_panel()[TIME]) == [hour(1)]
+
+
+# what the COPY text format escapes or the %-template could mistake, and unicode
+AWKWARD = ("a,b", 'say "hi"', "tab\there", "back\\slash\\N", "new\nline\r", "100%s %d",
+           "ünï €😀", "\\N", "")
+
+
+def awkward_rows() -> list[LoggedForecast]:
+    """Many rows (a few thousand) of awkward series ids, quantile keys, times and numbers."""
+    rng = np.random.default_rng(7)
+    plus_two = timezone(timedelta(hours=2))
+    rows = []
+    for i in range(300):
+        series = f"{AWKWARD[i % len(AWKWARD)]}-{i}"
+        origin = ORIGIN.replace(tzinfo=plus_two) if i % 3 == 0 else pd.Timestamp(ORIGIN)
+        keys = ("0.1", "0.9") if i % 2 else ("0.05", 'q"\\%\t', "0.95")
+        for step in range(1, 13):
+            mean = [float(rng.normal()), 1e-300, -1e308, 0.1][step % 4]
+            rows.append(LoggedForecast(
+                AWKWARD[i % len(AWKWARD)] or "m", f"{i % 4}", series, origin, step,
+                origin + timedelta(hours=step, microseconds=i), np.float64(mean),
+                {key: float(rng.normal()) for key in keys}, None if i % 5 == 0 else 1 / 3))
+    return rows
+
+
+def test_written_forecasts_read_back_exactly(store: ForecastStore) -> None:
+    # on PostgreSQL by COPY, on SQLite by INSERT: either reads back what was written
+    rows = awkward_rows()
+    store.write_forecasts(rows[:1000])
+    store.write_forecasts(rows[1000:])
+    with store.engine.connect() as connection:
+        stored = connection.execute(select(
+            forecasts.c.model_name, forecasts.c.model_version, forecasts.c.series_id,
+            forecasts.c.origin, forecasts.c.step, forecasts.c.timestamp, forecasts.c.mean,
+            forecasts.c.quantiles, forecasts.c.scale).order_by(forecasts.c.id)).all()
+
+    def utc(moment: datetime) -> datetime:
+        moment = pd.Timestamp(moment)
+        return (moment.tz_convert(None) if moment.tzinfo else moment).to_pydatetime()
+
+    assert [tuple(row) for row in stored] == [
+        (r.model_name, r.model_version, r.series_id, utc(r.origin), r.step, utc(r.timestamp),
+         float(r.mean), r.quantiles, r.scale) for r in rows]
+
+
+def test_a_write_the_database_cancels_is_store_unavailable_and_writes_nothing() -> None:
+    # a statement timeout cancels the COPY on the server: the driver's own error, mapped
+    with postgres_database("forecaster_store") as url, ForecastStore.open(url) as store:
+        with store.engine.connect() as connection:
+            connection.execute(text(f"ALTER DATABASE {store.engine.url.database} "
+                                    "SET statement_timeout = 1"))
+            connection.commit()
+        store.engine.dispose()  # new sessions take the setting
+        with pytest.raises(StoreUnavailable, match="canceling statement"):
+            store.write_forecasts(awkward_rows() * 20)
+        with store.engine.connect() as connection:
+            connection.execute(text("SET statement_timeout = 0"))
+            assert connection.execute(select(func.count()).select_from(forecasts)) \
+                .scalar_one() == 0
 
 
 def test_a_value_that_is_not_finite_writes_nothing(store: ForecastStore) -> None:
