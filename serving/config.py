@@ -69,7 +69,9 @@ class ServingConfig(BaseSettings):
     # "none" turns off): each worker queues at most forecast_log_queue_rows rows (forecast
     # steps) and writes them in batches of forecast_log_batch_rows, at least every
     # forecast_log_flush_seconds, busy at most forecast_log_max_share of the time: past what
-    # that share writes, the queue fills and drops rows (serving.forecast_log)
+    # that share writes, the queue fills and drops rows (serving.forecast_log). 5%: measured
+    # within the 10% budget with a margin; 10% doubles the rows kept and costs about
+    # the whole budget (docs/benchmarks.md, "Live accuracy: the service")
     store_url: str | None = Field(default=None, min_length=1)  # None: the store's default
     forecast_log_queue_rows: int = Field(default=200_000, ge=1)
     forecast_log_batch_rows: int = Field(default=5_000, ge=1)
