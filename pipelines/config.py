@@ -38,6 +38,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from forecaster.estimators import DEFAULT_QUANTILES
+from forecaster.seasonality import season_length_of
 from pipelines.candidates import (
     MODELS,
     check_params,
@@ -49,19 +50,6 @@ from pipelines.schema_errors import describe
 
 SEASONAL_NAIVE = "snaive"  # the name of the default baseline when the race adds it
 HTTP_BACKOFF_JITTER_S = 1.0  # MLflow's MLFLOW_HTTP_REQUEST_BACKOFF_JITTER, left at its default
-
-# seasonal period implied by a pandas frequency, used when season_length is not given
-SEASONALITY = {"h": 24, "min": 60, "D": 7, "B": 5, "W": 52, "MS": 12, "ME": 12, "M": 12,
-               "QS": 4, "QE": 4, "Q": 4}
-
-
-def season_length_of(frequency: str) -> int:
-    """The seasonal period a pandas ``frequency`` implies (1: none), for a race whose config
-    gives no ``season_length``: the MASE scale and the seasonal naive baseline use it."""
-    offset = pd.tseries.frequencies.to_offset(frequency)
-    # rule codes carry an anchor ("W-SUN", "QE-DEC"); a multiple ("15min") has none
-    code = offset.rule_code.split("-")[0]
-    return SEASONALITY.get(code, 1) if offset.n == 1 else 1
 
 
 class ConfigError(ValueError):

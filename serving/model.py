@@ -43,10 +43,10 @@ from mlflow.exceptions import MlflowException
 from forecaster import NeuralForecaster
 from forecaster.data import SERIES, TARGET, TIME
 from forecaster.estimators import Explanation, explains
+from forecaster.seasonality import season_length_of
 from pipelines import signing
 from pipelines.backtest import METRICS
 from pipelines.candidates import min_history as min_history_of
-from pipelines.config import season_length_of
 from pipelines.forecasts import POINT, quantile_column
 from pipelines.pyfunc_model import NEURAL, ForecasterModel, forecast_history
 from pipelines.registry import TAG_CANDIDATE, TAG_MODEL_CLASS, tag_number

@@ -18,7 +18,8 @@ import pytest
 from sktime.performance_metrics.forecasting import MeanAbsoluteScaledError
 from sqlalchemy import func, select
 
-from pipelines.config import RaceConfig, season_length_of
+from forecaster.seasonality import season_length_of
+from pipelines.config import RaceConfig
 from pipelines.forecast_store import forecasts
 from serving.forecast_log import (
     QUEUE_FULL,
