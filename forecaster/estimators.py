@@ -41,6 +41,7 @@ from forecaster.data import (
 )
 from forecaster.models import build_model
 from forecaster.models.losses import make_loss
+from forecaster.seasonality import index_frequency, panel_season_length
 from forecaster.trainer import (
     EpochRecord,
     TrainingSettings,
@@ -54,11 +55,13 @@ from forecaster.windows import Panel, Windows, WindowSampler
 
 DEFAULT_QUANTILES = (0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95)
 WEIGHTS_FILE, CONFIG_FILE = "weights.pt", "config.json"
+AUTO = "auto"  # a size that fit derives from the data (resolved_params_)
 
 # the fitted attributes that make up a trained network; pretrain keeps them across fit calls
 TRAINED_ATTRIBUTES = [
     "network_", "horizon_", "levels_", "model_kwargs_", "covariates_", "static_covariates_",
     "covariate_loc_", "covariate_scale_", "residual_quantiles_", "history_", "min_history_",
+    "resolved_params_",
 ]
 
 
@@ -105,6 +108,14 @@ class NeuralForecaster(BaseForecaster):
     _family: ClassVar[str] = ""
     _model_params: ClassVar[tuple[str, ...]] = ()  # constructor args passed on to the network
     _fixed_model_kwargs: ClassVar[dict[str, Any]] = {}
+    # input_len="auto": this many seasons or, if more, the whole seasons that cover this many
+    # horizons, before the series lengths cap it (resolved_params)
+    _input_seasons: ClassVar[int] = 7
+    _input_horizons: ClassVar[int] = 2
+    # the family's own "auto" sizes: name -> its value from those resolved before it
+    _auto_rules: ClassVar[dict[str, Callable[[dict[str, int]], int]]] = {}
+    # sizes that count steps of the input: an "auto" input holds at least one of each
+    _input_units: ClassVar[tuple[str, ...]] = ()
 
     # ------------------------------------------------------------------ sktime interface
     def _pretrain(self, y: pd.DataFrame, X: pd.DataFrame | None = None,
@@ -167,13 +178,79 @@ class NeuralForecaster(BaseForecaster):
         """The fewest observations per series that ``fit`` can train on for ``horizon`` when
         every series is that short: the shortest usable history, one horizon to learn from,
         and the validation rows. Shorter series may join a panel with longer ones: they give
-        no training windows of their own, and are forecast with left padding."""
-        return self._min_history() + horizon + (self.validation_rows or horizon)
+        no training windows of their own, and are forecast with left padding.
 
-    def _min_history(self) -> int:
-        return self.min_history or max(1, self.input_len // 4)
+        With ``input_len="auto"`` the input shrinks with the series, on series this short to
+        a single step (or one explicit segment or patch; see ``resolved_params``): the
+        shortest usable history counted here is the one of that least input."""
+        given = self._given_sizes()
+        input_len = given["input_len"] or self._least_input(given)
+        return self._min_history(input_len) + horizon + (given["validation_rows"] or horizon)
 
-    def _fitted_min_history(self, y: pd.DataFrame) -> int:
+    def resolved_params(self, y: pd.DataFrame, horizon: int) -> dict[str, int]:
+        """The sizes ``fit`` and ``pretrain`` train with on the panel ``y`` for ``horizon``
+        steps ahead: each "auto" parameter resolved, explicit ones as given (kept after
+        training as ``resolved_params_``).
+
+        * ``season_length``: the one the frequency of ``y``'s time index implies (1 for
+          integer timestamps or dates without a regular frequency);
+        * ``validation_rows``: the horizon;
+        * ``input_len``: ``_input_seasons`` seasons (7; the Transformer 14) or, if more, the
+          whole seasons that cover ``_input_horizons`` horizons (2; the Transformer 4); at
+          most half the median series length, and at most what the median series holds
+          besides the horizon and the validation rows, so that training windows are mostly
+          observed values rather than padding; whole seasons when that cap is one season or
+          more; at least one step, and one whole segment (patch) of an explicit
+          ``segment_len`` (``patch_len``). M4 Hourly (season 24, horizon 48, median length
+          960): 168, the Transformer 336; monthly series of 48 to 126 values, horizon 18: 36;
+        * the family's own sizes, from the season and the input length (``segment_len``,
+          ``patch_len``, ``patch_stride``: see their parameter docs).
+        """
+        given = self._given_sizes()
+        season = given["season_length"] or panel_season_length(y)
+        validation = given["validation_rows"] or horizon
+        lengths = [len(series) for _, series in series_groups(y)]
+        resolved = {"season_length": season, "validation_rows": validation,
+                    "input_len": given["input_len"] or self._auto_input_len(
+                        season, horizon, validation, lengths, self._least_input(given))}
+        for name, rule in self._auto_rules.items():
+            resolved[name] = given[name] or rule(resolved)
+        return resolved
+
+    def _auto_input_len(self, season: int, horizon: int, validation_rows: int,
+                        lengths: list[int], least: int) -> int:
+        seasons = max(self._input_seasons, -(-self._input_horizons * horizon // season))
+        median = int(np.median(lengths))
+        cap = min(median // 2, median - horizon - validation_rows)
+        if cap >= season:
+            cap -= cap % season  # whole seasons: segments and patches end at the origin
+        return max(least, min(seasons * season, cap))
+
+    def _least_input(self, given: dict[str, int | None]) -> int:
+        return max([1, *(given[name] or 1 for name in self._input_units)])
+
+    def _given_sizes(self) -> dict[str, int | None]:
+        """Each size parameter as given: its value, or None for "auto" (and for
+        validation_rows=None, its default before "auto"). Any other value is a ValueError
+        naming the parameter."""
+        given = {}
+        for name in ("season_length", "input_len", "validation_rows", *self._auto_rules):
+            value = getattr(self, name)
+            if (isinstance(value, str) and value == AUTO) or \
+                    (value is None and name == "validation_rows"):
+                given[name] = None
+            elif isinstance(value, bool) or not isinstance(value, int | np.integer) \
+                    or value < 1:
+                raise ValueError(f"{name} must be a positive integer or {AUTO!r}, got "
+                                 f"{value!r}")
+            else:
+                given[name] = int(value)
+        return given
+
+    def _min_history(self, input_len: int) -> int:
+        return self.min_history or max(1, input_len // 4)
+
+    def _fitted_min_history(self, y: pd.DataFrame, input_len: int) -> int:
         """The shortest history forecasts take, at most the shortest series of ``y``: a global
         model forecasts every series it was fitted on (left padding and the observed mask
         cover what a short one lacks). An explicit ``min_history`` that a series of ``y``
@@ -184,12 +261,13 @@ class NeuralForecaster(BaseForecaster):
             raise ValueError(f"{series_label('y', key)} has {shortest} observations, fewer "
                              f"than min_history={self.min_history}: it could not be forecast; "
                              "lower min_history or leave the series out")
-        return min(self._min_history(), shortest)
+        return min(self._min_history(input_len), shortest)
 
     def _train_network(self, y: pd.DataFrame, X: pd.DataFrame | None, horizon: int) -> None:
         allowed = [y.columns[0]]
         validate_panel(y, 1, allowed, name="y")
-        self.min_history_ = self._fitted_min_history(y)
+        sizes = self.resolved_params_ = self.resolved_params(y, horizon)
+        self.min_history_ = self._fitted_min_history(y, sizes["input_len"])
         statics = list(self.static_covariates or ())
         if X is not None:
             validate_panel(X, 1, name="X")
@@ -209,17 +287,17 @@ class NeuralForecaster(BaseForecaster):
             self.covariate_loc_ = self.covariate_scale_ = np.zeros(0, np.float32)
 
         panel = self._panel(y, X)
-        sampler = WindowSampler(panel, self.input_len, horizon, self.min_history_,
-                                self.validation_rows)
+        sampler = WindowSampler(panel, sizes["input_len"], horizon, self.min_history_,
+                                sizes["validation_rows"])
         n_outputs = 1 if self.loss in ("mae", "mse") else len(self.levels_)
         self.model_kwargs_ = {
-            "input_len": self.input_len,
+            "input_len": sizes["input_len"],
             "horizon": horizon,
             "n_quantiles": n_outputs,
             "past_features": 2 + len(covariates) + len(statics),
             "future_features": len(covariates) + len(statics),
             **self._fixed_model_kwargs,
-            **{name: getattr(self, name) for name in self._model_params},
+            **{name: sizes.get(name, getattr(self, name)) for name in self._model_params},
         }
         torch.manual_seed(self.random_state or 0)  # the initial weights are part of the seed
         self.network_ = build_model(self._family, **self.model_kwargs_)
@@ -319,7 +397,10 @@ class NeuralForecaster(BaseForecaster):
                   for t, k in zip(targets, known, strict=True)]
         panel = Panel(arrays, self._static_rows(names, static))
         origins = panel.lengths - self.horizon_
-        return panel.windows(np.arange(len(panel)), origins, self.input_len, self.horizon_)
+        # the network's own input length: resolved_params_ records it too, but models saved
+        # before it was recorded have it only here
+        return panel.windows(np.arange(len(panel)), origins, self.model_kwargs_["input_len"],
+                             self.horizon_)
 
     def _known_future_rows(self, names: list[object], targets: list[np.ndarray],
                            covariates: Sequence[np.ndarray] | None) -> list[np.ndarray | None]:
@@ -404,7 +485,7 @@ class NeuralForecaster(BaseForecaster):
         for key, series in series_groups(y):
             # per series: ragged panels end at different times; sktime cannot infer a
             # frequency from a multi-index, the series' own index can
-            freq = fh.freq or getattr(series.index, "freq", None) or _infer_freq(series.index)
+            freq = fh.freq or index_frequency(series.index)
             future_index = ForecastingHorizon(steps, freq=freq).to_absolute_index(
                 series.index[[-1]])
             histories.append(series.iloc[:, 0].to_numpy(np.float32))
@@ -528,11 +609,6 @@ class NeuralForecaster(BaseForecaster):
         return [{}]
 
 
-def _infer_freq(index: pd.Index) -> str | None:
-    """The frequency of a datetime index, if it has a regular one."""
-    return pd.infer_freq(index) if isinstance(index, pd.DatetimeIndex) and len(index) > 2 else None
-
-
 def _append(old: pd.DataFrame, new: pd.DataFrame | None) -> pd.DataFrame:
     """Rows of ``new`` added to ``old``; where both hold a timestamp, the new value wins."""
     if new is None:
@@ -557,7 +633,19 @@ def _store_params(self: NeuralForecaster, params: dict[str, Any]) -> None:
 _ParameterDocs = dict[str, tuple[str, str]]
 
 _TRAINING_PARAMETERS: _ParameterDocs = {
-    "input_len": ("int", "Steps of history the network reads; shorter histories are left-padded."),
+    "input_len": ('int or "auto"',
+                  "Steps of history the network reads; shorter histories are left-padded. "
+                  '"auto": $input_seasons seasons or, if more, the whole seasons that cover '
+                  "$input_horizons horizons; at most half the median series length of fit, and "
+                  "at most what that series holds besides the horizon and the validation rows "
+                  "(in whole seasons when that is a season or more; at least one step, and one "
+                  "explicit segment or patch). See resolved_params; fit keeps the values it "
+                  "chose as resolved_params_."),
+    "season_length": ('int or "auto"',
+                      'The seasonal period the "auto" sizes are counted in. "auto": the one the '
+                      "frequency of fit's time index implies (hourly 24, daily 7, weekly 52, "
+                      "monthly 12, quarterly 4; 1 for integer timestamps or dates without a "
+                      "regular frequency)."),
     "quantiles": ("tuple of float", "Levels the network forecasts (0.5 is always added)."),
     "loss": ('{"pinball", "mae", "mse"}',
              'The pinball loss over the quantiles, or a point loss ("mae", "mse"): the quantiles '
@@ -568,9 +656,9 @@ _TRAINING_PARAMETERS: _ParameterDocs = {
     "learning_rate": ("float", "Peak learning rate of AdamW's one-cycle schedule."),
     "weight_decay": ("float", "AdamW's weight decay."),
     "patience": ("int", "Epochs without a better validation loss before training stops."),
-    "validation_rows": ("int or None",
+    "validation_rows": ('int, "auto" or None',
                         "Trailing rows of each series held out for early stopping, at least the "
-                        "horizon; None: the horizon."),
+                        'horizon; "auto" (or None): the horizon.'),
     "min_history": ("int or None",
                     "Shortest usable history; None: input_len // 4 (at least 1), lowered to "
                     "the shortest series of fit, so that every fitted series can be forecast. "
@@ -596,10 +684,11 @@ def _documented(network: _ParameterDocs
 
     def document(cls: type[NeuralForecaster]) -> type[NeuralForecaster]:
         described = {**network, **_TRAINING_PARAMETERS}
+        sizes = {"input_seasons": cls._input_seasons, "input_horizons": cls._input_horizons}
         lines = ["Parameters", "----------"]
         for name, parameter in inspect.signature(cls).parameters.items():
             if name in described:  # tests/test_estimators.py reports the undocumented ones
-                kind, text = described[name]
+                kind, text = described[name][0], Template(described[name][1]).substitute(sizes)
                 default = parameter.default
                 shown = f'"{default}"' if isinstance(default, str) else repr(default)
                 lines.append(f"{name} : {kind}, default={shown}")
@@ -612,6 +701,19 @@ def _documented(network: _ParameterDocs
     return document
 
 
+# the families' "auto" sizes (NeuralForecaster._auto_rules), from the values resolved before
+def _one_season(resolved: dict[str, int]) -> int:
+    return min(resolved["season_length"], resolved["input_len"])
+
+
+def _sixth_of_a_season(resolved: dict[str, int]) -> int:
+    return max(1, min(resolved["season_length"] // 6, resolved["input_len"]))
+
+
+def _half_a_patch(resolved: dict[str, int]) -> int:
+    return max(1, resolved["patch_len"] // 2)
+
+
 _RNN_PARAMETERS: _ParameterDocs = {
     "hidden_size": ("int", "Width of the recurrent layers."),
     "num_layers": ("int", "Stacked recurrent layers of the encoder (and of the seq2seq decoder)."),
@@ -619,9 +721,9 @@ _RNN_PARAMETERS: _ParameterDocs = {
     "decoder": ('{"mlp", "seq2seq"}',
                 "A head on the encoder's last hidden state, or a recurrent decoder over the "
                 "horizon that reads the known-future covariates step by step."),
-    "segment_len": ("int",
+    "segment_len": ('int or "auto"',
                     "Time steps the encoder reads per recurrent step (1: the classic "
-                    "step-by-step RNN)."),
+                    'step-by-step RNN); "auto": one season, at most input_len.'),
 }
 
 
@@ -644,11 +746,15 @@ class RNNForecaster(NeuralForecaster):
     _family = "rnn"
     _fixed_model_kwargs: ClassVar[dict[str, Any]] = {"cell": "rnn"}
     _model_params = ("hidden_size", "num_layers", "dropout", "decoder", "segment_len")
+    _auto_rules: ClassVar[dict[str, Callable[[dict[str, int]], int]]] = {
+        "segment_len": _one_season}
+    _input_units = ("segment_len",)
 
-    def __init__(self, hidden_size=128, num_layers=2, dropout=0.0, decoder="mlp", segment_len=24,
-                 input_len=168, quantiles=DEFAULT_QUANTILES, loss="pinball", max_epochs=30,
+    def __init__(self, hidden_size=128, num_layers=2, dropout=0.0, decoder="mlp",
+                 segment_len=AUTO, input_len=AUTO, season_length=AUTO,
+                 quantiles=DEFAULT_QUANTILES, loss="pinball", max_epochs=30,
                  steps_per_epoch=50, batch_size=256, learning_rate=1e-2, weight_decay=1e-4,
-                 patience=5, validation_rows=None, min_history=None, static_covariates=None,
+                 patience=5, validation_rows=AUTO, min_history=None, static_covariates=None,
                  device="auto", random_state=0, verbose=True, on_epoch=None):
         _store_params(self, locals())
 
@@ -701,8 +807,10 @@ _TCN_PARAMETERS: _ParameterDocs = {
     "num_layers": ("int", "Residual blocks; block i dilates its convolutions by 2**i."),
     "kernel_size": ("int", "Width of each causal convolution."),
     "dropout": ("float", "Dropout in the residual blocks and the head."),
-    "segment_len": ("int",
-                    "Time steps read per position of the convolutions (1: one step each)."),
+    "segment_len": ('int or "auto"',
+                    "Time steps read per position of the convolutions (1: one step each); "
+                    '"auto": a sixth of a season (4 for hourly data), at least 1, at most '
+                    "input_len."),
 }
 
 
@@ -724,12 +832,16 @@ class TCNForecaster(NeuralForecaster):
 
     _family = "tcn"
     _model_params = ("channels", "num_layers", "kernel_size", "dropout", "segment_len")
+    _auto_rules: ClassVar[dict[str, Callable[[dict[str, int]], int]]] = {
+        "segment_len": _sixth_of_a_season}
+    _input_units = ("segment_len",)
 
-    def __init__(self, channels=32, num_layers=5, kernel_size=3, dropout=0.0, segment_len=4,
-                 input_len=168, quantiles=DEFAULT_QUANTILES, loss="pinball", max_epochs=30,
-                 steps_per_epoch=50, batch_size=256, learning_rate=3e-3, weight_decay=1e-4,
-                 patience=5, validation_rows=None, min_history=None, static_covariates=None,
-                 device="auto", random_state=0, verbose=True, on_epoch=None):
+    def __init__(self, channels=32, num_layers=5, kernel_size=3, dropout=0.0, segment_len=AUTO,
+                 input_len=AUTO, season_length=AUTO, quantiles=DEFAULT_QUANTILES,
+                 loss="pinball", max_epochs=30, steps_per_epoch=50, batch_size=256,
+                 learning_rate=3e-3, weight_decay=1e-4, patience=5, validation_rows=AUTO,
+                 min_history=None, static_covariates=None, device="auto", random_state=0,
+                 verbose=True, on_epoch=None):
         _store_params(self, locals())
 
     @classmethod
@@ -839,8 +951,10 @@ _TRANSFORMER_PARAMETERS: _ParameterDocs = {
     "encoder": ('{"patch", "timestep"}',
                 "One input token per patch of patch_len steps, taken every patch_stride steps "
                 "(as in PatchTST), or one per time step."),
-    "patch_len": ("int", "Time steps per patch."),
-    "patch_stride": ("int", "Time steps between the starts of two patches."),
+    "patch_len": ('int or "auto"', 'Time steps per patch; "auto": one season, at most input_len.'),
+    "patch_stride": ('int or "auto"',
+                     'Time steps between the starts of two patches; "auto": half the patch '
+                     "length, at least 1."),
     "d_model": ("int", "Width of the tokens."),
     "n_heads": ("int", "Attention heads; they must divide d_model."),
     "encoder_layers": ("int", "Encoder layers (self-attention over the input tokens)."),
@@ -876,11 +990,18 @@ class TransformerForecaster(AttentionMapsMixin, NeuralForecaster):
     _model_params = ("encoder", "patch_len", "patch_stride", "d_model", "n_heads",
                      "encoder_layers", "decoder_layers", "dropout", "positional_encoding")
 
-    def __init__(self, encoder="patch", patch_len=24, patch_stride=12, d_model=32, n_heads=4,
-                 encoder_layers=2, decoder_layers=1, dropout=0.0, positional_encoding="sinusoidal",
-                 input_len=336, quantiles=DEFAULT_QUANTILES, loss="pinball", max_epochs=30,
+    # patches make a long input cheap: twice the other families'
+    _input_seasons, _input_horizons = 14, 4
+    _auto_rules: ClassVar[dict[str, Callable[[dict[str, int]], int]]] = {
+        "patch_len": _one_season, "patch_stride": _half_a_patch}
+    _input_units = ("patch_len",)
+
+    def __init__(self, encoder="patch", patch_len=AUTO, patch_stride=AUTO, d_model=32,
+                 n_heads=4, encoder_layers=2, decoder_layers=1, dropout=0.0,
+                 positional_encoding="sinusoidal", input_len=AUTO, season_length=AUTO,
+                 quantiles=DEFAULT_QUANTILES, loss="pinball", max_epochs=30,
                  steps_per_epoch=50, batch_size=256, learning_rate=3e-3, weight_decay=1e-4,
-                 patience=5, validation_rows=None, min_history=None, static_covariates=None,
+                 patience=5, validation_rows=AUTO, min_history=None, static_covariates=None,
                  device="auto", random_state=0, verbose=True, on_epoch=None):
         _store_params(self, locals())
 
@@ -897,9 +1018,10 @@ _HYBRID_PARAMETERS: _ParameterDocs = {
     "d_model": ("int", "Width of the embedded inputs, the recurrent states and the attention."),
     "n_heads": ("int", "Attention heads; they must divide d_model."),
     "num_layers": ("int", "Stacked recurrent layers of the encoder and of the decoder."),
-    "segment_len": ("int",
+    "segment_len": ('int or "auto"',
                     "Time steps the encoder reads per recurrent step (1: step by step); each "
-                    "segment is one key of the attention."),
+                    'segment is one key of the attention. "auto": one season, at most '
+                    "input_len."),
     "dropout": ("float", "Dropout inside the gated residual networks and the attention."),
 }
 
@@ -930,12 +1052,16 @@ class HybridForecaster(AttentionMapsMixin, NeuralForecaster):
     _family = "hybrid"
     _model_params = ("cell", "d_model", "n_heads", "num_layers", "segment_len", "dropout")
 
-    def __init__(self, cell="lstm", d_model=32, n_heads=4, num_layers=1, segment_len=24,
-                 dropout=0.1, input_len=168, quantiles=DEFAULT_QUANTILES, loss="pinball",
-                 max_epochs=30, steps_per_epoch=50, batch_size=256, learning_rate=3e-3,
-                 weight_decay=1e-4, patience=5, validation_rows=None, min_history=None,
-                 static_covariates=None, device="auto", random_state=0, verbose=True,
-                 on_epoch=None):
+    _auto_rules: ClassVar[dict[str, Callable[[dict[str, int]], int]]] = {
+        "segment_len": _one_season}
+    _input_units = ("segment_len",)
+
+    def __init__(self, cell="lstm", d_model=32, n_heads=4, num_layers=1, segment_len=AUTO,
+                 dropout=0.1, input_len=AUTO, season_length=AUTO, quantiles=DEFAULT_QUANTILES,
+                 loss="pinball", max_epochs=30, steps_per_epoch=50, batch_size=256,
+                 learning_rate=3e-3, weight_decay=1e-4, patience=5, validation_rows=AUTO,
+                 min_history=None, static_covariates=None, device="auto", random_state=0,
+                 verbose=True, on_epoch=None):
         _store_params(self, locals())
 
     def covariate_importance(self, history: np.ndarray, covariates: np.ndarray | None = None,

@@ -16,19 +16,25 @@ from forecaster.estimators import NeuralForecaster
 M4_HOURLY_NAIVE2 = {"smape": 18.383, "mase": 2.395}
 
 
-def m4_scores(y_test: pd.DataFrame, y_pred: pd.DataFrame, y_train: pd.DataFrame
-              ) -> dict[str, float]:
-    """sMAPE, MASE (seasonal period 24) and OWA as the M4 competition scores them.
-
-    Both metrics are computed per series and averaged over series, as in M4.
-    """
+def smape_mase(y_test: pd.DataFrame, y_pred: pd.DataFrame, y_train: pd.DataFrame,
+               season_length: int) -> dict[str, float]:
+    """sMAPE (in percent) and MASE (scaled by the in-sample seasonal naive error of
+    ``season_length``) as the M competitions score them: per series, averaged over series."""
     y_pred = y_pred.loc[y_test.index]
     smape = 100 * MeanAbsolutePercentageError(symmetric=True, multilevel="uniform_average")(
         y_test, y_pred)
-    mase = MeanAbsoluteScaledError(sp=M4_HOURLY_SEASONALITY, multilevel="uniform_average")(
+    mase = MeanAbsoluteScaledError(sp=season_length, multilevel="uniform_average")(
         y_test, y_pred, y_train=y_train)
-    owa = 0.5 * (smape / M4_HOURLY_NAIVE2["smape"] + mase / M4_HOURLY_NAIVE2["mase"])
-    return {"smape": float(smape), "mase": float(mase), "owa": float(owa)}
+    return {"smape": float(smape), "mase": float(mase)}
+
+
+def m4_scores(y_test: pd.DataFrame, y_pred: pd.DataFrame, y_train: pd.DataFrame
+              ) -> dict[str, float]:
+    """sMAPE, MASE (seasonal period 24) and OWA as the M4 competition scores them."""
+    scores = smape_mase(y_test, y_pred, y_train, M4_HOURLY_SEASONALITY)
+    owa = 0.5 * (scores["smape"] / M4_HOURLY_NAIVE2["smape"]
+                 + scores["mase"] / M4_HOURLY_NAIVE2["mase"])
+    return {**scores, "owa": float(owa)}
 
 
 def ett_test_scores(model: NeuralForecaster, splits: ETTSplits, columns: list[str],
@@ -39,7 +45,7 @@ def ett_test_scores(model: NeuralForecaster, splits: ETTSplits, columns: list[st
     loaders; each column is forecast from its own history (channel independence).
     """
     values = splits.frame[columns].to_numpy(np.float32)  # (T, C)
-    horizon, input_len = model.horizon_, model.input_len
+    horizon, input_len = model.horizon_, model.resolved_params_["input_len"]
     origins = np.arange(splits.val_end, splits.test_end - horizon + 1)
     squared = absolute = count = 0.0
     for start in range(0, len(origins), max(1, batch // len(columns))):

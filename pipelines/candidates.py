@@ -85,6 +85,9 @@ def estimator_params(candidate: CandidateConfig, config: RaceConfig) -> dict[str
         # scores, so that intervals are read off exactly rather than interpolated
         params.setdefault("verbose", False)
         params.setdefault("quantiles", tuple(config.forecast_levels))
+        # the race's season, as the baselines' sp: the networks' "auto" sizes count in it,
+        # and integer timestamps carry no frequency to read it from
+        params.setdefault("season_length", config.season_length)
     else:
         params.setdefault("sp", config.season_length)
         if candidate.model == "AutoETS" and params.get("auto"):
@@ -171,6 +174,15 @@ def loggable_params(estimator: BaseForecaster) -> dict[str, str]:
     """Constructor parameters as MLflow params (strings, the callback left out)."""
     return {name: str(value) for name, value in estimator.get_params(deep=False).items()
             if name not in RESERVED_PARAMS}
+
+
+def loggable_sizes(estimator: BaseForecaster) -> dict[str, str]:
+    """The sizes a fitted network trained with, each "auto" parameter resolved from the data
+    (its ``resolved_params_``), as MLflow params named ``resolved.<parameter>``; none for a
+    baseline."""
+    if not is_neural(estimator):
+        return {}
+    return {f"resolved.{name}": str(value) for name, value in estimator.resolved_params_.items()}
 
 
 def resolved_config(candidate: CandidateConfig, config: RaceConfig) -> dict[str, Any]:

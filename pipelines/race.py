@@ -83,6 +83,7 @@ from pipelines.candidates import (
     build_estimator,
     is_neural,
     loggable_params,
+    loggable_sizes,
     min_train_length,
     params_from_logged,
     resolved_config,
@@ -553,6 +554,8 @@ def _backtest_and_refit(prepared: PreparedRace, candidate: CandidateConfig,
     outcome.train_seconds = refit.seconds
     outcome.estimator = final
     mlflow.log_metric("train_seconds", outcome.train_seconds)
+    # what "auto" became on all the data (each fold resolved it on its own training window)
+    mlflow.log_params(loggable_sizes(final))
     # what the estimator itself forecasts and from the input example: the logged model is
     # checked against the first, and its signature built from the second
     levels = model_levels(final, config.forecast_levels)

@@ -90,14 +90,17 @@ def sine_series(length: int, phase: float = 0.0, level: float = 0.0, noise: floa
     return level + np.sin(2 * np.pi * t / PERIOD + phase) + noise * rng.standard_normal(length)
 
 
-def make_panel(lengths: dict[str, int] | None = None, seed: int = 0) -> pd.DataFrame:
-    """pd-multiindex panel (series_id, timestamp) of noisy sines with integer timestamps."""
+def make_panel(lengths: dict[str, int] | None = None, seed: int = 0,
+               freq: str | None = None) -> pd.DataFrame:
+    """pd-multiindex panel (series_id, timestamp) of noisy sines with integer timestamps, or
+    dates on ``freq`` from 2024-01-01."""
     lengths = LENGTHS if lengths is None else lengths
     frames = []
     for i, (key, length) in enumerate(lengths.items()):
         frames.append(pd.DataFrame({
             SERIES: key,
-            TIME: np.arange(length),
+            TIME: np.arange(length) if freq is None else pd.date_range("2024-01-01",
+                                                                        periods=length, freq=freq),
             TARGET: sine_series(length, phase=0.7 * i, level=0.5 * i, seed=seed + i),
         }))
     return pd.concat(frames).set_index([SERIES, TIME])

@@ -17,9 +17,10 @@ def reference_attention(estimator: NeuralForecaster, history: np.ndarray,
     token's weight shared equally among the time steps it reads; the observed steps kept and
     each row renormalised over them."""
     maps = estimator.attention_maps(history, covariates, static)
-    L, H = estimator.input_len, estimator.horizon_
+    sizes = estimator.resolved_params_  # what the network was built with, "auto" resolved
+    L, H = sizes["input_len"], estimator.horizon_
     if "attention" in maps:  # the hybrid: encoder segments, then the decoder steps
-        S = estimator.segment_len
+        S = sizes["segment_len"]
         tokens = maps["attention"].mean(axis=0)[:, : L // S].astype(np.float64)
         tokens /= tokens.sum(axis=1, keepdims=True)
         reads = [range(L % S + i * S, L % S + (i + 1) * S) for i in range(L // S)]
@@ -27,7 +28,7 @@ def reference_attention(estimator: NeuralForecaster, history: np.ndarray,
         layers = [name for name in maps if name.endswith("cross_attention")]
         last = max(layers, key=lambda name: int(name.split(".")[1]))
         tokens = maps[last].mean(axis=0).astype(np.float64)
-        length, stride = ((estimator.patch_len, estimator.patch_stride)
+        length, stride = ((sizes["patch_len"], sizes["patch_stride"])
                           if estimator.encoder == "patch" else (1, 1))
         reads = [range(i * stride, i * stride + length) for i in range(tokens.shape[1])]
     steps = np.zeros((H, L))

@@ -417,15 +417,20 @@ def test_a_series_shorter_than_min_history_in_fit_is_forecast(sine_panel) -> Non
 
 @pytest.mark.parametrize("cls", estimator_classes())
 def test_every_family_with_default_arguments_forecasts_every_fitted_series(cls) -> None:
-    """Default architectures (input_len 168, or 336 for the Transformer) on a panel whose
-    shortest series is below input_len // 4: training comes from the long series, and the short
-    one is forecast all the same."""
-    lengths = {"long_1": 120, "long_2": 110, "short": 20}
-    model = cls(max_epochs=1, steps_per_epoch=1, verbose=False).fit(make_panel(lengths), fh=FH)
-    assert model.input_len // 4 > 20
+    """Default architectures and sizes (on hourly data an input of 168 steps: half the median
+    series caps the Transformer's 336) on a panel whose shortest series is below
+    input_len // 4: training comes from the long series, and the short one is forecast all
+    the same."""
+    lengths = {"long_1": 400, "long_2": 380, "short": 20}
+    y = make_panel(lengths, freq="h")
+    model = cls(max_epochs=1, steps_per_epoch=1, verbose=False).fit(y, fh=FH)
+    assert model.resolved_params_["input_len"] == 168
     assert model.min_history_ == 20
     prediction = model.predict()
-    pd.testing.assert_index_equal(prediction.index, _expected_index(lengths, FH))
+    ends = y.reset_index(TIME).groupby(level=0, sort=False)[TIME].max()
+    expected = pd.MultiIndex.from_tuples([(key, ends[key] + pd.Timedelta(hours=h))
+                                          for key in lengths for h in FH], names=[SERIES, TIME])
+    pd.testing.assert_index_equal(prediction.index, expected)
     assert np.isfinite(prediction.to_numpy()).all()
 
 
@@ -435,15 +440,19 @@ def test_an_explicit_min_history_above_a_series_is_refused_at_fit(sine_panel) ->
         tiny(LSTMForecaster, min_history=50).fit(sine_panel, fh=FH)
 
 
-def test_min_train_length_trains_a_panel_of_that_length() -> None:
+@pytest.mark.parametrize(("sizes", "least_history"), [
+    ({"input_len": 12}, 12 // 4),
+    ({"input_len": "auto", "segment_len": "auto"}, 1),  # the input shrinks to one step
+    ({"input_len": "auto", "segment_len": 8}, 8 // 4),  # to one explicit segment
+], ids=["explicit", "auto", "auto-segment"])
+def test_min_train_length_trains_a_panel_of_that_length(sizes, least_history) -> None:
     """The race plans folds with min_train_length: a panel of series that long trains, and
     one observation fewer does not."""
-    model = tiny(LSTMForecaster)
-    need = model.min_train_length(H)
-    assert need == model.input_len // 4 + H + H
-    tiny(LSTMForecaster).fit(make_panel({"a": need, "b": need}), fh=FH)
+    need = tiny(LSTMForecaster, **sizes).min_train_length(H)
+    assert need == least_history + H + H
+    tiny(LSTMForecaster, **sizes).fit(make_panel({"a": need, "b": need}), fh=FH)
     with pytest.raises(ValueError, match="no series is long enough for training"):
-        tiny(LSTMForecaster).fit(make_panel({"a": need - 1, "b": need - 1}), fh=FH)
+        tiny(LSTMForecaster, **sizes).fit(make_panel({"a": need - 1, "b": need - 1}), fh=FH)
 
 
 def test_forecast_histories_rejects_a_too_short_history(fitted_lstm) -> None:

@@ -106,7 +106,8 @@ def test_explanations_equal_attention_maps_spread_over_steps(
                  sine_panel.loc["c", TARGET].to_numpy()[-11:]]
     explanations = model.explain_histories(histories)  # one forward pass
     for history, explanation in zip(histories, explanations, strict=True):
-        steps = min(len(history), model.input_len)  # a short history: its observed steps
+        # a short history: its observed steps
+        steps = min(len(history), model.resolved_params_["input_len"])
         assert explanation.attention.shape == (3, steps)
         np.testing.assert_allclose(explanation.attention.sum(axis=1), 1.0, rtol=1e-6)
         np.testing.assert_allclose(explanation.attention, reference_attention(model, history),

@@ -146,7 +146,7 @@ def test_attention_maps_explain_one_history(sine_panel) -> None:
     model = tiny(HybridForecaster).fit(sine_panel, fh=FH)
     maps = model.attention_maps(sine_panel.loc["a", TARGET].to_numpy())
     attention = maps["attention"]  # (heads, H, segments + H)
-    tokens = model.input_len // model.segment_len
+    tokens = model.resolved_params_["input_len"] // model.resolved_params_["segment_len"]
     assert attention.shape == (model.n_heads, len(FH), tokens + len(FH))
     np.testing.assert_allclose(attention.sum(-1), 1.0, rtol=1e-5)
     assert model.covariate_importance(sine_panel.loc["a", TARGET].to_numpy()) == {}

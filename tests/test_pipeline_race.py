@@ -98,6 +98,13 @@ def test_a_race_tracks_every_candidate(first_race: Race) -> None:
             assert [m.step for m in history] == [0, 1], (prefix, loss)
     assert "attention.png" in _artifacts(runs["transformer"].info.run_id)
     assert "attention.png" not in _artifacts(lstm)
+    # the networks' parameters as given, "auto" ones too, and the sizes the refit resolved
+    params = runs["lstm"].data.params
+    assert params["model.validation_rows"] == "auto" and params["model.season_length"] == "24"
+    assert {k: v for k, v in params.items() if k.startswith("resolved.")} == {
+        "resolved.season_length": "24", "resolved.validation_rows": "24",
+        "resolved.input_len": "48", "resolved.segment_len": "4"}
+    assert not any(k.startswith("resolved.") for k in runs["theta"].data.params)
 
 
 def test_every_candidate_is_registered_with_its_metrics(first_race: Race) -> None:

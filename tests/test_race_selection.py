@@ -93,7 +93,8 @@ def test_the_floor_comes_before_the_champion() -> None:
 
 
 @pytest.mark.parametrize("candidate", [LSTM, TRANSFORMER, SNAIVE, THETA,
-                                       {"model": "AutoETS", "params": {"auto": True}}],
+                                       {"model": "AutoETS", "params": {"auto": True}},
+                                       {"name": "tcn-auto", "model": "TCNForecaster"}],
                          ids=lambda c: c.get("name", c["model"]))
 def test_a_config_reads_back_from_its_logged_params(
         candidate: dict, tmp_path: Path, data_dir: Path) -> None:

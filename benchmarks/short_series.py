@@ -1,0 +1,141 @@
+"""The networks' default ("auto") sizes on short series of other frequencies than hourly,
+against sktime's Theta and the seasonal naive forecast.
+
+    python -m benchmarks.short_series [--data daily monthly] [--models LSTM Theta ...]
+                                      [--series N] [--max-epochs E] [--data-dir DIR]
+
+Two data sets, each a panel of short series with a time index the networks read their season
+from (nothing is downloaded):
+
+* ``daily``: M4 Hourly's training series summed per day (whole 24-hour blocks counted back
+  from each series' end): 414 series of 29 or 40 days, season 7, horizon 7, the last 7 days
+  held out;
+* ``monthly``: sktime's bundled monthly series (airline passengers, shampoo sales and the four
+  series of the hierarchical sales toy data): 6 series of 36 to 144 months, season 12,
+  horizon 12, the last 12 months held out.
+
+Every network runs with its default arguments (as ``forecaster bench m4-hourly`` runs them:
+``forecaster.benchmark.network``, on log values), fitted globally on the panel; ``--max-epochs``
+shortens training for a smoke run. Scores are sMAPE and MASE (seasonal naive scale of the
+season) per series, averaged over series; the table is markdown, with the sizes each network
+resolved.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sktime.datasets import load_airline, load_hierarchical_sales_toydata, load_shampoo_sales
+from sktime.forecasting.base import BaseForecaster
+from sktime.forecasting.naive import NaiveForecaster
+from sktime.forecasting.theta import ThetaForecaster
+
+from forecaster.benchmark import NETWORKS, network
+from forecaster.data import SERIES, TARGET, TIME
+from forecaster.datasets import default_data_dir, load_m4_hourly
+from forecaster.evaluation import smape_mase
+
+HOURS_PER_DAY = 24
+
+
+@dataclass(frozen=True)
+class ShortSeries:
+    """A panel split into its training part and the last ``horizon`` values of each series."""
+
+    name: str
+    season: int
+    horizon: int
+    y_train: pd.DataFrame
+    y_test: pd.DataFrame
+
+
+def _panel(series: dict[str, pd.Series]) -> pd.DataFrame:
+    """A pd-multiindex panel (series_id, timestamp) of the given series, in that order."""
+    frames = [pd.DataFrame({SERIES: key, TIME: values.index, TARGET: values.to_numpy(float)})
+              for key, values in series.items()]
+    return pd.concat(frames, ignore_index=True).set_index([SERIES, TIME])
+
+
+def _split(name: str, season: int, horizon: int, panel: pd.DataFrame) -> ShortSeries:
+    test = panel.groupby(level=0, sort=False).cumcount(ascending=False) < horizon
+    return ShortSeries(name, season, horizon, panel[~test.to_numpy()], panel[test.to_numpy()])
+
+
+def daily_m4(data_dir: Path, count: int | None) -> ShortSeries:
+    """M4 Hourly's training series as daily totals, dated by day (the files carry no dates)."""
+    train, _ = load_m4_hourly(data_dir / "m4")
+    series = {}
+    for key, hours in train.groupby(SERIES, sort=False)[TARGET]:
+        values = hours.to_numpy()
+        days = values[len(values) % HOURS_PER_DAY:].reshape(-1, HOURS_PER_DAY).sum(axis=1)
+        series[key] = pd.Series(days, pd.period_range("2000-01-01", periods=len(days), freq="D"))
+        if count is not None and len(series) == count:
+            break
+    return _split("daily", 7, 7, _panel(series))
+
+
+def monthly_sktime(count: int | None) -> ShortSeries:
+    """sktime's bundled monthly series, each under its own name."""
+    series = {"airline": load_airline(), "shampoo": load_shampoo_sales()}
+    toy = load_hierarchical_sales_toydata().iloc[:, 0]
+    for key, values in toy.groupby(level=[0, 1], sort=False):
+        series["/".join(key)] = values.droplevel([0, 1])
+    chosen = dict(list(series.items())[:count])
+    return _split("monthly", 12, 12, _panel(chosen))
+
+
+def baselines(season: int) -> dict[str, Callable[[], BaseForecaster]]:
+    return {"sNaive": lambda: NaiveForecaster(strategy="last", sp=season),
+            "Theta": lambda: ThetaForecaster(sp=season)}
+
+
+def score(data: ShortSeries, name: str, model: BaseForecaster) -> dict[str, object]:
+    fh = np.arange(1, data.horizon + 1)
+    started = time.perf_counter()
+    y_pred = model.fit(data.y_train, fh=fh).predict()
+    seconds = time.perf_counter() - started
+    fitted = dict(getattr(model, "steps_", [])).get("model")  # a network, inside the log
+    sizes = getattr(fitted, "resolved_params_", None)
+    shown = "" if sizes is None else ", ".join(f"{k} {v}" for k, v in sizes.items())
+    return {"data": data.name, "model": name,
+            **smape_mase(data.y_test, y_pred, data.y_train, data.season),
+            "seconds": seconds, "sizes": shown}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", nargs="+", choices=["daily", "monthly"],
+                        default=["daily", "monthly"])
+    parser.add_argument("--models", nargs="+", choices=["sNaive", "Theta", *NETWORKS],
+                        help="default: the two baselines and every network")
+    parser.add_argument("--series", type=int, help="the first N series of each data set")
+    parser.add_argument("--max-epochs", type=int,
+                        help="train the networks this many epochs at most (a smoke run)")
+    parser.add_argument("--data-dir", type=Path, default=None,
+                        help="folder holding m4/ (default: $FORECASTER_DATA_DIR, else "
+                             "../shared/data beside the checkout)")
+    args = parser.parse_args(argv)
+    data_dir = args.data_dir or default_data_dir()
+    overrides = {} if args.max_epochs is None else {"max_epochs": args.max_epochs}
+    rows = []
+    for which in args.data:
+        data = daily_m4(data_dir, args.series) if which == "daily" else \
+            monthly_sktime(args.series)
+        models: dict[str, Callable[[], BaseForecaster]] = {
+            **baselines(data.season),
+            **{name: (lambda name=name: network(name, **overrides)) for name in NETWORKS}}
+        for name in args.models or list(models):
+            rows.append(score(data, name, models[name]()))
+            print(rows[-1], file=sys.stderr)
+    print(pd.DataFrame(rows).to_markdown(index=False, floatfmt=".3f"))
+
+
+if __name__ == "__main__":
+    main()
