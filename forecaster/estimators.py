@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import tempfile
 import textwrap
 import threading
 import weakref
@@ -574,6 +575,14 @@ class NeuralForecaster(BaseForecaster):
         torch.save(self.network_.state_dict(), directory / WEIGHTS_FILE)
         (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2))
         return directory
+
+    def pretrained(self) -> NeuralForecaster:
+        """This trained network as a new estimator in sktime's pretrained state, read back from
+        its own ``save_model`` files (on the CPU, without the training callback): ``fit`` only
+        sets its context and sktime's clone keeps the network, as for a loaded model."""
+        self._check_trained()
+        with tempfile.TemporaryDirectory(prefix="forecaster-pretrained-") as directory:
+            return type(self).load_model(self.save_model(directory))
 
     @classmethod
     def load_model(cls, directory: str | Path) -> NeuralForecaster:

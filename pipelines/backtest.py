@@ -31,7 +31,8 @@ from pipelines.config import ConfigError, RaceConfig
 from pipelines.forecasts import forecast_problems, to_interval_panel, to_point_panel
 from pipelines.sources import RaceData
 
-METRICS = ("mase", "smape", "mae", "coverage")  # smape in percent, as the M4 competition
+POINT_METRICS = ("mase", "smape", "mae")  # smape in percent, as the M4 competition
+METRICS = (*POINT_METRICS, "coverage")
 
 
 @dataclass(frozen=True)
@@ -58,12 +59,18 @@ class BacktestResult:
     fold_scores: list[dict[str, float]] = field(default_factory=list)
     scores: dict[str, float] = field(default_factory=dict)  # mean over folds
     problems: list[str] = field(default_factory=list)  # forecasts that fail validation
-    last_forecast: pd.DataFrame | None = None  # the last fold's, for plots
+    # each fold's forecast frame, oldest first: what an ensemble of the candidates combines
+    forecasts: list[pd.DataFrame] = field(default_factory=list)
     seconds: float = 0.0
 
     @property
     def valid(self) -> bool:
         return not self.problems and all(np.isfinite(v) for v in self.scores.values())
+
+    @property
+    def last_forecast(self) -> pd.DataFrame | None:
+        """The last fold's forecast, for plots."""
+        return self.forecasts[-1] if self.forecasts else None
 
 
 ForecastFn = Callable[[Fold], pd.DataFrame]  # a fold's training data -> its forecast frame
@@ -130,20 +137,30 @@ def plan_backtest(config: RaceConfig, data: RaceData, min_train: int,
         for i, (train, test) in enumerate(pieces)])
 
 
+def point_score(metric: str, fold: Fold, y_pred: pd.DataFrame, config: RaceConfig) -> float:
+    """One point metric (mase, smape in percent, or mae) of a fold's point forecasts, an sktime
+    panel on the rows of its test window: per series, then averaged over series (as the M4
+    competition does)."""
+    y_test, per_series = fold.y_test, {"multilevel": "uniform_average"}
+    if metric == "mase":
+        return float(MeanAbsoluteScaledError(sp=config.season_length, **per_series)(
+            y_test, y_pred, y_train=fold.y_train))
+    if metric == "smape":
+        return 100 * float(MeanAbsolutePercentageError(symmetric=True, **per_series)(
+            y_test, y_pred))
+    if metric == "mae":
+        return float(MeanAbsoluteError(**per_series)(y_test, y_pred))
+    raise ValueError(f"unknown point metric {metric!r}; one of mase, smape, mae")
+
+
 def score_forecast(fold: Fold, forecast: pd.DataFrame, config: RaceConfig) -> dict[str, float]:
-    """MASE, sMAPE (percent), MAE and empirical interval coverage of one fold's forecast;
-    point metrics per series, then averaged over series (as the M4 competition does)."""
-    y_test, y_train = fold.y_test, fold.y_train
+    """MASE, sMAPE (percent), MAE and empirical interval coverage of one fold's forecast."""
+    y_test = fold.y_test
     y_pred = to_point_panel(forecast).loc[y_test.index]
     coverage = config.selection.interval_coverage
     interval = to_interval_panel(forecast, coverage).loc[y_test.index]
-    per_series = {"multilevel": "uniform_average"}
     return {
-        "mase": float(MeanAbsoluteScaledError(sp=config.season_length, **per_series)(
-            y_test, y_pred, y_train=y_train)),
-        "smape": 100 * float(MeanAbsolutePercentageError(symmetric=True, **per_series)(
-            y_test, y_pred)),
-        "mae": float(MeanAbsoluteError(**per_series)(y_test, y_pred)),
+        **{metric: point_score(metric, fold, y_pred, config) for metric in POINT_METRICS},
         "coverage": float(EmpiricalCoverage(coverage=coverage)(y_test, interval)),
     }
 
@@ -163,7 +180,7 @@ def run_backtest(forecast: ForecastFn, folds: list[Fold], config: RaceConfig,
         else:
             scores = score_forecast(fold, frame, config)
         result.fold_scores.append(scores)
-        result.last_forecast = frame
+        result.forecasts.append(frame)
         if on_fold is not None:
             on_fold(fold, scores)
     result.scores = {m: float(np.mean([s[m] for s in result.fold_scores])) for m in METRICS}

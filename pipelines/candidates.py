@@ -20,6 +20,7 @@ from sktime.forecasting.ets import AutoETS
 from sktime.forecasting.naive import NaiveForecaster
 from sktime.forecasting.theta import ThetaForecaster
 
+from forecaster.ensemble import WeightedEnsembleForecaster
 from forecaster.estimators import ESTIMATORS, NeuralForecaster
 from forecaster.trainer import EpochCallback
 from pipelines.warning_capture import without_sktime_notice
@@ -119,9 +120,12 @@ def min_train_length(candidate: CandidateConfig, config: RaceConfig) -> int:
 def min_history(estimator: BaseForecaster) -> int:
     """The fewest observations of a series ``estimator`` forecasts from: a fitted network's own
     ``min_history_``; for a baseline, which refits on each history, what its fit and its
-    prediction intervals need (each rule found by experiment: tests/test_min_history.py)."""
+    prediction intervals need (each rule found by experiment: tests/test_min_history.py); for
+    an ensemble, what its hungriest member needs."""
     if is_neural(estimator):
         return int(estimator.min_history_)
+    if isinstance(estimator, WeightedEnsembleForecaster):
+        return max(min_history(member) for _, member in estimator.forecasters)
     return BASELINE_MIN_HISTORY[type(estimator).__name__](estimator.get_params(deep=False))
 
 

@@ -310,6 +310,16 @@ class BacktestConfig(StrictModel):
     window: PositiveInt | None = None
 
 
+class EnsembleConfig(StrictModel):
+    """The ensemble of the race's candidates (:mod:`pipelines.ensemble`): their fold forecasts
+    weighted by Caruana's greedy selection with replacement, ``size`` steps at most, on the
+    selection metric; raced when two or more candidates are valid and the backtest has two
+    or more folds. ``selection.ensemble: false`` is short for ``enabled: false``."""
+
+    enabled: bool = True
+    size: PositiveInt = 10
+
+
 class SelectionConfig(StrictModel):
     """How the winner is chosen and when it replaces the champion.
 
@@ -317,13 +327,24 @@ class SelectionConfig(StrictModel):
     it is the baseline) and its score is below ``champion score * (1 - promotion_margin)``, all
     on the same folds. ``baseline`` names a candidate; by default it is the seasonal naive
     forecast (NaiveForecaster, strategy ``last``, ``sp`` = the season length), added to the
-    candidates when none of them is that model.
+    candidates when none of them is that model. ``ensemble`` adds a weighted ensemble of the
+    valid candidates to them (:class:`EnsembleConfig`).
     """
 
     metric: Literal["mase", "smape", "mae"] = "mase"
     promotion_margin: float = Field(default=0.0, ge=0.0, lt=1.0)
     interval_coverage: float = Field(default=0.9, gt=0.0, lt=1.0)
     baseline: str | None = None  # a candidate's name; default: the seasonal naive candidate
+    ensemble: EnsembleConfig = Field(default_factory=EnsembleConfig)
+
+    @field_validator("ensemble", mode="before")
+    @classmethod
+    def _ensemble_switch(cls, value: Any) -> Any:
+        if isinstance(value, bool):
+            return {"enabled": value}
+        if not isinstance(value, dict | EnsembleConfig):
+            raise ValueError(f"give true, false or a mapping of enabled and size, not {value!r}")
+        return value
 
 
 class RegistryConfig(StrictModel):

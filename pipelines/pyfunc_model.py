@@ -18,9 +18,11 @@ when the model loads, so no class of ours is pickled. What the file reads is the
 * neural forecasters: ``weights.pt`` (tensors) and ``config.json`` from
   ``NeuralForecaster.save_model``; forecasts come from ``forecast_histories``, the stateless
   inference path, so concurrent requests cannot disturb one another;
-* sktime baselines: the fitted estimator, serialised with cloudpickle (sktime estimators are
-  plain sklearn-style objects). These are local models: each request refits a clone on the
-  history it brings, as their ``fit`` would.
+* sktime baselines and ensembles (``forecaster.ensemble``): the estimator's unfitted clone,
+  serialised with cloudpickle (sktime estimators are plain sklearn-style objects). These are
+  local models: each request fits a clone on the history it brings, as their ``fit`` would;
+  an ensemble's networks are in sktime's pretrained state, so that fitting only gives them
+  their context.
 
 Loading needs this repository's packages (``forecaster`` and ``pipelines``) installed; the
 third-party pins are in the model's requirements.
@@ -117,8 +119,9 @@ def forecast_history(estimator: BaseForecaster, model_input: pd.DataFrame, horiz
                      static: Sequence[str] = ()) -> pd.DataFrame:
     """The forecast frame ``horizon`` steps past each series of a long history.
 
-    ``estimator`` is a trained neural forecaster or a fitted sktime baseline; neither is
-    modified, so one loaded model can serve concurrent requests. ``known_future`` and
+    ``estimator`` is a trained neural forecaster, or an sktime baseline or ensemble, whose
+    clone is fitted on the history; neither is modified, so one loaded model can serve
+    concurrent requests. ``known_future`` and
     ``static`` name the covariates it was trained with: the input then carries them, in the
     layout of the module doc.
     """
@@ -218,8 +221,10 @@ def log_forecaster(estimator: BaseForecaster, *, horizon: int, levels: list[floa
         if neural:
             path = estimator.save_model(Path(tmp) / ARTIFACT)
         else:
+            # what forecast_history fits on each history: no training data, and no member
+            # network moved to a GPU by the race's own forecasts
             path = Path(tmp) / "estimator.pkl"
-            path.write_bytes(cloudpickle.dumps(estimator))
+            path.write_bytes(cloudpickle.dumps(estimator.clone()))
         if example_output is None:
             example_output = forecast_history(estimator, input_example, horizon, levels,
                                               frequency, known_future, static)

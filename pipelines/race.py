@@ -12,10 +12,17 @@ One parent MLflow run per race and a nested run per candidate. Order of work::
                files and check that, loaded, it reproduces the estimator, register it as a new
                version with its metrics, its resolved config (``registry.TAG_CONFIG``) and its
                files' digest (``signing.TAG_FILES``)
+    ensemble   with two valid candidates or more, and two folds or more: their fold forecasts
+               weighted by greedy selection (``pipelines.ensemble``; each fold's forecast weighted
+               on the other folds, so that its scores are out of sample), and the weighted
+               ensemble of their refitted estimators logged, checked and registered as one more
+               candidate (off with ``selection.ensemble: false``)
     champion   read the @champion's config from the registry (its tag, or its run's params) and
                score it like a candidate: refitted on each fold's training window, forecasting
                the fold's test window; a candidate of this race with the same config lends it
-               its fold scores instead. Its registered model is never loaded
+               its fold scores instead (an ensemble's members are refitted, or lent a
+               candidate's fold forecasts, and weighted as recorded). Its registered model is
+               never loaded
     decide     the best valid candidate must beat the baseline's score (unless it is the
                baseline), then the champion's by the promotion margin
     record     the decision on the winner's version, the race's tags and its leaderboard
@@ -35,7 +42,8 @@ the candidates' order: MLflow, the registry and the aliases see the same race ei
 An error from a candidate's own model code (a fit that raises, in the search, the backtest or
 the refit; a Ray task whose worker keeps dying) fails that candidate only: its nested run is
 marked FAILED with the error, it cannot win, and the race goes on without it (fold scores of
-a completed backtest still count for the floor).
+a completed backtest still count for the floor). The same holds for the ensemble's weighting
+and model.
 An error from MLflow or the registry, or a Ray cluster that goes away
 (:class:`pipelines.execution.ClusterLost`), fails the race; aliases are then untouched, and
 running again starts over cleanly. A tracking server that stops answering
@@ -50,6 +58,7 @@ import json
 import logging
 import math
 import tempfile
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -90,6 +99,18 @@ from pipelines.candidates import (
     takes_covariates,
 )
 from pipelines.config import CandidateConfig, RaceConfig
+from pipelines.ensemble import (
+    ENSEMBLE_MODEL,
+    ENSEMBLE_NAME,
+    Selection,
+    combine,
+    ensemble_model,
+    not_raced,
+    recorded_members,
+    select,
+    shared_levels,
+)
+from pipelines.ensemble import recorded_config as ensemble_config
 from pipelines.execution import ClusterLost, Engine, FitRecord, Task, recording, start_engine
 from pipelines.explain import explain_series, series_inputs
 from pipelines.forecasts import forecast_frame, forecast_problems, future_index, horizon_of
@@ -159,6 +180,8 @@ class CandidateOutcome:
     example: pd.DataFrame | None = None  # the logged model's input example ...
     example_forecast: pd.DataFrame | None = None  # ... and its forecast
     forecast_input: pd.DataFrame | None = None  # what ``forecast`` is forecast from
+    levels: list[float] = field(default_factory=list)  # the quantile levels it forecasts
+    note: str = ""  # for the leaderboard (an ensemble's weights)
     covariates: tuple[str, ...] = ()  # the data's covariates the candidate takes
     ignores_covariates: bool = False  # the data have covariates and the candidate takes none
 
@@ -197,6 +220,7 @@ class RaceResult:
     orphans: list[int] = field(default_factory=list)
     # the refitted estimators, in memory (what each registered version was made from)
     estimators: dict[str, BaseForecaster] = field(default_factory=dict, repr=False)
+    ensemble_note: str | None = None  # why the race has no ensemble, when it has none
 
 
 class _Progress:
@@ -309,8 +333,12 @@ def _run_race(config: RaceConfig, progress: bool) -> RaceResult:
             outcomes = [_race_candidate(prepared, candidate, work, tasks.get(candidate.name),
                                         tags, experiment_id, parent.info.run_id, progress)
                         for candidate in prepared.candidates]
+            ensemble, why = _race_ensemble(prepared, outcomes, tags, experiment_id,
+                                           parent.info.run_id, progress)
+            if ensemble is not None:
+                outcomes.append(ensemble)
             result = _decide_and_alias(prepared, outcomes, parent.info.run_id, experiment_id,
-                                       work, progress, orphans)
+                                       work, progress, orphans, why)
     logger.info("race %s: winner %s (v%s), %s: %s", config.name, result.winner,
                 result.winner_version, "promoted" if result.promoted else "not promoted",
                 result.reason)
@@ -487,12 +515,11 @@ def _race_candidate(prepared: PreparedRace, candidate: CandidateConfig, work: _W
         except ClusterLost:  # not the candidate's fault: the race stops
             raise
         except Exception as error:  # the candidate's model failed: the race goes on
-            if isinstance(error, MlflowException) or unreachable(
-                    error, config.tracking.tracking_uri):
+            if not _model_fault(error, config):
                 raise  # logging its curve failed: MLflow's error fails the race
             return _failed(outcome, "backtest" if outcome.backtest is None
                            else "refit on all data", error)
-        _log_and_register(prepared, candidate, outcome, tags, parent_id)
+        _log_and_register(prepared, outcome, tags, parent_id)
         bar.step(f"{config.selection.metric} {outcome.scores[config.selection.metric]:.4f}"
                  + ("" if outcome.valid else " (invalid)"))
         status = "FINISHED"
@@ -504,6 +531,13 @@ def _race_candidate(prepared: PreparedRace, candidate: CandidateConfig, work: _W
         if bar is not None:
             bar.close()
         end_run(status)
+
+
+def _model_fault(error: Exception, config: RaceConfig) -> bool:
+    """Whether ``error`` is the model's own, which fails its candidate only, rather than
+    MLflow's or its tracking server's, which fail the race."""
+    return not (isinstance(error, MlflowException)
+                or unreachable(error, config.tracking.tracking_uri))
 
 
 def _failed(outcome: CandidateOutcome, stage: str, error: Exception) -> CandidateOutcome:
@@ -521,30 +555,17 @@ def _backtest_and_refit(prepared: PreparedRace, candidate: CandidateConfig,
                         bar: _Progress, warned: list[Any]) -> None:
     """The candidate's model work, fetched from its units of work: the folds, the forecast
     plot, the refit on all data."""
-    config, data, run_id = prepared.config, prepared.data, outcome.run_id
-    # covariates go to the candidates that take them (sktime's tag); the others ignore them
-    takes_X = _takes_X(prepared, build_estimator(candidate, config))
-    outcome.covariates = (*data.known_future, *data.static) if takes_X else ()
-    outcome.ignores_covariates = data.X is not None and not takes_X
-    mlflow.log_param("covariates", ",".join(outcome.covariates) if takes_X else "none")
+    config, run_id = prepared.config, outcome.run_id
+    takes_X = _covariates(prepared, outcome, build_estimator(candidate, config))
     folds: list[FitRecord] = []
     forecast = _fold_forecast(engine, tasks, lambda fold: epoch_logger(
         run_id, f"fold_{fold.number}/", then=bar.epoch), folds)
-
-    def scored(fold: Fold, scores: dict[str, float]) -> None:
-        mlflow.log_metrics({f"fold_{fold.number}/{m}": v for m, v in scores.items()})
-        bar.step(f"fold {fold.number} {config.selection.metric} "
-                 f"{scores[config.selection.metric]:.4f}")
-
-    backtest = run_backtest(forecast, prepared.plan.folds, config, on_fold=scored)
+    backtest = run_backtest(forecast, prepared.plan.folds, config,
+                            on_fold=_fold_logger(config, bar))
     # the folds' own fitting time, wherever they ran: waiting on a cluster is not its cost
     backtest.seconds = sum(record.seconds for record in folds)
     warned.extend(w for record in folds for w in record.warnings)
-    outcome.backtest = backtest
-    outcome.scores, outcome.problems = backtest.scores, list(backtest.problems)
-    outcome.backtest_seconds = backtest.seconds
-    mlflow.log_metrics({**backtest.scores, "backtest_seconds": backtest.seconds})
-    _log_forecast_plot(prepared, backtest)
+    _record_backtest(prepared, outcome, backtest)
 
     assert tasks.refit is not None
     refit = engine.result(tasks.refit, epoch_logger(run_id, then=bar.epoch))
@@ -552,13 +573,58 @@ def _backtest_and_refit(prepared: PreparedRace, candidate: CandidateConfig,
     final = refit.estimator
     assert final is not None
     outcome.train_seconds = refit.seconds
-    outcome.estimator = final
     mlflow.log_metric("train_seconds", outcome.train_seconds)
     # what "auto" became on all the data (each fold resolved it on its own training window)
     mlflow.log_params(loggable_sizes(final))
-    # what the estimator itself forecasts and from the input example: the logged model is
-    # checked against the first, and its signature built from the second
-    levels = model_levels(final, config.forecast_levels)
+    _forecast_past_the_data(prepared, outcome, final,
+                            model_levels(final, config.forecast_levels))
+    if explains(final):  # the families that can explain their forecasts
+        _log_attention(prepared, candidate, final, outcome.example, takes_X)
+    bar.step("refit")
+
+
+def _covariates(prepared: PreparedRace, outcome: CandidateOutcome,
+                estimator: BaseForecaster) -> bool:
+    """Whether ``estimator`` takes the data's covariates (sktime's tag; the others ignore
+    them), noted on ``outcome`` and logged."""
+    data = prepared.data
+    takes_X = _takes_X(prepared, estimator)
+    outcome.covariates = (*data.known_future, *data.static) if takes_X else ()
+    outcome.ignores_covariates = data.X is not None and not takes_X
+    mlflow.log_param("covariates", ",".join(outcome.covariates) if takes_X else "none")
+    return takes_X
+
+
+def _fold_logger(config: RaceConfig, bar: _Progress, prefix: str = ""
+                 ) -> Callable[[Fold, dict[str, float]], None]:
+    """Log each fold's scores as ``<prefix>fold_<n>/<metric>`` and show the selection metric."""
+
+    def scored(fold: Fold, scores: dict[str, float]) -> None:
+        mlflow.log_metrics({f"{prefix}fold_{fold.number}/{m}": v for m, v in scores.items()})
+        bar.step(f"fold {fold.number} {config.selection.metric} "
+                 f"{scores[config.selection.metric]:.4f}")
+
+    return scored
+
+
+def _record_backtest(prepared: PreparedRace, outcome: CandidateOutcome,
+                     backtest: BacktestResult) -> None:
+    """A completed backtest on ``outcome`` and in its run: scores, time, forecast plot."""
+    outcome.backtest = backtest
+    outcome.scores, outcome.problems = backtest.scores, list(backtest.problems)
+    outcome.backtest_seconds = backtest.seconds
+    mlflow.log_metrics({**backtest.scores, "backtest_seconds": backtest.seconds})
+    _log_forecast_plot(prepared, backtest)
+
+
+def _forecast_past_the_data(prepared: PreparedRace, outcome: CandidateOutcome,
+                            final: BaseForecaster, levels: list[float]) -> None:
+    """What ``final``, fitted on all the data, forecasts past them and from the input example,
+    at ``levels``: the logged model is checked against the first, and its signature built
+    from the second."""
+    config, data = prepared.config, prepared.data
+    takes_X = bool(outcome.covariates)
+    outcome.estimator, outcome.levels = final, levels
     columns = [SERIES, TIME, TARGET, *outcome.covariates]
     if takes_X:
         # the known-future covariates past the data are not in the data: the final model is
@@ -578,9 +644,6 @@ def _backtest_and_refit(prepared: PreparedRace, candidate: CandidateConfig,
     outcome.example_forecast = forecast_history(
         final, outcome.example, config.horizon, levels, config.frequency,
         *((data.known_future, data.static) if takes_X else ((), ())))
-    if explains(final):  # the families that can explain their forecasts
-        _log_attention(prepared, candidate, final, outcome.example, takes_X)
-    bar.step("refit")
 
 
 def _log_attention(prepared: PreparedRace, candidate: CandidateConfig,
@@ -615,16 +678,17 @@ def _log_forecast_plot(prepared: PreparedRace, backtest: BacktestResult) -> None
     mlflow.log_figure(figure, "forecasts.png")
 
 
-def _log_and_register(prepared: PreparedRace, candidate: CandidateConfig,
-                      outcome: CandidateOutcome, tags: dict[str, str], parent_id: str) -> None:
-    """Log the refitted model, check it, and register it with its metrics as tags."""
+def _log_and_register(prepared: PreparedRace, outcome: CandidateOutcome, tags: dict[str, str],
+                      parent_id: str, extra: dict[str, str] | None = None) -> None:
+    """Log the refitted model, check it, and register it with its metrics (and ``extra``) as
+    tags."""
     config, data = prepared.config, prepared.data
     assert outcome.estimator is not None and outcome.forecast is not None
     assert outcome.example is not None and outcome.example_forecast is not None
     assert outcome.forecast_input is not None
     takes_X = bool(outcome.covariates)
     info = log_forecaster(outcome.estimator, horizon=config.horizon,
-                          levels=config.forecast_levels, frequency=config.frequency,
+                          levels=outcome.levels, frequency=config.frequency,
                           input_example=outcome.example,
                           example_output=outcome.example_forecast,
                           known_future=data.known_future if takes_X else (),
@@ -635,8 +699,8 @@ def _log_and_register(prepared: PreparedRace, candidate: CandidateConfig,
     if outcome.problems:
         mlflow.log_text("\n".join(outcome.problems), "problems.txt")
     version = registry.register_version(info, config.registry.model_name, {
-        registry.TAG_CANDIDATE: candidate.name,
-        registry.TAG_MODEL_CLASS: candidate.model,
+        registry.TAG_CANDIDATE: outcome.name,
+        registry.TAG_MODEL_CLASS: outcome.model,
         registry.TAG_CONFIG: json.dumps(outcome.config, sort_keys=True),
         registry.TAG_RACE: parent_id,
         registry.TAG_VALID: str(outcome.valid).lower(),
@@ -648,6 +712,7 @@ def _log_and_register(prepared: PreparedRace, candidate: CandidateConfig,
         "frequency": config.frequency,
         "train_seconds": f"{outcome.train_seconds:.3f}",
         **{k: v for k, v in tags.items() if k not in ("race", "registered_model")},
+        **(extra or {}),
     })
     outcome.version = int(version.version)
     mlflow.set_tags({"registered_version": version.version, "valid": str(outcome.valid)})
@@ -688,6 +753,117 @@ def _reproduction_problems(info: ModelInfo, history: pd.DataFrame, expected: pd.
     return [], digest
 
 
+# ---------------------------------------------------------------------------- the ensemble
+def _race_ensemble(prepared: PreparedRace, outcomes: list[CandidateOutcome],
+                   tags: dict[str, str], experiment_id: str, parent_id: str, progress: bool
+                   ) -> tuple[CandidateOutcome | None, str | None]:
+    """The weighted ensemble of the valid candidates (:mod:`pipelines.ensemble`), raced as one
+    more candidate in its own nested run: weights chosen on their fold forecasts, its fold
+    scores cross-fitted, its model made of their refitted estimators, then logged, checked and
+    registered as theirs are. Returns it, or None and why the race has none (None: it is
+    off). An error of its own fails it alone: its run is FAILED, the race goes on."""
+    config, folds = prepared.config, prepared.plan.folds
+    metric = config.selection.metric
+    # best first: a tie in the greedy selection goes to the better candidate
+    pool = sorted((o for o in outcomes
+                   if o.valid and o.version is not None and o.backtest is not None),
+                  key=lambda o: o.scores[metric])
+    why = not_raced(config, len(pool), len(folds))
+    if why is not None or not config.selection.ensemble.enabled:
+        if why is not None:
+            logger.info("race %s: no ensemble: %s", config.name, why)
+        return None, why
+    names = {o.name for o in outcomes}
+    name = ENSEMBLE_NAME
+    while name in names:  # a candidate of the config already has the name
+        name = f"{name}-weighted"
+    run = mlflow.start_run(experiment_id=experiment_id, run_name=name, nested=True,
+                           log_system_metrics=config.tracking.enable_system_metrics_logging,
+                           tags={**tags, "candidate": name, "model": ENSEMBLE_MODEL})
+    outcome = CandidateOutcome(name, ENSEMBLE_MODEL, run.info.run_id, {})
+    bar = _Progress(name, len(folds) + 2, None, progress)  # folds, the model, logging
+    status = "FAILED"
+    try:
+        try:
+            with recorded_warnings() as caught:
+                started = time.perf_counter()
+                forecasts = [o.backtest.forecasts for o in pool]
+                selection = select([o.name for o in pool], forecasts, folds, config)
+                size = config.selection.ensemble.size
+                mlflow.log_params({**_race_params(prepared), "ensemble.size": size,
+                                   "ensemble.candidates": ",".join(selection.names),
+                                   **{f"weight.{n}": f"{w:.6g}"
+                                      for n, w in selection.members.items()}})
+                mlflow.log_dict(selection.record(metric, size), "ensemble_weights.json")
+                if len(selection.members) > 1:
+                    _backtest_ensemble(prepared, outcome, selection, forecasts, bar, started)
+                    _build_ensemble(prepared, outcome, selection, pool)
+                    bar.step("model")
+            mlflow.log_metric("warnings", log_warnings(caught, "warnings.txt"))
+        except Exception as error:  # the ensemble failed: the race goes on
+            if not _model_fault(error, config):
+                raise
+            return _failed(outcome, "weighting" if outcome.backtest is None
+                           else "building its model", error), None
+        if len(selection.members) == 1:
+            why = (f"the greedy selection gave all the weight to {next(iter(selection.members))}"
+                   f": the ensemble would be that candidate")
+            mlflow.set_tag("skipped", why)
+            status = "FINISHED"
+            return None, why
+        _log_and_register(prepared, outcome, tags, parent_id, {
+            "ensemble_members": ",".join(f"{n}={w:.6g}" for n, w in selection.members.items())})
+        bar.step(f"{metric} {outcome.scores[metric]:.4f}"
+                 + ("" if outcome.valid else " (invalid)"))
+        status = "FINISHED"
+        return outcome, None
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        bar.close()
+        end_run(status)
+
+
+def _backtest_ensemble(prepared: PreparedRace, outcome: CandidateOutcome, selection: Selection,
+                       forecasts: list[list[pd.DataFrame]], bar: _Progress, started: float
+                       ) -> None:
+    """Score the ensemble's forecast of each fold, the candidates' forecasts of the fold
+    weighted on the other folds, as a candidate's."""
+    config = prepared.config
+
+    def forecast(fold: Fold) -> pd.DataFrame:
+        return combine([candidate[fold.number - 1] for candidate in forecasts],
+                       selection.fold_weights[fold.number - 1], config.forecast_levels)
+
+    backtest = run_backtest(forecast, prepared.plan.folds, config,
+                            on_fold=_fold_logger(config, bar))
+    backtest.seconds = time.perf_counter() - started  # the weighting with it
+    _record_backtest(prepared, outcome, backtest)
+
+
+def _build_ensemble(prepared: PreparedRace, outcome: CandidateOutcome, selection: Selection,
+                    pool: list[CandidateOutcome]) -> None:
+    """The ensemble of the candidates' refitted estimators with the weights chosen on every
+    fold, fitted on all the data (its networks are not trained again), and its forecasts."""
+    config, data = prepared.config, prepared.data
+    weights = selection.members
+    estimators = {o.name: o.estimator for o in pool
+                  if o.name in weights and o.estimator is not None}
+    started = time.perf_counter()
+    model = ensemble_model(estimators, weights)
+    takes_X = _covariates(prepared, outcome, model)
+    model.fit(data.panel, X=data.X if takes_X else None, fh=prepared.fh)
+    outcome.train_seconds = time.perf_counter() - started
+    mlflow.log_metric("train_seconds", outcome.train_seconds)
+    outcome.config = ensemble_config({o.name: o.config for o in pool}, weights)
+    outcome.note = (f"weights {', '.join(f'{n} {w:.3g}' for n, w in weights.items())}; each "
+                    f"fold's forecast weighted on the other folds")
+    levels = shared_levels([model_levels(e, config.forecast_levels) for e in estimators.values()],
+                           config.forecast_levels)
+    _forecast_past_the_data(prepared, outcome, model, levels)
+
+
 # ---------------------------------------------------------------------------- the decision
 @dataclass(frozen=True)
 class ChampionScore:
@@ -704,7 +880,9 @@ def _score_champion(prepared: PreparedRace, outcomes: list[CandidateOutcome], ve
     """The champion's configuration, backtested as the candidates are: refitted on each fold's
     training window and scored on its test window (its registered weights have seen them all,
     and are never loaded). A candidate of this race with the same resolved config lends its
-    fold scores instead: training it again on CPU gives the same ones.
+    fold scores instead: training it again on CPU gives the same ones. An ensemble's members
+    are each refitted on the folds, or lent the fold forecasts of a candidate with their
+    config, and weighted with its recorded weights (chosen on its own race's folds).
 
     Registry errors propagate (they must not promote anyone); a config that cannot be read or
     rebuilt, or a fit that raises, leaves the champion without a score, with the reason.
@@ -712,43 +890,51 @@ def _score_champion(prepared: PreparedRace, outcomes: list[CandidateOutcome], ve
     config = prepared.config
     try:
         recorded = registry.recorded_config(config.registry.model_name, version)
-        params = recorded.params
-        if recorded.from_run_params:
-            params = params_from_logged(recorded.model, params)
-        champion = CandidateConfig(name=f"champion v{version}", model=recorded.model,
-                                   params=params)
-        resolved = resolved_config(champion, config)
+        members = _champion_members(recorded, version)
+        resolved = [resolved_config(member, config) for member, _, _ in members]
     except ValidationError as error:
         return ChampionScore(None, f"its recorded config is not a valid candidate: "
                                    f"{'; '.join(describe(error))}", None)
     except ValueError as error:
         return ChampionScore(None, f"its config could not be recovered: {error}", None)
-    twin = next((o for o in outcomes if o.config == resolved), None)
-    if twin is not None:
+    twins = [next((o for o in outcomes if o.config == r), None) for r in resolved]
+    ensemble = recorded.model == ENSEMBLE_MODEL
+    if not ensemble and twins[0] is not None:
+        twin = twins[0]
         how = f"same config as candidate {twin.name}: its fold scores are reused"
         if twin.backtest is None:
             return ChampionScore(None, f"candidate {twin.name}, its config, failed: "
                                        f"{twin.error}", how)
         backtest = twin.backtest
     else:
-        how = f"refitted on each fold from {recorded.source}"
+        how = (f"its members refitted on each fold (or lent a candidate's fold forecasts) and "
+               f"weighted as {recorded.source} records" if ensemble
+               else f"refitted on each fold from {recorded.source}")
         bar = _Progress(f"champion v{version}", len(prepared.plan.folds),
-                        resolved["params"].get("max_epochs") if is_neural(champion.model)
-                        else None, progress)
+                        resolved[0]["params"].get("max_epochs")
+                        if not ensemble and is_neural(recorded.model) else None, progress)
 
-        def scored(fold: Fold, scores: dict[str, float]) -> None:
-            mlflow.log_metrics({f"champion/fold_{fold.number}/{m}": v for m, v in scores.items()})
-            bar.step(f"fold {fold.number} {config.selection.metric} "
-                     f"{scores[config.selection.metric]:.4f}")
+        def curve(prefix: str) -> Callable[[Fold], EpochCallback]:
+            return lambda fold: epoch_logger(run_id, f"{prefix}fold_{fold.number}/",
+                                             then=bar.epoch)
 
-        # its fits warn as they did in its own race: their warnings are not kept
-        forecast = _fold_forecast(work.engine, work.submit(prepared, champion, refit=False),
-                                  lambda fold: epoch_logger(
-                                      run_id, f"champion/fold_{fold.number}/", then=bar.epoch),
-                                  [])
+        # every member's fits start now; they warn as they did in their own race: their
+        # warnings are not kept
+        forecasts = [
+            _lent(twin.backtest) if ensemble and twin is not None and twin.backtest is not None
+            else _fold_forecast(work.engine, work.submit(prepared, member, refit=False),
+                                curve(f"champion/{label}/" if ensemble else "champion/"), [])
+            for (member, label, _), twin in zip(members, twins, strict=True)]
+        weights = [weight for _, _, weight in members]
+
+        def forecast(fold: Fold) -> pd.DataFrame:
+            frames = [member_forecast(fold) for member_forecast in forecasts]
+            return combine(frames, weights, config.forecast_levels) if ensemble else frames[0]
+
         try:
             with recorded_warnings():
-                backtest = run_backtest(forecast, prepared.plan.folds, config, on_fold=scored)
+                backtest = run_backtest(forecast, prepared.plan.folds, config,
+                                        on_fold=_fold_logger(config, bar, "champion/"))
         except ClusterLost:
             raise
         except Exception as error:  # noqa: BLE001 - recorded as the reason of the decision
@@ -758,6 +944,26 @@ def _score_champion(prepared: PreparedRace, outcomes: list[CandidateOutcome], ve
     if not backtest.valid:
         return ChampionScore(backtest, "; ".join(backtest.problems) or "non-finite scores", how)
     return ChampionScore(backtest, None, how)
+
+
+def _champion_members(recorded: registry.RecordedConfig, version: int
+                      ) -> list[tuple[CandidateConfig, str, float]]:
+    """The champion as candidates to refit, each with its name and weight: itself (weight 1),
+    or an ensemble's members. Raises ValidationError or ValueError when it cannot be read."""
+    if recorded.model == ENSEMBLE_MODEL:
+        return [(CandidateConfig(name=f"champion v{version}/{member.name}", model=member.model,
+                                 params=member.params), member.name, member.weight)
+                for member in recorded_members(recorded.params)]
+    params = recorded.params
+    if recorded.from_run_params:
+        params = params_from_logged(recorded.model, params)
+    return [(CandidateConfig(name=f"champion v{version}", model=recorded.model, params=params),
+             "", 1.0)]
+
+
+def _lent(backtest: BacktestResult) -> ForecastFn:
+    """A candidate's own forecast of each fold, from its completed backtest."""
+    return lambda fold: backtest.forecasts[fold.number - 1]
 
 
 def _floor(prepared: PreparedRace, outcomes: list[CandidateOutcome]) -> registry.Floor:
@@ -774,7 +980,7 @@ def _floor(prepared: PreparedRace, outcomes: list[CandidateOutcome]) -> registry
 
 def _decide_and_alias(prepared: PreparedRace, outcomes: list[CandidateOutcome], run_id: str,
                       experiment_id: str, work: _Work, progress: bool,
-                      orphans: list[int]) -> RaceResult:
+                      orphans: list[int], ensemble_note: str | None) -> RaceResult:
     config = prepared.config
     name, metric = config.registry.model_name, config.selection.metric
     leaderboard = _leaderboard(outcomes, metric, prepared.baseline)
@@ -841,6 +1047,7 @@ def _decide_and_alias(prepared: PreparedRace, outcomes: list[CandidateOutcome], 
         versions={o.name: o.version for o in outcomes if o.version is not None},
         orphans=orphans,
         estimators={o.name: o.estimator for o in outcomes if o.estimator is not None},
+        ensemble_note=ensemble_note,
     )
     # the table, each note in full, the champion's score (or why it has none), the decision
     mlflow.log_text(format_leaderboard(result), "leaderboard.md")
@@ -876,7 +1083,8 @@ def _leaderboard(outcomes: list[CandidateOutcome], metric: str, baseline: str) -
         "version": o.version, "train_seconds": o.train_seconds,
         "backtest_seconds": o.backtest_seconds,
         "note": o.error or "; ".join(
-            [*o.problems, *(["ignores covariates"] if o.ignores_covariates else [])]),
+            [*o.problems, *(["ignores covariates"] if o.ignores_covariates else []),
+             *([o.note] if o.note else [])]),
     } for o in outcomes]
     table = pd.DataFrame(rows)
     table["_order"] = [0 if o.valid else 1 if o.status == "ok" else 2 for o in outcomes]
@@ -898,6 +1106,8 @@ def format_leaderboard(result: RaceResult) -> str:
     added = (" (the seasonal naive forecast, added to the candidates: set selection.baseline "
              "to choose another)" if result.baseline_added else "")
     lines.append(f"baseline: {result.baseline}{added}; a winner must beat it to be promoted")
+    if result.ensemble_note:
+        lines.append(f"ensemble: not raced: {result.ensemble_note}")
     if result.previous_champion_version is not None:
         score = ("could not be scored" if result.previous_champion_score is None
                  else f"{result.metric} {result.previous_champion_score:.4f}")

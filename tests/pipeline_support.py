@@ -57,10 +57,10 @@ def clean_mlflow_environment() -> Iterator[None]:
 
 def race_config(store: Path, data_dir: Path, candidates: list[dict[str, Any]],
                 **overrides: Any) -> RaceConfig:
-    """Eight M4 Hourly series cut to their last 200 hours, horizon 24, two folds, tracked in
-    ``store``/mlflow.db with artifacts in ``store``/artifacts. A dict in ``overrides`` is
-    merged into its section, except a ``data`` naming a ``loader`` or ``path``: that one is
-    the whole data section."""
+    """Eight M4 Hourly series cut to their last 200 hours, horizon 24, two folds, no ensemble,
+    tracked in ``store``/mlflow.db with artifacts in ``store``/artifacts. A dict in
+    ``overrides`` is merged into its section, except a ``data`` naming a ``loader`` or
+    ``path``: that one is the whole data section."""
     raw: dict[str, Any] = {
         "name": "test-race",
         "data": {"loader": "m4_hourly", "data_dir": str(data_dir / "m4"), "max_series": 8,
@@ -69,7 +69,8 @@ def race_config(store: Path, data_dir: Path, candidates: list[dict[str, Any]],
         "horizon": 24,
         "candidates": candidates,
         "backtest": {"splitter": "expanding", "folds": 2},
-        "selection": {"metric": "mase", "promotion_margin": 0.01},
+        # each test races the candidates it names; the ensemble's tests turn it on
+        "selection": {"metric": "mase", "promotion_margin": 0.01, "ensemble": False},
         "registry": {"model_name": "test-forecaster"},
         "tracking": {"tracking_uri": f"sqlite:///{store / 'mlflow.db'}",
                      "artifact_location": str(store / "artifacts"),
