@@ -23,7 +23,7 @@ from forecaster.ensemble import WeightedEnsembleForecaster
 from pipelines.backtest import Fold, point_score
 from pipelines.candidates import min_history
 from pipelines.config import ConfigError, RaceConfig, parse_config
-from pipelines.ensemble import combine, ensemble_model, greedy_weights, select
+from pipelines.ensemble import FoldScores, combine, ensemble_model, greedy_weights, select
 from pipelines.forecasts import POINT, forecast_frame, quantile_column
 from pipelines.pyfunc_model import forecast_history, log_forecaster
 from serving.model import VersionMeta, served_model
@@ -98,6 +98,26 @@ def test_each_fold_is_weighted_on_the_other_folds_only() -> None:
     assert selection.fold_weights[1].tolist() == [1.0, 0.0]
     record = selection.record("mae", 10)
     assert record["folds"][0] == {"fold": 1, "chosen_on_folds": [2], "weights": {"b": 1.0}}
+
+
+@pytest.mark.parametrize("metric", ["mase", "smape", "mae"])
+def test_the_selection_scores_weightings_as_the_leaderboard_does(metric: str) -> None:
+    """The vectorised fold scores equal sktime's panel metrics (point_score) on the same
+    weighted forecasts."""
+    config = _config(metric=metric)
+    fold = _fold(1, seed=4)
+    rng = np.random.default_rng(0)
+    frames = [_forecast(fold, bias) for bias in (0.5, -1.5, 3.0)]
+    for frame in frames:  # errors that differ by series and step, not only a constant bias
+        frame[POINT] += rng.normal(0, 1, len(frame))
+    scores = FoldScores([[frame] for frame in frames], [fold], config)
+    for counts in [(1, 0, 0), (2, 1, 0), (1, 3, 2)]:
+        weights = np.asarray(counts) / sum(counts)
+        mixed = sum(w * frame[POINT].to_numpy() for w, frame in zip(weights, frames,
+                                                                    strict=True))
+        y_pred = pd.DataFrame({TARGET: mixed}, index=fold.y_test.index)
+        assert scores(fold, counts) == pytest.approx(
+            point_score(metric, fold, y_pred, config), rel=1e-9)
 
 
 def test_greedy_selection_needs_a_finite_score() -> None:
