@@ -10,13 +10,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from mlflow.tracking import fluent
 from mlflow.tracking._model_registry import utils as registry_utils
 from mlflow.tracking._tracking_service import utils as tracking_utils
 
 from pipelines.config import RaceConfig, parse_config
 
 MLFLOW_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_NAME",
-                    "MLFLOW_ARTIFACT_LOCATION", "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING",
+                    "MLFLOW_EXPERIMENT_ID", "MLFLOW_ARTIFACT_LOCATION",
+                    "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING",
                     "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL")
 
 TINY_NEURAL = {"input_len": 48, "max_epochs": 2, "steps_per_epoch": 3, "batch_size": 16}
@@ -35,14 +37,16 @@ NAIVE = {"name": "naive", "model": "NaiveForecaster", "params": {"strategy": "la
 
 @contextmanager
 def clean_mlflow_environment() -> Iterator[None]:
-    """No MLFLOW_* variable of the machine running the tests may redirect a test's store, and
-    the process-wide URIs a race sets are put back afterwards."""
+    """No MLFLOW_* variable of the machine running the tests may redirect a test's store, nor an
+    experiment left active by an earlier test's ``mlflow.set_experiment`` (its id belongs to
+    another store); the process-wide URIs a race sets are put back afterwards."""
     saved = {name: os.environ.get(name) for name in MLFLOW_VARIABLES}
     with pytest.MonkeyPatch.context() as patch:
         for name in MLFLOW_VARIABLES:
             patch.delenv(name, raising=False)
         patch.setattr(tracking_utils, "_tracking_uri", tracking_utils._tracking_uri)
         patch.setattr(registry_utils, "_registry_uri", registry_utils._registry_uri)
+        patch.setattr(fluent, "_active_experiment_id", None)
         try:
             yield
         finally:
