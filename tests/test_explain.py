@@ -3,7 +3,8 @@ rows summing to 1), each estimator's batched ``explain_histories`` against ``att
 spread over the time steps by hand, and POST /explain's request path as plain functions
 (checked as /forecast checks a request, refused for a model without attention, one forward
 pass per model, rendered with timestamps, the most-attended steps and the covariates'
-importance); the ``forecaster explain`` command's figure."""
+importance, summed up in a line per series for the demo); the ``forecaster explain``
+command's figure."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from forecaster.models.layers import Segments, spread_over_steps
 from pipelines import registry
 from pipelines.pyfunc_model import future_layout, log_forecaster
 from serving.explain import explain_forward, prepare_explanation, render_explanations
+from serving.first_forecast import top_inputs_summary
 from serving.inference import RequestError
 from serving.model import ServedModel, _neural_explain, load_version
 from serving.schemas import ForecastRequest
@@ -246,6 +248,21 @@ def test_the_answer_is_the_models_attention_over_the_input_steps(
         first["input_timestamps"][first["top_inputs"][0]["position"]]
     assert np.asarray(short["attention"]).shape == (4, 9)  # only the observed steps
     assert "input_timestamps" not in short and "timestamp" not in short["top_inputs"][0]
+
+
+def test_the_demo_sums_up_an_answer_by_its_most_attended_inputs(
+        served: dict[int, ServedModel], sine_panel: pd.DataFrame) -> None:
+    body = _answer(_request([
+        {"id": "a", "values": sine_panel.loc["a", TARGET].tolist(),
+         "start": "2024-03-01T00:00:00", "freq": "h"},
+        {"id": "short", "values": np.linspace(1, 2, 9).tolist()}], horizon=4), served[2])
+    first, short = top_inputs_summary(body).splitlines()
+    top = body["explanations"][0]["top_inputs"]
+    assert first.startswith(f"a: {top[0]['lag']} back ({top[0]['timestamp']}) "
+                            f"{top[0]['weight']:.3f}, ")
+    assert first.count(" back (") == len(top) == 5
+    top = body["explanations"][1]["top_inputs"][-1]
+    assert short.startswith("short: ") and short.endswith(f"{top['lag']} back {top['weight']:.3f}")
 
 
 def test_a_model_without_attention_is_refused_naming_the_families(
