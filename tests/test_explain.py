@@ -315,7 +315,10 @@ def test_one_forward_pass_per_model_in_a_batch(served: dict[int, ServedModel]) -
             for model in (transformer, hybrid, transformer)]
     results = explain_forward(jobs)
     assert sorted(calls) == [(2, 6), (3, 3)]
-    np.testing.assert_array_equal(results[0][1].attention, results[2][1].attention)
+    # the same series in two places of one batch: a matrix product may round a row by its
+    # place in the batch (BLAS kernels block the rows), so equal to float32 rounding
+    np.testing.assert_allclose(results[0][1].attention, results[2][1].attention,
+                               rtol=1e-6, atol=1e-9)
     assert results[0][1].attention.shape == results[1][1].attention.shape == (HORIZON, 21)
 
 
