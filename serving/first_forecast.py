@@ -69,12 +69,29 @@ def curl_command(url: str, body: dict, route: str = "/forecast") -> str:
 
 
 def top_inputs_summary(answer: dict) -> str:
-    """An /explain answer in a line per series: its most-attended input steps, by lag (and
-    time, when the request gave ``start``), with their mean attention."""
+    """An /explain answer in a line per series: its most-attended input steps by lag (and time,
+    when the request gave ``start``) with their mean attention, against an even spread. Runs
+    of neighbouring steps of equal weight (the steps of one patch or segment) read as one."""
     lines = []
     for entry in answer["explanations"]:
-        inputs = ", ".join(
-            f"{top['lag']} back" + (f" ({top['timestamp']})" if "timestamp" in top else "")
-            + f" {top['weight']:.3f}" for top in entry["top_inputs"])
-        lines.append(f"{entry['id']}: {inputs}")
+        runs: list[list[dict]] = []
+        for top in entry["top_inputs"]:  # by weight, then oldest first: lags count down
+            last = runs[-1][-1] if runs else None
+            if last and top["lag"] == last["lag"] - 1 and \
+                    f"{top['weight']:.3f}" == f"{last['weight']:.3f}":
+                runs[-1].append(top)
+            else:
+                runs.append([top])
+        even = 1 / len(entry["attention"][0])
+        lines.append(f"{entry['id']}: {', '.join(_run_text(run) for run in runs)} "
+                     f"(an even spread: {even:.3f} each)")
     return "\n".join(lines)
+
+
+def _run_text(run: list[dict]) -> str:
+    first, last = run[0], run[-1]
+    if len(run) == 1:
+        times = f" ({first['timestamp']})" if "timestamp" in first else ""
+        return f"{first['lag']} back{times} {first['weight']:.3f}"
+    times = f" ({first['timestamp']} to {last['timestamp']})" if "timestamp" in first else ""
+    return f"{first['lag']}-{last['lag']} back{times} {first['weight']:.3f} each"

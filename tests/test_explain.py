@@ -252,18 +252,23 @@ def test_the_answer_is_the_models_attention_over_the_input_steps(
 
 def test_the_demo_sums_up_an_answer_by_its_most_attended_inputs(
         served: dict[int, ServedModel], sine_panel: pd.DataFrame) -> None:
+    # neighbouring steps of equal weight (one patch's) read as one range
+    answer = {"explanations": [{"id": "a", "attention": [[0.0] * 48], "top_inputs": [
+        {"position": 24, "lag": 24, "timestamp": "t24", "weight": 0.1},
+        {"position": 25, "lag": 23, "timestamp": "t25", "weight": 0.1},
+        {"position": 47, "lag": 1, "timestamp": "t47", "weight": 0.05}]}]}
+    assert top_inputs_summary(answer) == ("a: 24-23 back (t24 to t25) 0.100 each, "
+                                          "1 back (t47) 0.050 (an even spread: 0.021 each)")
+    # a served model's answer: a line per series
     body = _answer(_request([
         {"id": "a", "values": sine_panel.loc["a", TARGET].tolist(),
          "start": "2024-03-01T00:00:00", "freq": "h"},
         {"id": "short", "values": np.linspace(1, 2, 9).tolist()}], horizon=4), served[2])
     first, short = top_inputs_summary(body).splitlines()
-    top = body["explanations"][0]["top_inputs"]
-    assert first.startswith(f"a: {top[0]['lag']} back ({top[0]['timestamp']}) "
-                            f"{top[0]['weight']:.3f}, ")
-    assert first.count(" back (") == len(top) == 5
-    top = body["explanations"][1]["top_inputs"][-1]
-    assert short.startswith("short: ") and short.endswith(f"{top['lag']} back {top['weight']:.3f}")
-
+    top = body["explanations"][0]["top_inputs"][0]
+    assert first.startswith(f"a: {top['lag']}")
+    assert top["timestamp"] in first and first.endswith(f"(an even spread: {1 / 24:.3f} each)")
+    assert short.startswith("short: ") and short.endswith(f"(an even spread: {1 / 9:.3f} each)")
 
 def test_a_model_without_attention_is_refused_naming_the_families(
         served: dict[int, ServedModel]) -> None:
