@@ -15,8 +15,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q -c constraints.txt -e '.[dev,ray]'
 	touch $(STAMP)
 
-demo: $(STAMP)  ## race tiny models into ./mlflow.db, then serve the champion on :3000 (Ctrl-C stops)
-	# one thread: the tiny networks are fastest so, and the machine may have two cores
+demo: $(STAMP)  ## race small models into ./mlflow.db, then serve the champion on :3000 (Ctrl-C stops)
+	# one thread: the small networks are fastest so, and the machine may have two cores
 	OMP_NUM_THREADS=1 $(BIN)/forecaster train configs/quick.yaml
 	# no API token (FORECASTER_API_TOKEN empty): POST /actuals takes requests without one, as
 	# the service's log says; forecasts and actuals go to ./forecaster-store.db

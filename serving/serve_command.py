@@ -18,7 +18,14 @@ import tempfile
 from pathlib import Path
 
 from serving.config import CONFIG_FILE_VARIABLE, ENV_PREFIX, load_serving_config
-from serving.first_forecast import curl_command, example_request, post_forecast, wait_until_ready
+from serving.first_forecast import (
+    curl_command,
+    example_request,
+    get,
+    post,
+    top_inputs_summary,
+    wait_until_ready,
+)
 
 SERVICE = "serving.service:Forecaster"
 
@@ -27,8 +34,9 @@ def serve(host: str, port: int, config: Path | None = None,
           first_forecast: Path | None = None, model_name: str | None = None,
           alias: str | None = None) -> None:
     """Serve in the foreground until Ctrl-C; with ``first_forecast``, also post and print one
-    forecast once the service is ready. ``model_name`` and ``alias`` override the settings'.
-    Bad settings fail here, before BentoML starts."""
+    forecast once the service is ready and, for a model that explains, the inputs its
+    attention weighed most. ``model_name`` and ``alias`` override the settings'. Bad settings
+    fail here, before BentoML starts."""
     env = dict(os.environ)
     if config is not None:
         env[CONFIG_FILE_VARIABLE] = str(Path(config).resolve())
@@ -54,7 +62,11 @@ def serve(host: str, port: int, config: Path | None = None,
         wait_until_ready(url, alive=lambda: server.poll() is None)
         print(f"\nfirst forecast of {settings.model_name}@{settings.model_alias}:\n"
               f"{curl_command(url, body)}\n", flush=True)
-        print(json.dumps(post_forecast(url, body)), flush=True)
+        print(json.dumps(post(url, "/forecast", body)), flush=True)
+        if get(url, "/model")["explains"]:  # a network with attention: why it forecast so
+            print(f"\nthe inputs its attention weighed most (mean over the horizon):\n"
+                  f"{top_inputs_summary(post(url, '/explain', body))}\n"
+                  f"the whole map: {curl_command(url, body, '/explain')}", flush=True)
         print(f"\nserving on {url} (Swagger UI at {url}/); Ctrl-C stops", flush=True)
         server.wait()
     except KeyboardInterrupt:

@@ -3,7 +3,8 @@ rows summing to 1), each estimator's batched ``explain_histories`` against ``att
 spread over the time steps by hand, and POST /explain's request path as plain functions
 (checked as /forecast checks a request, refused for a model without attention, one forward
 pass per model, rendered with timestamps, the most-attended steps and the covariates'
-importance); the ``forecaster explain`` command's figure."""
+importance, summed up in a line per series for the demo); the ``forecaster explain``
+command's figure."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from forecaster.models.layers import Segments, spread_over_steps
 from pipelines import registry
 from pipelines.pyfunc_model import future_layout, log_forecaster
 from serving.explain import explain_forward, prepare_explanation, render_explanations
+from serving.first_forecast import top_inputs_summary
 from serving.inference import RequestError
 from serving.model import ServedModel, _neural_explain, load_version
 from serving.schemas import ForecastRequest
@@ -249,6 +251,26 @@ def test_the_answer_is_the_models_attention_over_the_input_steps(
     assert "input_timestamps" not in short and "timestamp" not in short["top_inputs"][0]
 
 
+def test_the_demo_sums_up_an_answer_by_its_most_attended_inputs(
+        served: dict[int, ServedModel], sine_panel: pd.DataFrame) -> None:
+    # neighbouring steps of equal weight (one patch's) read as one range
+    answer = {"explanations": [{"id": "a", "attention": [[0.0] * 48], "top_inputs": [
+        {"position": 24, "lag": 24, "timestamp": "t24", "weight": 0.1},
+        {"position": 25, "lag": 23, "timestamp": "t25", "weight": 0.1},
+        {"position": 47, "lag": 1, "timestamp": "t47", "weight": 0.05}]}]}
+    assert top_inputs_summary(answer) == ("a: 24-23 back (t24 to t25) 0.100 each, "
+                                          "1 back (t47) 0.050 (an even spread: 0.021 each)")
+    # a served model's answer: a line per series
+    body = _answer(_request([
+        {"id": "a", "values": sine_panel.loc["a", TARGET].tolist(),
+         "start": "2024-03-01T00:00:00", "freq": "h"},
+        {"id": "short", "values": np.linspace(1, 2, 9).tolist()}], horizon=4), served[2])
+    first, short = top_inputs_summary(body).splitlines()
+    top = body["explanations"][0]["top_inputs"][0]
+    assert first.startswith(f"a: {top['lag']}")
+    assert top["timestamp"] in first and first.endswith(f"(an even spread: {1 / 24:.3f} each)")
+    assert short.startswith("short: ") and short.endswith(f"(an even spread: {1 / 9:.3f} each)")
+
 def test_a_model_without_attention_is_refused_naming_the_families(
         served: dict[int, ServedModel]) -> None:
     lstm = served[1]
@@ -299,7 +321,10 @@ def test_one_forward_pass_per_model_in_a_batch(served: dict[int, ServedModel]) -
             for model in (transformer, hybrid, transformer)]
     results = explain_forward(jobs)
     assert sorted(calls) == [(2, 6), (3, 3)]
-    np.testing.assert_array_equal(results[0][1].attention, results[2][1].attention)
+    # the same series in two places of one batch: a matrix product may round a row by its
+    # place in the batch (BLAS kernels block the rows), so equal to float32 rounding
+    np.testing.assert_allclose(results[0][1].attention, results[2][1].attention,
+                               rtol=1e-6, atol=1e-9)
     assert results[0][1].attention.shape == results[1][1].attention.shape == (HORIZON, 21)
 
 

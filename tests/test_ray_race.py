@@ -6,8 +6,8 @@ from the registry; a worker killed mid-task is retried and the race completes; a
 four trials is four nested runs, the best one's parameters the candidate's; a cluster that
 goes away stops the race with one line, the champion untouched.
 
-The race of the leaderboard test is the demo's (configs/quick.yaml: six candidates on eight
-M4 Hourly series, about 20 s locally and 35 s on the two nodes here); the others are smaller:
+The race of the leaderboard test is the demo's (configs/quick.yaml: seven candidates), on eight
+M4 Hourly series with networks of two epochs; the others are smaller:
 two baselines and tiny LSTMs on the same series. Every address is on the
 loopback range (the nodes at 127.0.0.2 and 127.0.0.3: Ray would replace 127.0.0.1 by the
 machine's network address), with a token of the test's own.
@@ -52,6 +52,7 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "test-forecaster"
 DEMO = REPO / "configs" / "quick.yaml"
+DEMO_SERIES, DEMO_EPOCHS = 8, 2
 HEAD_IP, WORKER_IP = "127.0.0.2", "127.0.0.3"
 START_TIMEOUT_S = 120
 
@@ -160,9 +161,13 @@ def _config(store: Path, data_dir: Path, candidates: list[dict[str, Any]],
 
 
 def _demo(store: Path, execution: dict[str, Any]) -> RaceConfig:
-    """The demo race (configs/quick.yaml: six candidates on eight M4 Hourly series), tracked
-    in ``store``."""
+    """The demo race (configs/quick.yaml: seven candidates), shrunk to eight M4 Hourly series
+    and networks of two epochs to keep the test fast, tracked in ``store``."""
     raw = yaml.safe_load(DEMO.read_text())
+    raw["data"]["max_series"] = DEMO_SERIES
+    for candidate in raw["candidates"]:
+        if "max_epochs" in candidate.get("params", {}):
+            candidate["params"]["max_epochs"] = DEMO_EPOCHS
     raw["tracking"] = {"tracking_uri": f"sqlite:///{store / 'mlflow.db'}",
                        "artifact_location": str(store / "artifacts"),
                        "enable_system_metrics_logging": False}
