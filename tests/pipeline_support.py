@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from mlflow.tracking._model_registry import utils as registry_utils
 from mlflow.tracking._tracking_service import utils as tracking_utils
 
 from pipelines.config import RaceConfig, parse_config
+from pipelines.race import RaceResult
 
 MLFLOW_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_NAME",
                     "MLFLOW_EXPERIMENT_ID", "MLFLOW_ARTIFACT_LOCATION",
@@ -59,6 +61,18 @@ def clean_mlflow_environment() -> Iterator[None]:
                     os.environ[name] = value
 
 
+MODEL = "test-forecaster"  # the registered model of race_config's races
+
+
+@dataclass
+class Race:
+    """A race a test module runs once and its tests read: its config, result and store."""
+
+    config: RaceConfig
+    result: RaceResult
+    store: Path
+
+
 def race_config(store: Path, data_dir: Path, candidates: list[dict[str, Any]],
                 **overrides: Any) -> RaceConfig:
     """Eight M4 Hourly series cut to their last 200 hours, horizon 24, two folds, no ensemble,
@@ -75,7 +89,7 @@ def race_config(store: Path, data_dir: Path, candidates: list[dict[str, Any]],
         "backtest": {"splitter": "expanding", "folds": 2},
         # each test races the candidates it names; the ensemble's tests turn it on
         "selection": {"metric": "mase", "promotion_margin": 0.01, "ensemble": False},
-        "registry": {"model_name": "test-forecaster"},
+        "registry": {"model_name": MODEL},
         "tracking": {"tracking_uri": f"sqlite:///{store / 'mlflow.db'}",
                      "artifact_location": str(store / "artifacts"),
                      "system_metrics_sampling_interval": 1},

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
@@ -19,23 +18,22 @@ from mlflow import MlflowClient
 from pipelines import race as race_module
 from pipelines import registry
 from pipelines.backtest import score_forecast
-from pipelines.config import RaceConfig
 from pipelines.ensemble import combine
 from pipelines.forecasts import forecast_frame
-from pipelines.race import RaceResult, fit_fold, format_leaderboard, prepare_race, run_race
+from pipelines.race import fit_fold, format_leaderboard, prepare_race, run_race
 from pipelines.sources import load_race_data
-from tests.pipeline_support import NAIVE, SNAIVE, THETA, clean_mlflow_environment, race_config
+from tests.pipeline_support import (
+    MODEL,
+    NAIVE,
+    SNAIVE,
+    THETA,
+    Race,
+    clean_mlflow_environment,
+    race_config,
+)
 
 pytestmark = pytest.mark.slow
-MODEL = "test-forecaster"
 ENSEMBLE = {"ensemble": {"size": 10}}
-
-
-@dataclass
-class Race:
-    config: RaceConfig
-    result: RaceResult
-    store: Path
 
 
 @pytest.fixture(scope="module")

@@ -28,23 +28,17 @@ from pipelines.race import RaceResult, format_leaderboard, prepare_race, run_rac
 from pipelines.sources import load_race_data
 from tests.pipeline_support import (
     LSTM,
+    MODEL,
     NAIVE,
     SNAIVE,
     THETA,
     TRANSFORMER,
+    Race,
     clean_mlflow_environment,
     race_config,
 )
 
 pytestmark = pytest.mark.slow
-MODEL = "test-forecaster"
-
-
-@dataclass
-class Race:
-    config: RaceConfig
-    result: RaceResult
-    store: Path
 
 
 @pytest.fixture(scope="module")
