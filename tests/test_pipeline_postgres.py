@@ -82,10 +82,12 @@ def test_race_on_a_postgres_backed_mlflow_server(mlflow_server: str, tmp_path: P
     assert not registry_has_champion(mlflow_server, MODEL_NAME)
     result = run_race(config, progress=False)
 
-    assert result.winner in ("snaive", "lstm")
+    # the two candidates and their ensemble (on by default), each registered
+    raced = {"snaive", "lstm", "ensemble"}
+    assert result.winner in raced
     assert result.promoted and result.reason == "no champion yet"
     assert result.champion_version == result.winner_version
-    assert set(result.versions) == {"snaive", "lstm"}
+    assert set(result.versions) == raced
 
     client = MlflowClient(tracking_uri=mlflow_server, registry_uri=mlflow_server)
     # runs: the race's parent run and one nested run per candidate, with their metrics
@@ -97,7 +99,7 @@ def test_race_on_a_postgres_backed_mlflow_server(mlflow_server: str, tmp_path: P
     assert parent.data.tags["winner"] == result.winner
     children = {r.data.tags["candidate"]: r for r in runs
                 if r.data.tags.get("mlflow.parentRunId") == result.run_id}
-    assert set(children) == {"snaive", "lstm"}
+    assert set(children) == raced
     for name, run in children.items():
         assert run.info.status == "FINISHED", name
         for metric in ("mase", "smape", "mae", "fold_1/mase", "fold_2/mase"):
