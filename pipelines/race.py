@@ -882,7 +882,10 @@ def _score_champion(prepared: PreparedRace, outcomes: list[CandidateOutcome], ve
     and are never loaded). A candidate of this race with the same resolved config lends its
     fold scores instead: training it again on CPU gives the same ones. An ensemble's members
     are each refitted on the folds, or lent the fold forecasts of a candidate with their
-    config, and weighted with its recorded weights (chosen on its own race's folds).
+    config, and its weights chosen afresh as the race's own ensemble's are, each fold's on the
+    other folds: its recorded weights were chosen on its own race's folds, which may be these,
+    and would score it in sample (with one fold, nothing is left to choose on: they are kept,
+    and ``how`` says so).
 
     Registry errors propagate (they must not promote anyone); a config that cannot be read or
     rebuilt, or a fit that raises, leaves the champion without a score, with the reason.
@@ -907,10 +910,8 @@ def _score_champion(prepared: PreparedRace, outcomes: list[CandidateOutcome], ve
                                        f"{twin.error}", how)
         backtest = twin.backtest
     else:
-        how = (f"its members refitted on each fold (or lent a candidate's fold forecasts) and "
-               f"weighted as {recorded.source} records" if ensemble
-               else f"refitted on each fold from {recorded.source}")
-        bar = _Progress(f"champion v{version}", len(prepared.plan.folds),
+        folds = prepared.plan.folds
+        bar = _Progress(f"champion v{version}", len(folds),
                         resolved[0]["params"].get("max_epochs")
                         if not ensemble and is_neural(recorded.model) else None, progress)
 
@@ -925,15 +926,20 @@ def _score_champion(prepared: PreparedRace, outcomes: list[CandidateOutcome], ve
             else _fold_forecast(work.engine, work.submit(prepared, member, refit=False),
                                 curve(f"champion/{label}/" if ensemble else "champion/"), [])
             for (member, label, _), twin in zip(members, twins, strict=True)]
-        weights = [weight for _, _, weight in members]
-
-        def forecast(fold: Fold) -> pd.DataFrame:
-            frames = [member_forecast(fold) for member_forecast in forecasts]
-            return combine(frames, weights, config.forecast_levels) if ensemble else frames[0]
+        refitted = "its members refitted on each fold (or lent a candidate's fold forecasts)"
+        if not ensemble:
+            how, forecast = f"refitted on each fold from {recorded.source}", forecasts[0]
+        elif len(folds) > 1:
+            how = f"{refitted}, each fold's weighted on the other folds as the race's ensemble"
+            forecast = _cross_fitted(forecasts, [label for _, label, _ in members], prepared)
+        else:
+            how = (f"{refitted}, weighted as {recorded.source} records (one fold: nothing "
+                   "else to choose weights on)")
+            forecast = _weighted(forecasts, [weight for _, _, weight in members], config)
 
         try:
             with recorded_warnings():
-                backtest = run_backtest(forecast, prepared.plan.folds, config,
+                backtest = run_backtest(forecast, folds, config,
                                         on_fold=_fold_logger(config, bar, "champion/"))
         except ClusterLost:
             raise
@@ -959,6 +965,36 @@ def _champion_members(recorded: registry.RecordedConfig, version: int
         params = params_from_logged(recorded.model, params)
     return [(CandidateConfig(name=f"champion v{version}", model=recorded.model, params=params),
              "", 1.0)]
+
+
+def _cross_fitted(members: list[ForecastFn], names: list[str], prepared: PreparedRace
+                  ) -> ForecastFn:
+    """An ensemble champion's fold forecasts: its members' forecasts of every fold, weighted
+    as the race's ensemble is (:func:`pipelines.ensemble.select`), each fold on the other
+    folds; the weights are logged to the race's run as ``champion_ensemble_weights.json``."""
+    config, folds = prepared.config, prepared.plan.folds
+    chosen: list[tuple[list[list[pd.DataFrame]], Selection]] = []
+
+    def forecast(fold: Fold) -> pd.DataFrame:
+        if not chosen:  # the first fold asked: every member's every fold, then the weights
+            frames = [[member(f) for f in folds] for member in members]
+            selection = select(names, frames, folds, config)
+            mlflow.log_dict(selection.record(config.selection.metric,
+                                             config.selection.ensemble.size),
+                            "champion_ensemble_weights.json")
+            chosen.append((frames, selection))
+        frames, selection = chosen[0]
+        return combine([member[fold.number - 1] for member in frames],
+                       selection.fold_weights[fold.number - 1], config.forecast_levels)
+
+    return forecast
+
+
+def _weighted(members: list[ForecastFn], weights: list[float], config: RaceConfig
+              ) -> ForecastFn:
+    """The members' forecasts of a fold, weighted with ``weights``."""
+    return lambda fold: combine([member(fold) for member in members], weights,
+                                config.forecast_levels)
 
 
 def _lent(backtest: BacktestResult) -> ForecastFn:

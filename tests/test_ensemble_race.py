@@ -108,11 +108,17 @@ def test_an_ensemble_champion_is_scored_on_the_race_s_folds(ensemble_race: Race,
         alone = run_race(race_config(ensemble_race.store, data_dir, [NAIVE],
                                      selection={"baseline": "naive", **ENSEMBLE}),
                          progress=False)
-        # its members' twins lend their fold forecasts
-        twins = run_race(race_config(ensemble_race.store, data_dir, [SNAIVE, THETA]),
-                         progress=False)
+        # its members' twins lend their fold forecasts, and race their own ensemble
+        twins = run_race(race_config(ensemble_race.store, data_dir, [SNAIVE, THETA],
+                                     selection=ENSEMBLE), progress=False)
+        weights = json.loads(Path(mlflow.artifacts.download_artifacts(
+            run_id=alone.run_id, artifact_path="champion_ensemble_weights.json",
+            dst_path=str(ensemble_race.store / "champion_weights"))).read_text())
     assert alone.previous_champion_version == champion
     assert alone.champion_scored.startswith("its members refitted on each fold")
+    assert "each fold's weighted on the other folds" in alone.champion_scored
+    # its weights were chosen on these very folds: re-chosen, each fold's on the other fold
+    assert [f["chosen_on_folds"] for f in weights["folds"]] == [[2], [1]]
     assert alone.champion_error is None and not alone.promoted
     assert alone.ensemble_note == "1 valid candidate(s): an ensemble needs two"
     assert "ensemble: not raced: 1 valid candidate(s)" in format_leaderboard(alone)
@@ -121,6 +127,11 @@ def test_an_ensemble_champion_is_scored_on_the_race_s_folds(ensemble_race: Race,
     assert twins.previous_champion_version == champion
     assert twins.previous_champion_score == pytest.approx(alone.previous_champion_score,
                                                           rel=1e-12)
+    # on the same footing as the race's own ensemble of the same members: the same score,
+    # so it is not replaced by its equal
+    assert twins.previous_champion_score == pytest.approx(
+        twins.leaderboard.loc["ensemble", "mase"], rel=1e-9)
+    assert not twins.promoted
     assert registry.champion_version(MODEL) == champion
 
 
