@@ -60,7 +60,7 @@ import math
 import tempfile
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -831,11 +831,7 @@ def _backtest_ensemble(prepared: PreparedRace, outcome: CandidateOutcome, select
     """Score the ensemble's forecast of each fold, the candidates' forecasts of the fold
     weighted on the other folds, as a candidate's."""
     config = prepared.config
-
-    def forecast(fold: Fold) -> pd.DataFrame:
-        return combine([candidate[fold.number - 1] for candidate in forecasts],
-                       selection.fold_weights[fold.number - 1], config.forecast_levels)
-
+    forecast = _weighted_by_fold(forecasts, selection.fold_weights, config)
     backtest = run_backtest(forecast, prepared.plan.folds, config,
                             on_fold=_fold_logger(config, bar))
     backtest.seconds = time.perf_counter() - started  # the weighting with it
@@ -927,18 +923,15 @@ def _score_champion(prepared: PreparedRace, outcomes: list[CandidateOutcome], ve
                                 curve(f"champion/{label}/" if ensemble else "champion/"), [])
             for (member, label, _), twin in zip(members, twins, strict=True)]
         refitted = "its members refitted on each fold (or lent a candidate's fold forecasts)"
-        if not ensemble:
-            how, forecast = f"refitted on each fold from {recorded.source}", forecasts[0]
-        elif len(folds) > 1:
-            how = f"{refitted}, each fold's weighted on the other folds as the race's ensemble"
-            forecast = _cross_fitted(forecasts, [label for _, label, _ in members], prepared)
-        else:
-            how = (f"{refitted}, weighted as {recorded.source} records (one fold: nothing "
-                   "else to choose weights on)")
-            forecast = _weighted(forecasts, [weight for _, _, weight in members], config)
-
+        how = (f"refitted on each fold from {recorded.source}" if not ensemble else
+               f"{refitted}, each fold's weighted on the other folds as the race's ensemble"
+               if len(folds) > 1 else
+               f"{refitted}, weighted as {recorded.source} records (one fold: nothing else to "
+               "choose weights on)")
         try:
             with recorded_warnings():
+                forecast = _champion_ensemble(forecasts, members, prepared) if ensemble \
+                    else forecasts[0]
                 backtest = run_backtest(forecast, folds, config,
                                         on_fold=_fold_logger(config, bar, "champion/"))
         except ClusterLost:
@@ -967,34 +960,30 @@ def _champion_members(recorded: registry.RecordedConfig, version: int
              "", 1.0)]
 
 
-def _cross_fitted(members: list[ForecastFn], names: list[str], prepared: PreparedRace
-                  ) -> ForecastFn:
+def _champion_ensemble(forecasts: list[ForecastFn],
+                       members: list[tuple[CandidateConfig, str, float]],
+                       prepared: PreparedRace) -> ForecastFn:
     """An ensemble champion's fold forecasts: its members' forecasts of every fold, weighted
     as the race's ensemble is (:func:`pipelines.ensemble.select`), each fold on the other
-    folds; the weights are logged to the race's run as ``champion_ensemble_weights.json``."""
+    folds, with those weights logged to the race's run as ``champion_ensemble_weights.json``;
+    with one fold, weighted as recorded."""
     config, folds = prepared.config, prepared.plan.folds
-    chosen: list[tuple[list[list[pd.DataFrame]], Selection]] = []
-
-    def forecast(fold: Fold) -> pd.DataFrame:
-        if not chosen:  # the first fold asked: every member's every fold, then the weights
-            frames = [[member(f) for f in folds] for member in members]
-            selection = select(names, frames, folds, config)
-            mlflow.log_dict(selection.record(config.selection.metric,
-                                             config.selection.ensemble.size),
-                            "champion_ensemble_weights.json")
-            chosen.append((frames, selection))
-        frames, selection = chosen[0]
-        return combine([member[fold.number - 1] for member in frames],
-                       selection.fold_weights[fold.number - 1], config.forecast_levels)
-
-    return forecast
+    frames = [[member(fold) for fold in folds] for member in forecasts]
+    if len(folds) == 1:
+        return _weighted_by_fold(frames, [[weight for _, _, weight in members]], config)
+    selection = select([label for _, label, _ in members], frames, folds, config)
+    mlflow.log_dict(selection.record(config.selection.metric, config.selection.ensemble.size),
+                    "champion_ensemble_weights.json")
+    return _weighted_by_fold(frames, selection.fold_weights, config)
 
 
-def _weighted(members: list[ForecastFn], weights: list[float], config: RaceConfig
-              ) -> ForecastFn:
-    """The members' forecasts of a fold, weighted with ``weights``."""
-    return lambda fold: combine([member(fold) for member in members], weights,
-                                config.forecast_levels)
+def _weighted_by_fold(frames: Sequence[Sequence[pd.DataFrame]],
+                      fold_weights: Sequence[Sequence[float]], config: RaceConfig
+                      ) -> ForecastFn:
+    """The ensemble's forecast of fold k: the members' forecasts of it (``frames[i][k - 1]``)
+    weighted with ``fold_weights[k - 1]``."""
+    return lambda fold: combine([member[fold.number - 1] for member in frames],
+                                fold_weights[fold.number - 1], config.forecast_levels)
 
 
 def _lent(backtest: BacktestResult) -> ForecastFn:
