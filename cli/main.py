@@ -31,7 +31,7 @@ examples:
   forecaster schedule --run-at-start configs/m4_hourly.yaml --cron "0 3 * * *"
   curl -X POST localhost:9101/retrain        that scheduler: a race now (or coalesced)
   forecaster explain configs/quick.yaml --series history.csv --out heatmap.png
-  forecaster bench m4-hourly --models LSTMForecaster ThetaForecaster
+  forecaster bench m4-hourly --models LSTM Theta --seeds 3
 """
 
 
@@ -91,17 +91,30 @@ class _ConfigAction(argparse.Action):
         setattr(namespace, self.dest, values)
 
 
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return int(text)
+
+
 def _bench(args: argparse.Namespace) -> None:
-    from forecaster.benchmark import M4_MODELS, bench_etth1, bench_m4_hourly
+    from forecaster.benchmark import ETT_MODELS, M4_MODELS, bench_etth1, bench_m4_hourly
     from forecaster.datasets import default_data_dir
 
+    known = M4_MODELS if args.dataset == "m4-hourly" else ETT_MODELS
+    unknown = [name for name in args.models or () if name not in known]
+    if unknown:
+        args.parser.error(f"--models: {', '.join(unknown)} not benchmarked on {args.dataset}; "
+                          f"choose from {', '.join(known)}")
     data_dir = args.data_dir or default_data_dir()
     if args.dataset == "m4-hourly":
-        table = bench_m4_hourly(data_dir / "m4", args.models or list(M4_MODELS))
+        table = bench_m4_hourly(data_dir / "m4", args.models or list(M4_MODELS), args.seeds)
     else:
         horizons = tuple(args.horizons or (96, 336))
-        table = bench_etth1(data_dir / "ett" / "ETTh1.csv", horizons, args.models)
-    print(table.to_markdown(floatfmt=".3f"))
+        table = bench_etth1(data_dir / "ett" / "ETTh1.csv", horizons, args.models, args.seeds)
+    # the number of runs is a count (tabulate would print it as 3.000); the index comes first
+    print(table.to_markdown(floatfmt=["", *(".0f" if column == "runs" else ".3f"
+                                            for column in table.columns)]))
 
 
 def _quiet_mlflow() -> None:
@@ -242,7 +255,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "else ../shared/data beside the checkout)")
     bench.add_argument("--models", nargs="+", help="subset of model names (default: all)")
     bench.add_argument("--horizons", nargs="+", type=int, help="ETTh1 horizons (default 96 336)")
-    bench.set_defaults(run=_bench)
+    bench.add_argument("--seeds", type=_positive_int, default=1,
+                       help="fit each network with seeds 0 .. N-1 and report the median of "
+                            "each column (default 1: seed 0, the models' default)")
+    bench.set_defaults(run=_bench, parser=bench)
 
     train = commands.add_parser(
         "train", help="run one race now: backtest, track, register, promote the best",

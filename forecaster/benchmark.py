@@ -45,7 +45,6 @@ from forecaster.evaluation import ett_test_scores, m4_scores
 SP = M4_HOURLY_SEASONALITY
 
 
-
 def log_target(model: BaseForecaster) -> BaseForecaster:
     """The model on log values (M4 Hourly is positive and mostly multiplicative-seasonal).
 
@@ -95,24 +94,49 @@ ETT_MODELS: dict[str, Callable[..., BaseForecaster]] = {
 }
 
 
-def bench_m4_hourly(data_dir: str | Path, models: list[str] | None = None) -> pd.DataFrame:
-    """Train each model on M4 Hourly train, forecast 48 hours, score against M4 test."""
+def seeded(model: BaseForecaster, seed: int) -> BaseForecaster | None:
+    """``model`` with every ``random_state`` it holds set to ``seed``; None when it has none
+    (a deterministic model, whose other seeds would repeat its first run)."""
+    keys = [key for key in model.get_params()
+            if key == "random_state" or key.endswith("__random_state")]
+    return model.set_params(**dict.fromkeys(keys, seed)) if keys or not seed else None
+
+
+def median_over_seeds(fit_and_score: Callable[[BaseForecaster], dict[str, float]],
+                      make: Callable[[], BaseForecaster], seeds: int) -> dict[str, float]:
+    """Each score's median over the runs with seeds 0 .. ``seeds`` - 1 (one run for a model
+    without a seed), with the number of runs; seed 0 is every model's default."""
+    runs = [fit_and_score(model) for seed in range(seeds)
+            if (model := seeded(make(), seed)) is not None]
+    scores = {key: float(np.median([run[key] for run in runs])) for key in runs[0]}
+    return {**scores, "runs": len(runs)}
+
+
+def bench_m4_hourly(data_dir: str | Path, models: list[str] | None = None,
+                    seeds: int = 1) -> pd.DataFrame:
+    """Train each model on M4 Hourly train, forecast 48 hours, score against M4 test; with
+    ``seeds``, the median over that many seeds (see :func:`median_over_seeds`)."""
     train, test = load_m4_hourly(data_dir)
     y_train, y_test = long_to_panel(train), long_to_panel(test)
     fh = np.arange(1, M4_HOURLY_HORIZON + 1)
+
+    def fit_and_score(model: BaseForecaster) -> dict[str, float]:
+        started = time.perf_counter()
+        y_pred = model.fit(y_train, fh=fh).predict()
+        seconds = time.perf_counter() - started
+        return {**m4_scores(y_test, y_pred, y_train), "seconds": seconds}
+
     rows = []
     for name in tqdm(models or list(M4_MODELS), desc="M4 Hourly", unit="model"):
-        started = time.perf_counter()
-        y_pred = M4_MODELS[name]().fit(y_train, fh=fh).predict()
-        seconds = time.perf_counter() - started
-        rows.append({"model": name, **m4_scores(y_test, y_pred, y_train), "seconds": seconds})
+        rows.append({"model": name, **median_over_seeds(fit_and_score, M4_MODELS[name], seeds)})
         tqdm.write(str(rows[-1]), file=sys.stderr)
     return pd.DataFrame(rows).set_index("model")
 
 
 def bench_etth1(path: str | Path, horizons: tuple[int, ...] = (96, 336),
-                models: list[str] | None = None) -> pd.DataFrame:
-    """Multivariate (all 7 variables) and univariate (OT) MSE/MAE on the ETTh1 test split."""
+                models: list[str] | None = None, seeds: int = 1) -> pd.DataFrame:
+    """Multivariate (all 7 variables) and univariate (OT) MSE/MAE on the ETTh1 test split;
+    with ``seeds``, the median over that many seeds."""
     splits = load_etth1(path)
     rows = []
     jobs = [(name, setting, h) for h in horizons for setting in ("multivariate", "univariate")
@@ -121,12 +145,17 @@ def bench_etth1(path: str | Path, horizons: tuple[int, ...] = (96, 336),
         columns = list(splits.frame.columns) if setting == "multivariate" else ["OT"]
         # train and validation rows; the validation split is held out for early stopping
         y = long_to_panel(wide_to_long(splits.frame.iloc[: splits.val_end], columns))
-        model = ETT_MODELS[name](validation_rows=splits.val_end - splits.train_end,
-                                 **ETT_SETTINGS)
-        started = time.perf_counter()
-        model.fit(y, fh=np.arange(1, horizon + 1))
-        seconds = time.perf_counter() - started
+
+        def fit_and_score(model: BaseForecaster, y: pd.DataFrame = y, horizon: int = horizon,
+                          columns: list[str] = columns) -> dict[str, float]:
+            started = time.perf_counter()
+            model.fit(y, fh=np.arange(1, horizon + 1))
+            seconds = time.perf_counter() - started
+            return {**ett_test_scores(model, splits, columns), "seconds": seconds}
+
+        make = partial(ETT_MODELS[name], validation_rows=splits.val_end - splits.train_end,
+                       **ETT_SETTINGS)
         rows.append({"model": name, "setting": setting, "horizon": horizon,
-                     **ett_test_scores(model, splits, columns), "seconds": seconds})
+                     **median_over_seeds(fit_and_score, make, seeds)})
         tqdm.write(str(rows[-1]), file=sys.stderr)  # the table comes at the end of long runs
     return pd.DataFrame(rows).set_index(["setting", "horizon", "model"])

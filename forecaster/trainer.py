@@ -1,8 +1,8 @@
 """One training loop for every model family.
 
-AdamW with a one-cycle learning-rate schedule, gradient clipping, early stopping on the
-validation windows with the best weights restored, bf16 autocast on CUDA, and a progress bar.
-Seeded runs on the CPU are deterministic.
+AdamW with a one-cycle learning-rate schedule, gradient clipping, an exponential moving
+average of the weights, early stopping on the validation windows with the best average
+restored, bf16 autocast on CUDA, and a progress bar. Seeded runs on the CPU are deterministic.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import copy
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -30,6 +31,10 @@ class TrainingSettings:
     weight_decay: float = 1e-4
     gradient_clip: float = 1.0
     patience: int = 5  # epochs without a better validation loss before stopping
+    # the moving average's decay per step (at most; less over the first steps, so short runs
+    # average their own weights rather than the initial ones): validation and the fitted model
+    # use the average, which smooths the steps' noise out of the forecast (docs/benchmarks.md)
+    average_decay: float = 0.99
     device: str = "auto"
     seed: int = 0
     progress: bool = True
@@ -86,6 +91,14 @@ def predict_scaled(model: nn.Module, windows: Windows, device: torch.device,
     return np.concatenate(outputs)
 
 
+def _moving_average(average: torch.Tensor, current: torch.Tensor, steps: torch.Tensor,
+                    decay: float) -> torch.Tensor:
+    """The next average after ``steps`` updates: at most ``decay`` of the old average, less at
+    first ((1 + steps) / (10 + steps), as TensorFlow's ExponentialMovingAverage ramps up)."""
+    weight = min(decay, (1.0 + float(steps)) / (10.0 + float(steps)))
+    return weight * average + (1.0 - weight) * current
+
+
 def train(model: nn.Module, sampler: WindowSampler, loss_fn: Loss, settings: TrainingSettings,
           on_epoch: EpochCallback | None = None) -> list[EpochRecord]:
     """Train ``model`` in place, restore its best weights, and return the learning curve."""
@@ -98,6 +111,8 @@ def train(model: nn.Module, sampler: WindowSampler, loss_fn: Loss, settings: Tra
     schedule = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=settings.learning_rate,
         total_steps=settings.max_epochs * settings.steps_per_epoch)
+    averaged = torch.optim.swa_utils.AveragedModel(
+        model, avg_fn=partial(_moving_average, decay=settings.average_decay))
     validation = sampler.validation()
     val_target = torch.from_numpy(validation.target)
 
@@ -120,8 +135,9 @@ def train(model: nn.Module, sampler: WindowSampler, loss_fn: Loss, settings: Tra
             nn.utils.clip_grad_norm_(model.parameters(), settings.gradient_clip)
             optimizer.step()
             schedule.step()
+            averaged.update_parameters(model)
             total += loss.item()
-        val_loss = loss_fn(torch.from_numpy(predict_scaled(model, validation, device)),
+        val_loss = loss_fn(torch.from_numpy(predict_scaled(averaged.module, validation, device)),
                            val_target).item()
         record = EpochRecord(epoch, total / settings.steps_per_epoch, val_loss,
                              time.perf_counter() - started)
@@ -130,7 +146,8 @@ def train(model: nn.Module, sampler: WindowSampler, loss_fn: Loss, settings: Tra
             on_epoch(record)
         bar.set_postfix(train=f"{record.train_loss:.4f}", val=f"{val_loss:.4f}")
         if val_loss < best_loss:
-            best_loss, best_state, stale = val_loss, copy.deepcopy(model.state_dict()), 0
+            best_loss, best_state, stale = (val_loss,
+                                            copy.deepcopy(averaged.module.state_dict()), 0)
         else:
             stale += 1
             if stale >= settings.patience:

@@ -102,3 +102,15 @@ def test_serve_takes_the_model_name_and_alias() -> None:
     assert (args.model_name, args.alias) == ("sales", "blue")
     defaults = build_parser().parse_args(["serve"])
     assert (defaults.model_name, defaults.alias) == (None, None)  # the settings' own
+
+
+@pytest.mark.parametrize(("arguments", "words"), [
+    (["m4-hourly", "--models", "LSTMForecaster", "Theta"],
+     "--models: LSTMForecaster not benchmarked on m4-hourly; choose from sNaive, Theta"),
+    (["etth1", "--models", "GRU"], "--models: GRU not benchmarked on etth1; choose from "),
+    (["m4-hourly", "--seeds", "0"], "argument --seeds: must be a positive integer, got '0'"),
+])
+def test_bench_refuses_unknown_models_and_seeds(arguments: list[str], words: str) -> None:
+    result = forecaster("bench", *arguments)
+    assert result.returncode == 2, result.stderr
+    assert words in result.stderr and "Traceback" not in result.stderr, result.stderr
