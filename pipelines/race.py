@@ -923,11 +923,13 @@ def _score_champion(prepared: PreparedRace, outcomes: list[CandidateOutcome], ve
                                 curve(f"champion/{label}/" if ensemble else "champion/"), [])
             for (member, label, _), twin in zip(members, twins, strict=True)]
         refitted = "its members refitted on each fold (or lent a candidate's fold forecasts)"
-        how = (f"refitted on each fold from {recorded.source}" if not ensemble else
-               f"{refitted}, each fold's weighted on the other folds as the race's ensemble"
-               if len(folds) > 1 else
-               f"{refitted}, weighted as {recorded.source} records (one fold: nothing else to "
-               "choose weights on)")
+        if not ensemble:
+            how = f"refitted on each fold from {recorded.source}"
+        elif len(folds) > 1:
+            how = f"{refitted}, each fold's weighted on the other folds as the race's ensemble"
+        else:
+            how = (f"{refitted}, weighted as {recorded.source} records (one fold: nothing else "
+                   "to choose weights on)")
         try:
             with recorded_warnings():
                 forecast = _champion_ensemble(forecasts, members, prepared) if ensemble \

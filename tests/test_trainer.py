@@ -9,18 +9,17 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from forecaster.models import build_model
 from forecaster.models.losses import make_loss
-from forecaster.trainer import TrainingSettings, _moving_average, train
+from forecaster.trainer import TrainingSettings, _average_weight, train
 from forecaster.windows import Panel, WindowSampler
 
 QUANTILES = (0.1, 0.5, 0.9)
 
 
 def test_the_average_ramps_up_to_its_decay() -> None:
-    average, current = torch.tensor([1.0]), torch.tensor([0.0])
     # after 0 updates the old average weighs 1/10, after 90 it weighs 91/100, then the decay caps it
-    assert _moving_average(average, current, torch.tensor(0), 0.99).item() == pytest.approx(0.1)
-    assert _moving_average(average, current, torch.tensor(90), 0.99).item() == pytest.approx(0.91)
-    assert _moving_average(average, current, torch.tensor(5000), 0.99).item() == pytest.approx(0.99)
+    assert _average_weight(0, 0.99) == pytest.approx(0.1)
+    assert _average_weight(90, 0.99) == pytest.approx(0.91)
+    assert _average_weight(5000, 0.99) == pytest.approx(0.99)
 
 
 def test_training_keeps_the_moving_average_of_each_steps_weights() -> None:
@@ -46,8 +45,8 @@ def test_training_keeps_the_moving_average_of_each_steps_weights() -> None:
     assert len(steps) == settings.steps_per_epoch
     expected = dict(steps[0])  # the first update copies the weights
     for n, step in enumerate(steps[1:], start=1):
-        expected = {k: _moving_average(expected[k], step[k], torch.tensor(n), 0.8)
-                    for k in expected}
+        weight = _average_weight(n, 0.8)
+        expected = {k: weight * expected[k] + (1 - weight) * step[k] for k in expected}
     for name, weight in model.named_parameters():
         torch.testing.assert_close(weight.detach(), expected[name])
         assert not torch.equal(weight.detach(), steps[-1][name]), name  # not the last step's
