@@ -98,17 +98,16 @@ def _positive_int(text: str) -> int:
 
 
 def _bench(args: argparse.Namespace) -> None:
-    from forecaster.benchmark import ETT_MODELS, M4_MODELS, bench_etth1, bench_m4_hourly
+    from forecaster.benchmark import bench_etth1, bench_m4_hourly, check_rows
     from forecaster.datasets import default_data_dir
 
-    known = M4_MODELS if args.dataset == "m4-hourly" else ETT_MODELS
-    unknown = [name for name in args.models or () if name not in known]
-    if unknown:
-        args.parser.error(f"--models: {', '.join(unknown)} not benchmarked on {args.dataset}; "
-                          f"choose from {', '.join(known)}")
+    try:
+        check_rows(args.dataset, args.models or [])
+    except ValueError as error:
+        args.parser.error(f"--models: {error}")
     data_dir = args.data_dir or default_data_dir()
     if args.dataset == "m4-hourly":
-        table = bench_m4_hourly(data_dir / "m4", args.models or list(M4_MODELS), args.seeds)
+        table = bench_m4_hourly(data_dir / "m4", args.models, args.seeds)
     else:
         horizons = tuple(args.horizons or (96, 336))
         table = bench_etth1(data_dir / "ett" / "ETTh1.csv", horizons, args.models, args.seeds)
@@ -253,7 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--data-dir", type=Path,
                        help="folder holding m4/ and ett/ (default: $FORECASTER_DATA_DIR, "
                             "else ../shared/data beside the checkout)")
-    bench.add_argument("--models", nargs="+", help="subset of model names (default: all)")
+    bench.add_argument("--models", nargs="+",
+                       help="subset of model names (default: all); Ensemble weighs the networks "
+                            "named with it")
     bench.add_argument("--horizons", nargs="+", type=int, help="ETTh1 horizons (default 96 336)")
     bench.add_argument("--seeds", type=_positive_int, default=1,
                        help="fit each network with seeds 0 .. N-1 and report the median of "

@@ -17,13 +17,16 @@ the new history as its context, while a local model (a baseline) is fitted on it
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import pandas as pd
 from sktime.forecasting.base import ForecastingHorizon
 from sktime.forecasting.base._meta import _HeterogenousEnsembleForecaster
+
+GREEDY_STEPS = 10  # greedy_weights' default number of selection steps
 
 
 def weighted_mean(values: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:
@@ -34,6 +37,31 @@ def weighted_mean(values: Sequence[np.ndarray], weights: Sequence[float]) -> np.
     for weight, value in zip(weights, values, strict=True):
         total += float(weight) * np.asarray(value, np.float64)
     return total / float(sum(weights))
+
+
+def greedy_weights(score: Callable[[tuple[int, ...]], float], count: int,
+                   size: int = GREEDY_STEPS) -> np.ndarray:
+    """Caruana et al.'s (2004) ensemble selection with replacement over ``count`` members, as
+    AutoGluon-TimeSeries weighs its ensembles: ``size`` steps, each adding the member whose
+    addition scores best (``score`` of the counts, lower is better; a tie goes to the earlier
+    member), and the counts of the best step so far, normalised. Raises ValueError when no
+    step has a finite score."""
+    counts = np.zeros(count, np.int64)
+    best, best_counts = math.inf, None
+    for _ in range(size):
+        trials = []
+        for i in range(count):
+            counts[i] += 1
+            trials.append(score(tuple(int(c) for c in counts)))
+            counts[i] -= 1
+        scores = np.where(np.isfinite(trials), trials, np.inf)
+        pick = int(np.argmin(scores))
+        counts[pick] += 1
+        if scores[pick] < best:
+            best, best_counts = float(scores[pick]), counts.copy()
+    if best_counts is None:
+        raise ValueError("no weighting of the members has a finite score")
+    return best_counts / best_counts.sum()
 
 
 class WeightedEnsembleForecaster(_HeterogenousEnsembleForecaster):

@@ -37,23 +37,31 @@ def m4_scores(y_test: pd.DataFrame, y_pred: pd.DataFrame, y_train: pd.DataFrame
     return {**scores, "owa": float(owa)}
 
 
-def ett_test_scores(model: NeuralForecaster, splits: ETTSplits, columns: list[str],
-                    batch: int = 4096) -> dict[str, float]:
-    """MSE and MAE over every test window (stride 1) of the given columns, in z-score units.
+def ett_forecasts(model: NeuralForecaster, splits: ETTSplits, columns: list[str],
+                  split: str = "test", batch: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """The median forecasts and the truths, each (windows, horizon), of every window (stride 1)
+    whose horizon lies in ``split`` ("val" or "test"), for the given columns in z-score units.
 
     Each window's input is the ``input_len`` rows before its origin, as in the reference
     loaders; each column is forecast from its own history (channel independence).
     """
     values = splits.frame[columns].to_numpy(np.float32)  # (T, C)
     horizon, input_len = model.horizon_, model.resolved_params_["input_len"]
-    origins = np.arange(splits.val_end, splits.test_end - horizon + 1)
-    squared = absolute = count = 0.0
-    for start in range(0, len(origins), max(1, batch // len(columns))):
-        chunk = origins[start: start + max(1, batch // len(columns))]
+    first, end = {"val": (splits.train_end, splits.val_end),
+                  "test": (splits.val_end, splits.test_end)}[split]
+    origins = np.arange(first, end - horizon + 1)
+    per_chunk = max(1, batch // len(columns))
+    medians, truths = [], []
+    for start in range(0, len(origins), per_chunk):
+        chunk = origins[start: start + per_chunk]
         histories = [values[o - input_len: o, c] for o in chunk for c in range(len(columns))]
-        median = model.forecast_histories(histories)[..., model.levels_.index(0.5)]  # (N, H)
-        truth = np.stack([values[o: o + horizon, c] for o in chunk for c in range(len(columns))])
-        squared += float(((median - truth) ** 2).sum())
-        absolute += float(np.abs(median - truth).sum())
-        count += truth.size
-    return {"mse": squared / count, "mae": absolute / count}
+        medians.append(model.forecast_histories(histories)[..., model.levels_.index(0.5)])
+        truths.append(np.stack([values[o: o + horizon, c] for o in chunk
+                                for c in range(len(columns))]))
+    return np.concatenate(medians), np.concatenate(truths)
+
+
+def ett_scores(forecast: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+    """MSE and MAE over every value of the windows."""
+    error = np.asarray(forecast, np.float64) - truth
+    return {"mse": float((error ** 2).mean()), "mae": float(np.abs(error).mean())}

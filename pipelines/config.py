@@ -37,6 +37,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from forecaster.ensemble import GREEDY_STEPS
 from forecaster.estimators import DEFAULT_QUANTILES
 from forecaster.seasonality import season_length_of
 from pipelines.candidates import (
@@ -317,7 +318,7 @@ class EnsembleConfig(StrictModel):
     or more folds. ``selection.ensemble: false`` is short for ``enabled: false``."""
 
     enabled: bool = True
-    size: PositiveInt = 10
+    size: PositiveInt = GREEDY_STEPS
 
 
 class SelectionConfig(StrictModel):

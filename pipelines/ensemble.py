@@ -35,7 +35,7 @@ from sktime.performance_metrics.forecasting import (
 )
 
 from forecaster.data import SERIES, TARGET, TIME
-from forecaster.ensemble import WeightedEnsembleForecaster, weighted_mean
+from forecaster.ensemble import WeightedEnsembleForecaster, greedy_weights, weighted_mean
 from pipelines.backtest import Fold
 from pipelines.candidates import is_neural
 from pipelines.config import RaceConfig
@@ -85,30 +85,6 @@ def not_raced(config: RaceConfig, candidates: int, folds: int) -> str | None:
         return ("one backtest fold: its weights would be scored on the fold they were chosen "
                 "on (cross-fitting needs two folds)")
     return None
-
-
-def greedy_weights(score: Callable[[tuple[int, ...]], float], count: int, size: int
-                   ) -> np.ndarray:
-    """Caruana's ensemble selection with replacement over ``count`` candidates: ``size``
-    steps, each adding the candidate whose addition scores best (``score`` of the counts,
-    lower is better; a tie goes to the earlier candidate), and the counts of the best step
-    so far, normalised. Raises ValueError when no step has a finite score."""
-    counts = np.zeros(count, np.int64)
-    best, best_counts = math.inf, None
-    for _ in range(size):
-        trials = []
-        for i in range(count):
-            counts[i] += 1
-            trials.append(score(tuple(int(c) for c in counts)))
-            counts[i] -= 1
-        scores = np.where(np.isfinite(trials), trials, np.inf)
-        pick = int(np.argmin(scores))
-        counts[pick] += 1
-        if scores[pick] < best:
-            best, best_counts = float(scores[pick]), counts.copy()
-    if best_counts is None:
-        raise ValueError("no weighting of the candidates has a finite score on the folds")
-    return best_counts / best_counts.sum()
 
 
 class FoldScores:

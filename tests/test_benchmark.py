@@ -1,11 +1,25 @@
-"""The benchmarks' seeds: each network is fitted once per seed and scored by the median, a
-deterministic baseline once."""
+"""The benchmarks' seeds (each network fitted once per seed and scored by the median, a
+deterministic baseline once) and the networks' ensemble row."""
 
 from __future__ import annotations
 
+import numpy as np
+import pandas as pd
 from sktime.forecasting.base import BaseForecaster
 
-from forecaster.benchmark import M4_MODELS, NETWORKS, median_over_seeds, network, seeded
+from forecaster.benchmark import (
+    M4_MODELS,
+    NETWORKS,
+    ensemble_run,
+    last_rows,
+    median_over_seeds,
+    network,
+    seeded,
+    weighted_forecast,
+)
+from forecaster.datasets import M4_HOURLY_HORIZON
+from forecaster.evaluation import ett_scores, m4_scores
+from tests.conftest import make_panel
 
 
 def test_a_network_takes_each_seed_and_a_baseline_runs_once() -> None:
@@ -26,3 +40,37 @@ def test_scores_are_the_median_over_the_seeds() -> None:
         "owa": 0.5, "seconds": 20.0, "runs": 3}
     assert median_over_seeds(fit_and_score, M4_MODELS["Theta"], 3) == {
         "owa": 0.5, "seconds": 10.0, "runs": 1}
+
+
+def test_last_rows_split_every_series_at_its_own_end() -> None:
+    y = make_panel({"a": 80, "b": 64})
+    head, tail = last_rows(y, 10)
+    assert tail.groupby(level=0).size().to_dict() == {"a": 10, "b": 10}
+    assert head.groupby(level=0).size().to_dict() == {"a": 70, "b": 54}
+    assert pd.concat([head, tail]).sort_index().equals(y.sort_index())
+
+
+def test_the_ensemble_is_weighted_on_the_held_out_rows_and_scored_on_test() -> None:
+    """Two members: one exact on the held-out last horizon of train, one off by a lot. The
+    greedy weights go to the first, so the ensemble's test scores are its test forecast's,
+    however good the second's test forecast is."""
+    y = make_panel({"a": 200, "b": 150}) + 10.0  # positive, as sMAPE wants
+    y_train, y_test = last_rows(y, M4_HOURLY_HORIZON)
+    y_fit, held_out = last_rows(y_train, M4_HOURLY_HORIZON)
+    members = {"exact": (held_out, y_test * 1.05, 3.0),
+               "off": (held_out * 2.0, y_test, 4.0)}
+    scores = ensemble_run(members, lambda f: m4_scores(held_out, f, y_fit)["owa"],
+                          lambda f: m4_scores(y_test, f, y_train), weighted_forecast)
+    assert scores == {**m4_scores(y_test, y_test * 1.05, y_train), "seconds": 7.0}
+    assert scores["owa"] > 0.0  # the other member's perfect test forecast weighed nothing
+
+
+def test_the_ensemble_mixes_members_whose_errors_cancel() -> None:
+    """Arrays, as the ETTh1 rows weigh them: one member too high and one too low by the same
+    amount on the held-out rows average to the truth, so each gets half the weight."""
+    truth = np.linspace(0.0, 1.0, 20).reshape(4, 5)
+    members = {"high": (truth + 1.0, np.full((4, 5), 2.0), 1.0),
+               "low": (truth - 1.0, np.full((4, 5), 4.0), 1.0)}
+    scores = ensemble_run(members, lambda f: ett_scores(f, truth)["mse"],
+                          lambda f: ett_scores(f, np.full((4, 5), 3.0)))
+    assert scores == {"mse": 0.0, "mae": 0.0, "seconds": 2.0}

@@ -108,6 +108,8 @@ def test_serve_takes_the_model_name_and_alias() -> None:
     (["m4-hourly", "--models", "LSTMForecaster", "Theta"],
      "--models: LSTMForecaster not benchmarked on m4-hourly; choose from sNaive, Theta"),
     (["etth1", "--models", "GRU"], "--models: GRU not benchmarked on etth1; choose from "),
+    (["m4-hourly", "--models", "Ensemble", "GRU", "Theta"],
+     "--models: Ensemble weighs the networks benchmarked with it: name two or more of RNN, "),
     (["m4-hourly", "--seeds", "0"], "argument --seeds: must be a positive integer, got '0'"),
 ])
 def test_bench_refuses_unknown_models_and_seeds(arguments: list[str], words: str) -> None:

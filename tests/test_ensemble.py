@@ -19,11 +19,11 @@ from sktime.forecasting.theta import ThetaForecaster
 
 from forecaster import estimators
 from forecaster.data import SERIES, TARGET, TIME
-from forecaster.ensemble import WeightedEnsembleForecaster
+from forecaster.ensemble import WeightedEnsembleForecaster, greedy_weights
 from pipelines.backtest import Fold, point_score
 from pipelines.candidates import min_history
 from pipelines.config import ConfigError, RaceConfig, parse_config
-from pipelines.ensemble import FoldScores, combine, ensemble_model, greedy_weights, select
+from pipelines.ensemble import FoldScores, combine, ensemble_model, select
 from pipelines.forecasts import POINT, forecast_frame, quantile_column
 from pipelines.pyfunc_model import forecast_history, log_forecaster
 from serving.model import VersionMeta, served_model
@@ -121,7 +121,7 @@ def test_the_selection_scores_weightings_as_the_leaderboard_does(metric: str) ->
 
 
 def test_greedy_selection_needs_a_finite_score() -> None:
-    with pytest.raises(ValueError, match="no weighting of the candidates has a finite score"):
+    with pytest.raises(ValueError, match="no weighting of the members has a finite score"):
         greedy_weights(lambda counts: float("nan"), 2, 3)
 
 
