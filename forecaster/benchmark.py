@@ -40,7 +40,7 @@ from forecaster.datasets import (
     load_m4_hourly,
     wide_to_long,
 )
-from forecaster.ensemble import greedy_weights, weighted_mean
+from forecaster.ensemble import greedy_weights, weighted_frame, weighted_mean
 from forecaster.evaluation import ett_forecasts, ett_scores, m4_scores
 
 SP = M4_HOURLY_SEASONALITY
@@ -131,14 +131,6 @@ def last_rows(y: pd.DataFrame, rows: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     return y[position >= rows], y[position < rows]
 
 
-def weighted_forecast(forecasts: list[pd.DataFrame], weights: Sequence[float]) -> pd.DataFrame:
-    """The weighted mean of point forecasts of the same rows (:func:`weighted_mean`)."""
-    first = forecasts[0]
-    return pd.DataFrame(
-        weighted_mean([f.loc[first.index].to_numpy(np.float64) for f in forecasts], weights),
-        index=first.index, columns=first.columns)
-
-
 def ensemble_run(members: dict[str, Member], held_out_loss: Callable[[Any], float],
                  test_scores: Callable[[Any], dict[str, float]],
                  combine: Callable[[list[Any], Sequence[float]], Any] = weighted_mean
@@ -196,7 +188,7 @@ def bench_m4_hourly(data_dir: str | Path, models: list[str] | None = None,
         started = time.perf_counter()
         y_pred = model.fit(y_train, fh=fh).predict()
         seconds = time.perf_counter() - started
-        if name in NETWORKS:  # the trained network, forecasting the horizon it held out
+        if ENSEMBLE in names and name in NETWORKS:  # forecast the horizon it held out
             network = model.steps_[-1][1]
             held_out = log_target(network.pretrained()).fit(y_fit, fh=fh).predict()
             members.setdefault(network.random_state, {})[name] = (held_out, y_pred, seconds)
@@ -207,7 +199,7 @@ def bench_m4_hourly(data_dir: str | Path, models: list[str] | None = None,
         if name == ENSEMBLE:
             scores = median_of([ensemble_run(
                 networks, lambda f: m4_scores(y_held_out, f, y_fit)["owa"],
-                lambda f: m4_scores(y_test, f, y_train), weighted_forecast)
+                lambda f: m4_scores(y_test, f, y_train), weighted_frame)
                 for networks in members.values()])
         else:
             scores = median_over_seeds(fit_and_score, M4_MODELS[name], seeds)
@@ -243,11 +235,12 @@ def bench_etth1(path: str | Path, horizons: tuple[int, ...] = (96, 336),
             started = time.perf_counter()
             model.fit(y, fh=np.arange(1, horizon + 1))
             seconds = time.perf_counter() - started
-            (val, val_truth), (test, test_truth) = (
-                ett_forecasts(model, splits, columns, split) for split in ("val", "test"))
-            truths[key] = {"val": val_truth, "test": test_truth}
-            members.setdefault(key, {}).setdefault(model.random_state, {})[name] = (
-                val, test, seconds)
+            test, test_truth = ett_forecasts(model, splits, columns)
+            if ENSEMBLE in names:  # its forecasts of the validation split it held out
+                val, val_truth = ett_forecasts(model, splits, columns, "val")
+                truths[key] = {"val": val_truth, "test": test_truth}
+                members.setdefault(key, {}).setdefault(model.random_state, {})[name] = (
+                    val, test, seconds)
             return {**ett_scores(test, test_truth), "seconds": seconds}
 
         if name == ENSEMBLE:

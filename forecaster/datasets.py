@@ -61,13 +61,17 @@ class ETTSplits:
     val_end: int
     test_end: int
 
-    def rows(self, split: str, input_len: int = 0) -> pd.DataFrame:
-        """Rows of a split, preceded by ``input_len`` rows of context as in reference loaders."""
-        start, end = {
+    def bounds(self, split: str) -> tuple[int, int]:
+        """The first row of a split ("train", "val" or "test") and the row after its last."""
+        return {
             "train": (0, self.train_end),
             "val": (self.train_end, self.val_end),
             "test": (self.val_end, self.test_end),
         }[split]
+
+    def rows(self, split: str, input_len: int = 0) -> pd.DataFrame:
+        """Rows of a split, preceded by ``input_len`` rows of context as in reference loaders."""
+        start, end = self.bounds(split)
         return self.frame.iloc[max(start - input_len, 0) : end]
 
 

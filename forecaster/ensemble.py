@@ -39,6 +39,15 @@ def weighted_mean(values: Sequence[np.ndarray], weights: Sequence[float]) -> np.
     return total / float(sum(weights))
 
 
+def weighted_frame(forecasts: Sequence[pd.DataFrame], weights: Sequence[float]
+                   ) -> pd.DataFrame:
+    """The weighted mean (:func:`weighted_mean`) of forecast frames of the same rows and
+    columns, rows aligned on the first's."""
+    first = forecasts[0]
+    values = [forecast.loc[first.index].to_numpy(np.float64) for forecast in forecasts]
+    return pd.DataFrame(weighted_mean(values, weights), index=first.index, columns=first.columns)
+
+
 def greedy_weights(score: Callable[[tuple[int, ...]], float], count: int,
                    size: int = GREEDY_STEPS) -> np.ndarray:
     """Caruana et al.'s (2004) ensemble selection with replacement over ``count`` members, as
@@ -140,11 +149,7 @@ class WeightedEnsembleForecaster(_HeterogenousEnsembleForecaster):
                               for forecaster in self._get_forecaster_list()])
 
     def _combine(self, forecasts: list[pd.DataFrame]) -> pd.DataFrame:
-        """The weighted mean of the members' forecasts, rows aligned on the first's."""
-        first = forecasts[0]
-        values = [forecast.loc[first.index].to_numpy(np.float64) for forecast in forecasts]
-        return pd.DataFrame(weighted_mean(values, self._weights()), index=first.index,
-                            columns=first.columns)
+        return weighted_frame(forecasts, self._weights())
 
     @classmethod
     def get_test_params(cls, parameter_set: str = "default") -> list[dict[str, Any]]:

@@ -47,8 +47,7 @@ def ett_forecasts(model: NeuralForecaster, splits: ETTSplits, columns: list[str]
     """
     values = splits.frame[columns].to_numpy(np.float32)  # (T, C)
     horizon, input_len = model.horizon_, model.resolved_params_["input_len"]
-    first, end = {"val": (splits.train_end, splits.val_end),
-                  "test": (splits.val_end, splits.test_end)}[split]
+    first, end = splits.bounds(split)
     origins = np.arange(first, end - horizon + 1)
     per_chunk = max(1, batch // len(columns))
     medians, truths = [], []

@@ -15,9 +15,9 @@ from forecaster.benchmark import (
     median_over_seeds,
     network,
     seeded,
-    weighted_forecast,
 )
 from forecaster.datasets import M4_HOURLY_HORIZON
+from forecaster.ensemble import weighted_frame
 from forecaster.evaluation import ett_scores, m4_scores
 from tests.conftest import make_panel
 
@@ -60,7 +60,7 @@ def test_the_ensemble_is_weighted_on_the_held_out_rows_and_scored_on_test() -> N
     members = {"exact": (held_out, y_test * 1.05, 3.0),
                "off": (held_out * 2.0, y_test, 4.0)}
     scores = ensemble_run(members, lambda f: m4_scores(held_out, f, y_fit)["owa"],
-                          lambda f: m4_scores(y_test, f, y_train), weighted_forecast)
+                          lambda f: m4_scores(y_test, f, y_train), weighted_frame)
     assert scores == {**m4_scores(y_test, y_test * 1.05, y_train), "seconds": 7.0}
     assert scores["owa"] > 0.0  # the other member's perfect test forecast weighed nothing
 
