@@ -1,10 +1,10 @@
 """The networks' default ("auto") sizes on short series of other frequencies than hourly,
 against sktime's Theta and the seasonal naive forecast.
 
-    python -m benchmarks.short_series [--data daily monthly] [--models LSTM Theta ...]
+    python -m benchmarks.short_series [--data daily monthly hourly] [--models LSTM Theta ...]
                                       [--series N] [--max-epochs E] [--data-dir DIR]
 
-Two data sets, each a panel of short series with a time index the networks read their season
+Three data sets, each a panel of short series with a time index the networks read their season
 from (nothing is downloaded):
 
 * ``daily``: M4 Hourly's training series summed per day (whole 24-hour blocks counted back
@@ -12,7 +12,11 @@ from (nothing is downloaded):
   held out;
 * ``monthly``: sktime's bundled monthly series (airline passengers, shampoo sales and the four
   series of the hierarchical sales toy data): 6 series of 36 to 144 months, season 12,
-  horizon 12, the last 12 months held out.
+  horizon 12, the last 12 months held out;
+* ``hourly``: M4 Hourly's training series cut short, the tuning set of the "auto" rules (the
+  two above are held out from tuning, as the defaults are tuned on M4 Hourly and ETTh1 only):
+  each series' last 96 to 252 hours (4 to 10.5 seasons, as M3 Monthly's 48 to 126 months),
+  horizon 36 (1.5 seasons, as M3 Monthly's 18), the last 36 hours held out. Not M4's test.
 
 Every network runs with its default arguments (as ``forecaster bench m4-hourly`` runs them:
 ``forecaster.benchmark.network``, on log values), fitted globally on the panel; ``--max-epochs``
@@ -43,6 +47,7 @@ from forecaster.datasets import default_data_dir, load_m4_hourly
 from forecaster.evaluation import smape_mase
 
 HOURS_PER_DAY = 24
+SHORT_HOURS = (96, 252)  # the hourly set's shortest and longest series
 
 
 @dataclass(frozen=True)
@@ -91,6 +96,22 @@ def monthly_sktime(count: int | None) -> ShortSeries:
     return _split("monthly", 12, 12, _panel(chosen))
 
 
+def short_hourly_m4(data_dir: Path, count: int | None) -> ShortSeries:
+    """Each M4 Hourly training series' last 96 to 252 hours (the lengths spread evenly over the
+    series), dated by the hour."""
+    train, _ = load_m4_hourly(data_dir / "m4")
+    shortest, longest = SHORT_HOURS
+    series = {}
+    for i, (key, hours) in enumerate(train.groupby(SERIES, sort=False)[TARGET]):
+        # 37 steps through the 157 lengths (a prime number of them) evenly, series by series
+        values = hours.to_numpy()[-(shortest + i * 37 % (longest - shortest + 1)):]
+        series[key] = pd.Series(values, pd.period_range("2000-01-01", periods=len(values),
+                                                        freq="h"))
+        if count is not None and len(series) == count:
+            break
+    return _split("hourly", HOURS_PER_DAY, 36, _panel(series))
+
+
 def baselines(season: int) -> dict[str, Callable[[], BaseForecaster]]:
     return {"sNaive": lambda: NaiveForecaster(strategy="last", sp=season),
             "Theta": lambda: ThetaForecaster(sp=season)}
@@ -109,9 +130,17 @@ def score(data: ShortSeries, name: str, model: BaseForecaster) -> dict[str, obje
             "seconds": seconds, "sizes": shown}
 
 
+# name -> loader(data folder, first N series)
+DATA_SETS: dict[str, Callable[[Path, int | None], ShortSeries]] = {
+    "daily": daily_m4,
+    "monthly": lambda _, count: monthly_sktime(count),
+    "hourly": short_hourly_m4,
+}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", nargs="+", choices=["daily", "monthly"],
+    parser.add_argument("--data", nargs="+", choices=list(DATA_SETS),
                         default=["daily", "monthly"])
     parser.add_argument("--models", nargs="+", choices=["sNaive", "Theta", *NETWORKS],
                         help="default: the two baselines and every network")
@@ -126,8 +155,7 @@ def main(argv: list[str] | None = None) -> None:
     overrides = {} if args.max_epochs is None else {"max_epochs": args.max_epochs}
     rows = []
     for which in args.data:
-        data = daily_m4(data_dir, args.series) if which == "daily" else \
-            monthly_sktime(args.series)
+        data = DATA_SETS[which](data_dir, args.series)
         models: dict[str, Callable[[], BaseForecaster]] = {
             **baselines(data.season),
             **{name: (lambda name=name: network(name, **overrides)) for name in NETWORKS}}

@@ -84,11 +84,12 @@ M4_MODELS: dict[str, Callable[[], BaseForecaster]] = {
 }
 
 # ETTh1: input 336 as in the published tables, MSE loss since MSE is the headline metric,
-# early stopping on the validation split; the Transformer is sized like PatchTST for ETTh1
+# early stopping on the validation split; the Transformer has PatchTST's ETTh1 patches and
+# dropout (a small set: 8,640 training hours)
 ETT_SETTINGS: dict[str, Any] = {"input_len": 336, "loss": "mse", "verbose": False}
 ETT_MODELS: dict[str, Callable[..., BaseForecaster]] = {
     "Transformer": lambda **kw: TransformerForecaster(
-        patch_len=16, patch_stride=8, d_model=32, encoder_layers=2, dropout=0.2,
+        patch_len=16, patch_stride=8, d_model=32, encoder_layers=2, dropout=0.3,
         learning_rate=1e-3, batch_size=128, **kw),
     "LSTM": lambda **kw: LSTMForecaster(**kw),
     "Hybrid": lambda **kw: HybridForecaster(**kw),

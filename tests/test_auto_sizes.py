@@ -12,7 +12,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from benchmarks.short_series import daily_m4, monthly_sktime
+from benchmarks.short_series import (
+    SHORT_HOURS,
+    daily_m4,
+    main,
+    monthly_sktime,
+    short_hourly_m4,
+)
 from forecaster import LSTMForecaster, NeuralForecaster, TransformerForecaster
 from forecaster.benchmark import M4_MODELS
 from forecaster.data import SERIES, TARGET, TIME, long_to_panel
@@ -140,6 +146,37 @@ def test_the_short_series_benchmark_reads_its_season_from_dates(data_dir: Path) 
     monthly = monthly_sktime(None)
     assert panel_season_length(monthly.y_train) == monthly.season == 12
     assert sorted(monthly.y_train.groupby(level=0).size()) == [24, 48, 48, 48, 48, 132]
+
+
+def test_the_short_hourly_tuning_set_cuts_m4_hourly_train(data_dir: Path) -> None:
+    """benchmarks/short_series.py --data hourly: every M4 Hourly training series, cut to 96 to
+    252 hours spread evenly, the last 36 held out; the rule gives it an input of two days."""
+    hourly = short_hourly_m4(data_dir, None)
+    lengths = hourly.y_train.groupby(level=0).size() + 36
+    assert len(lengths) == 414 and (hourly.y_test.groupby(level=0).size() == 36).all()
+    assert (lengths.min(), lengths.max()) == SHORT_HOURS
+    assert lengths.nunique() == SHORT_HOURS[1] - SHORT_HOURS[0] + 1
+    train = long_to_panel(load_m4_hourly(data_dir / "m4")[0])
+    first = hourly.y_train.index.get_level_values(0)[0]
+    whole = train.loc[first, TARGET].to_numpy()
+    held_out = hourly.y_test.loc[first, TARGET].to_numpy()
+    np.testing.assert_array_equal(held_out, whole[-36:])  # the series' own last hours
+    assert panel_season_length(hourly.y_train) == hourly.season == 24
+    assert LSTMForecaster().resolved_params(hourly.y_train, 36)["input_len"] == 48
+
+
+def test_the_short_series_benchmark_prints_a_row_per_data_set_and_model(
+        data_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    main(["--data", "hourly", "monthly", "--models", "sNaive", "GRU", "--series", "3",
+          "--max-epochs", "1", "--data-dir", str(data_dir)])
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[1:]]
+    assert [row[:2] for row in rows] == [["hourly", "sNaive"], ["hourly", "GRU"],
+                                          ["monthly", "sNaive"], ["monthly", "GRU"]]
+    assert all(float(row[2]) > 0 for row in rows)  # sMAPE
+    resolved = LSTMForecaster().resolved_params(short_hourly_m4(data_dir, 3).y_train, 36)
+    assert rows[1][-1] == ", ".join(f"{name} {value}" for name, value in resolved.items())
+    assert rows[0][-1] == ""  # a baseline has no sizes
 
 
 def test_the_season_comes_from_the_time_index_or_is_given() -> None:
