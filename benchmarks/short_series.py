@@ -32,6 +32,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +49,7 @@ from forecaster.evaluation import smape_mase
 
 HOURS_PER_DAY = 24
 SHORT_HOURS = (96, 252)  # the hourly set's shortest and longest series
+SHORT_HOURS_HORIZON = 36  # and its horizon: 1.5 seasons, as M3 Monthly's 18 months
 
 
 @dataclass(frozen=True)
@@ -73,17 +75,27 @@ def _split(name: str, season: int, horizon: int, panel: pd.DataFrame) -> ShortSe
     return ShortSeries(name, season, horizon, panel[~test.to_numpy()], panel[test.to_numpy()])
 
 
-def daily_m4(data_dir: Path, count: int | None) -> ShortSeries:
-    """M4 Hourly's training series as daily totals, dated by day (the files carry no dates)."""
+def _m4_hourly_dated(data_dir: Path, count: int | None,
+                     reshape: Callable[[int, np.ndarray], np.ndarray], freq: str
+                     ) -> dict[str, pd.Series]:
+    """The first ``count`` (all: None) M4 Hourly training series, each reshaped by
+    ``reshape(position, values)`` and dated at ``freq`` (the files carry no dates)."""
     train, _ = load_m4_hourly(data_dir / "m4")
+    groups = islice(train.groupby(SERIES, sort=False)[TARGET], count)
     series = {}
-    for key, hours in train.groupby(SERIES, sort=False)[TARGET]:
-        values = hours.to_numpy()
-        days = values[len(values) % HOURS_PER_DAY:].reshape(-1, HOURS_PER_DAY).sum(axis=1)
-        series[key] = pd.Series(days, pd.period_range("2000-01-01", periods=len(days), freq="D"))
-        if count is not None and len(series) == count:
-            break
-    return _split("daily", 7, 7, _panel(series))
+    for i, (key, hours) in enumerate(groups):
+        values = reshape(i, hours.to_numpy())
+        series[key] = pd.Series(values, pd.period_range("2000-01-01", periods=len(values),
+                                                        freq=freq))
+    return series
+
+
+def daily_m4(data_dir: Path, count: int | None) -> ShortSeries:
+    """M4 Hourly's training series as daily totals (whole days counted back from the end)."""
+    def days(_: int, hours: np.ndarray) -> np.ndarray:
+        return hours[len(hours) % HOURS_PER_DAY:].reshape(-1, HOURS_PER_DAY).sum(axis=1)
+
+    return _split("daily", 7, 7, _panel(_m4_hourly_dated(data_dir, count, days, "D")))
 
 
 def monthly_sktime(count: int | None) -> ShortSeries:
@@ -99,17 +111,14 @@ def monthly_sktime(count: int | None) -> ShortSeries:
 def short_hourly_m4(data_dir: Path, count: int | None) -> ShortSeries:
     """Each M4 Hourly training series' last 96 to 252 hours (the lengths spread evenly over the
     series), dated by the hour."""
-    train, _ = load_m4_hourly(data_dir / "m4")
     shortest, longest = SHORT_HOURS
-    series = {}
-    for i, (key, hours) in enumerate(train.groupby(SERIES, sort=False)[TARGET]):
+
+    def last_hours(i: int, hours: np.ndarray) -> np.ndarray:
         # 37 steps through the 157 lengths (a prime number of them) evenly, series by series
-        values = hours.to_numpy()[-(shortest + i * 37 % (longest - shortest + 1)):]
-        series[key] = pd.Series(values, pd.period_range("2000-01-01", periods=len(values),
-                                                        freq="h"))
-        if count is not None and len(series) == count:
-            break
-    return _split("hourly", HOURS_PER_DAY, 36, _panel(series))
+        return hours[-(shortest + i * 37 % (longest - shortest + 1)):]
+
+    series = _m4_hourly_dated(data_dir, count, last_hours, "h")
+    return _split("hourly", HOURS_PER_DAY, SHORT_HOURS_HORIZON, _panel(series))
 
 
 def baselines(season: int) -> dict[str, Callable[[], BaseForecaster]]:
