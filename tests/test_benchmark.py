@@ -1,12 +1,16 @@
 """The benchmarks' seeds (each network fitted once per seed and scored by the median, a
-deterministic baseline once) and the networks' ensemble row."""
+deterministic baseline once), the networks' ensemble row, and the Ray benchmark's baseline."""
 
 from __future__ import annotations
+
+import warnings
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from sktime.forecasting.base import BaseForecaster
 
+from benchmarks.ray_race import HORIZON, naive_forecast, tiled_panel
 from forecaster.benchmark import (
     M4_MODELS,
     NETWORKS,
@@ -19,6 +23,7 @@ from forecaster.benchmark import (
 from forecaster.datasets import M4_HOURLY_HORIZON
 from forecaster.ensemble import weighted_frame
 from forecaster.evaluation import ett_scores, m4_scores
+from pipelines.warning_capture import SKTIME_NOTICE
 from tests.conftest import make_panel
 
 
@@ -74,3 +79,15 @@ def test_the_ensemble_mixes_members_whose_errors_cancel() -> None:
     scores = ensemble_run(members, lambda f: ett_scores(f, truth)["mse"],
                           lambda f: ett_scores(f, np.full((4, 5), 3.0)))
     assert scores == {"mse": 0.0, "mae": 0.0, "seconds": 2.0}
+
+
+def test_the_ray_benchmarks_baseline_forecasts_its_series_without_sktimes_notice(
+        data_dir: Path) -> None:
+    panel = tiled_panel(data_dir, 3)
+    ids = list(panel.index.unique(0))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rows = naive_forecast(panel, ids[:2])
+    assert rows == 2 * HORIZON
+    # sktime warns once per series it builds a forecaster for: thousands over the table
+    assert not [w for w in caught if str(w.message).startswith(SKTIME_NOTICE)]
