@@ -30,11 +30,16 @@ import yaml
 from sktime.forecasting.naive import NaiveForecaster
 
 from forecaster.data import SERIES, long_to_panel
-from forecaster.datasets import default_data_dir, load_m4_hourly
+from forecaster.datasets import (
+    M4_HOURLY_HORIZON,
+    M4_HOURLY_SEASONALITY,
+    default_data_dir,
+    load_m4_hourly,
+)
 from pipelines.execution import SINGLE_MACHINE_VARIABLE
 from pipelines.warning_capture import without_sktime_notice
 
-HORIZON, SEASON = 48, 24
+HORIZON, SEASON = M4_HOURLY_HORIZON, M4_HOURLY_SEASONALITY
 
 
 def race_times(config_path: Path, engine: str) -> dict[str, Any]:
