@@ -39,8 +39,6 @@ from forecaster.datasets import (
 from pipelines.execution import SINGLE_MACHINE_VARIABLE
 from pipelines.warning_capture import without_sktime_notice
 
-HORIZON, SEASON = M4_HOURLY_HORIZON, M4_HOURLY_SEASONALITY
-
 
 def race_times(config_path: Path, engine: str) -> dict[str, Any]:
     from pipelines.config import parse_config
@@ -88,8 +86,8 @@ def naive_forecast(panel: pd.DataFrame, ids: list[Any] | None = None) -> int:
     # sktime builds one forecaster per series, each warning about remember_data: thousands of
     # lines over the table
     with without_sktime_notice():
-        model = NaiveForecaster(strategy="last", sp=SEASON)
-        model.fit(panel, fh=np.arange(1, HORIZON + 1))
+        model = NaiveForecaster(strategy="last", sp=M4_HOURLY_SEASONALITY)
+        model.fit(panel, fh=np.arange(1, M4_HOURLY_HORIZON + 1))
         return len(model.predict())
 
 
@@ -112,7 +110,7 @@ def baseline_times(data_dir: Path, counts: list[int], chunks: int) -> list[dict[
         parts = [list(part) for part in np.array_split(np.asarray(ids, dtype=object), chunks)]
         ray_rows = sum(ray.get([remote.remote(shared, part) for part in parts]))
         on_ray = time.perf_counter() - started
-        assert ray_rows == local_rows == count * HORIZON
+        assert ray_rows == local_rows == count * M4_HOURLY_HORIZON
         rows.append({"series": count, "local s": local, f"ray, {chunks} chunks s": on_ray,
                      "local ms/series": 1000 * local / count, "speed-up": local / on_ray})
         print(rows[-1], flush=True)

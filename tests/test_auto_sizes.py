@@ -6,6 +6,7 @@ race logs of them."""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,7 @@ from pipelines.candidates import (
     loggable_sizes,
     params_from_logged,
 )
+from pipelines.warning_capture import SKTIME_NOTICE
 from tests.conftest import estimator_classes, make_panel, tiny
 from tests.pipeline_support import race_config
 
@@ -167,8 +169,12 @@ def test_the_short_hourly_tuning_set_cuts_m4_hourly_train(data_dir: Path) -> Non
 
 def test_the_short_series_benchmark_prints_a_row_per_data_set_and_model(
         data_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    main(["--data", "hourly", "monthly", "--models", "sNaive", "GRU", "--series", "3",
-          "--max-epochs", "1", "--data-dir", str(data_dir)])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        main(["--data", "hourly", "monthly", "--models", "sNaive", "GRU", "--series", "3",
+              "--max-epochs", "1", "--data-dir", str(data_dir)])
+    # sktime's remember_data notice, once per series the baseline fits, stays off the output
+    assert not [w for w in caught if str(w.message).startswith(SKTIME_NOTICE)]
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
     rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[1:]]
     assert [row[:2] for row in rows] == [["hourly", "sNaive"], ["hourly", "GRU"],

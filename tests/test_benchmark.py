@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 from sktime.forecasting.base import BaseForecaster
 
-from benchmarks.ray_race import HORIZON, naive_forecast, tiled_panel
+from benchmarks.ray_race import naive_forecast, tiled_panel
 from forecaster.benchmark import (
     M4_MODELS,
     NETWORKS,
@@ -88,6 +88,6 @@ def test_the_ray_benchmarks_baseline_forecasts_its_series_without_sktimes_notice
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         rows = naive_forecast(panel, ids[:2])
-    assert rows == 2 * HORIZON
+    assert rows == 2 * M4_HOURLY_HORIZON
     # sktime warns once per series it builds a forecaster for: thousands over the table
     assert not [w for w in caught if str(w.message).startswith(SKTIME_NOTICE)]
