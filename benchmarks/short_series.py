@@ -2,7 +2,7 @@
 against sktime's Theta and the seasonal naive forecast.
 
     python -m benchmarks.short_series [--data daily monthly hourly] [--models LSTM Theta ...]
-                                      [--series N] [--max-epochs E] [--data-dir DIR]
+                                      [--seeds N] [--series N] [--max-epochs E] [--data-dir DIR]
 
 Three data sets, each a panel of short series with a time index the networks read their season
 from (nothing is downloaded):
@@ -21,8 +21,10 @@ from (nothing is downloaded):
 Every network runs with its default arguments (as ``forecaster bench m4-hourly`` runs them:
 ``forecaster.benchmark.network``, on log values), fitted globally on the panel; ``--max-epochs``
 shortens training for a smoke run. Scores are sMAPE and MASE (seasonal naive scale of the
-season) per series, averaged over series; the table is markdown, with the sizes each network
-resolved.
+season) per series, averaged over series; with ``--seeds N`` each network is fitted with
+``random_state`` 0 to N - 1 and each column is the median over those runs, as ``forecaster bench
+--seeds`` reports (on sets this small one seed moves a network's sMAPE by several per cent). The
+table is markdown, with the sizes each network resolved.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from sktime.forecasting.base import BaseForecaster
 from sktime.forecasting.naive import NaiveForecaster
 from sktime.forecasting.theta import ThetaForecaster
 
-from forecaster.benchmark import NETWORKS, network
+from forecaster.benchmark import NETWORKS, median_over_seeds, network
 from forecaster.data import SERIES, TARGET, TIME
 from forecaster.datasets import default_data_dir, load_m4_hourly
 from forecaster.evaluation import smape_mase
@@ -127,17 +129,34 @@ def baselines(season: int) -> dict[str, Callable[[], BaseForecaster]]:
             "Theta": lambda: ThetaForecaster(sp=season)}
 
 
-def score(data: ShortSeries, name: str, model: BaseForecaster) -> dict[str, object]:
+def score(data: ShortSeries, model: BaseForecaster) -> dict[str, float]:
+    """sMAPE and MASE of ``model`` fitted on ``data``'s training part, and the seconds it took."""
     fh = np.arange(1, data.horizon + 1)
     started = time.perf_counter()
     y_pred = model.fit(data.y_train, fh=fh).predict()
     seconds = time.perf_counter() - started
-    fitted = dict(getattr(model, "steps_", [])).get("model")  # a network, inside the log
+    return {**smape_mase(data.y_test, y_pred, data.y_train, data.season), "seconds": seconds}
+
+
+def resolved_sizes(model: BaseForecaster) -> str:
+    """The sizes a fitted network (inside the log transform) resolved; "" for a baseline."""
+    fitted = dict(getattr(model, "steps_", [])).get("model")
     sizes = getattr(fitted, "resolved_params_", None)
-    shown = "" if sizes is None else ", ".join(f"{k} {v}" for k, v in sizes.items())
-    return {"data": data.name, "model": name,
-            **smape_mase(data.y_test, y_pred, data.y_train, data.season),
-            "seconds": seconds, "sizes": shown}
+    return "" if sizes is None else ", ".join(f"{k} {v}" for k, v in sizes.items())
+
+
+def score_row(data: ShortSeries, name: str, make: Callable[[], BaseForecaster],
+              seeds: int = 1) -> dict[str, object]:
+    """A table row: the median scores of ``make()``'s model over ``seeds`` seeds (one run for a
+    baseline, which has none) and the sizes it resolved (the same for every seed)."""
+    fitted: list[BaseForecaster] = []
+
+    def fit_and_score(model: BaseForecaster) -> dict[str, float]:
+        fitted.append(model)
+        return score(data, model)
+
+    scores = median_over_seeds(fit_and_score, make, seeds)
+    return {"data": data.name, "model": name, **scores, "sizes": resolved_sizes(fitted[0])}
 
 
 # name -> loader(data folder, first N series)
@@ -154,6 +173,8 @@ def main(argv: list[str] | None = None) -> None:
                         default=["daily", "monthly"])
     parser.add_argument("--models", nargs="+", choices=["sNaive", "Theta", *NETWORKS],
                         help="default: the two baselines and every network")
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="each network's median over this many seeds (default 1)")
     parser.add_argument("--series", type=int, help="the first N series of each data set")
     parser.add_argument("--max-epochs", type=int,
                         help="train the networks this many epochs at most (a smoke run)")
@@ -172,7 +193,7 @@ def main(argv: list[str] | None = None) -> None:
                 **baselines(data.season),
                 **{name: (lambda name=name: network(name, **overrides)) for name in NETWORKS}}
             for name in args.models or list(models):
-                rows.append(score(data, name, models[name]()))
+                rows.append(score_row(data, name, models[name], args.seeds))
                 print(rows[-1], file=sys.stderr)
     print(pd.DataFrame(rows).to_markdown(index=False, floatfmt=".3f"))
 

@@ -18,10 +18,11 @@ from benchmarks.short_series import (
     daily_m4,
     main,
     monthly_sktime,
+    score,
     short_hourly_m4,
 )
 from forecaster import LSTMForecaster, NeuralForecaster, TransformerForecaster
-from forecaster.benchmark import M4_MODELS
+from forecaster.benchmark import M4_MODELS, network
 from forecaster.data import SERIES, TARGET, TIME, long_to_panel
 from forecaster.datasets import M4_HOURLY_HORIZON, load_m4_hourly
 from forecaster.seasonality import panel_season_length, season_length_of
@@ -183,6 +184,24 @@ def test_the_short_series_benchmark_prints_a_row_per_data_set_and_model(
     resolved = LSTMForecaster().resolved_params(short_hourly_m4(data_dir, 3).y_train, 36)
     assert rows[1][-1] == ", ".join(f"{name} {value}" for name, value in resolved.items())
     assert rows[0][-1] == ""  # a baseline has no sizes
+
+
+def test_the_short_series_benchmark_reports_each_networks_median_over_seeds(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    main(["--data", "monthly", "--models", "sNaive", "GRU", "--seeds", "3", "--series", "2",
+          "--max-epochs", "1"])
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    rows = [dict(zip(header, (cell.strip() for cell in line.strip("|").split("|")),
+                     strict=True)) for line in lines[1:]]
+    assert [(row["model"], row["runs"]) for row in rows] == [("sNaive", "1"), ("GRU", "3")]
+    data = monthly_sktime(2)
+    runs = [score(data, network("GRU", max_epochs=1, random_state=seed)) for seed in range(3)]
+    assert len({run["smape"] for run in runs}) == 3  # the seeds differ, so the median means one
+    assert float(rows[1]["smape"]) == pytest.approx(np.median([run["smape"] for run in runs]),
+                                                    abs=5e-4)  # the table prints 3 decimals
+    assert float(rows[1]["mase"]) == pytest.approx(np.median([run["mase"] for run in runs]),
+                                                   abs=5e-4)
 
 
 def test_the_season_comes_from_the_time_index_or_is_given() -> None:
