@@ -168,6 +168,13 @@ def test_the_short_hourly_tuning_set_cuts_m4_hourly_train(data_dir: Path) -> Non
     assert LSTMForecaster().resolved_params(hourly.y_train, 36)["input_len"] == 48
 
 
+def printed_rows(out: str) -> list[dict[str, str]]:
+    """The rows of the markdown table the short-series benchmark prints, by column name."""
+    lines = [line for line in out.splitlines() if line.startswith("| ")]
+    header, *rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
+    return [dict(zip(header, row, strict=True)) for row in rows]
+
+
 def test_the_short_series_benchmark_prints_a_row_per_data_set_and_model(
         data_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with warnings.catch_warnings(record=True) as caught:
@@ -176,24 +183,20 @@ def test_the_short_series_benchmark_prints_a_row_per_data_set_and_model(
               "--max-epochs", "1", "--data-dir", str(data_dir)])
     # sktime's remember_data notice, once per series the baseline fits, stays off the output
     assert not [w for w in caught if str(w.message).startswith(SKTIME_NOTICE)]
-    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
-    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[1:]]
-    assert [row[:2] for row in rows] == [["hourly", "sNaive"], ["hourly", "GRU"],
-                                          ["monthly", "sNaive"], ["monthly", "GRU"]]
-    assert all(float(row[2]) > 0 for row in rows)  # sMAPE
+    rows = printed_rows(capsys.readouterr().out)
+    assert [(row["data"], row["model"]) for row in rows] == [
+        ("hourly", "sNaive"), ("hourly", "GRU"), ("monthly", "sNaive"), ("monthly", "GRU")]
+    assert all(float(row["smape"]) > 0 for row in rows)
     resolved = LSTMForecaster().resolved_params(short_hourly_m4(data_dir, 3).y_train, 36)
-    assert rows[1][-1] == ", ".join(f"{name} {value}" for name, value in resolved.items())
-    assert rows[0][-1] == ""  # a baseline has no sizes
+    assert rows[1]["sizes"] == ", ".join(f"{name} {value}" for name, value in resolved.items())
+    assert rows[0]["sizes"] == ""  # a baseline has no sizes
 
 
 def test_the_short_series_benchmark_reports_each_networks_median_over_seeds(
         capsys: pytest.CaptureFixture[str]) -> None:
     main(["--data", "monthly", "--models", "sNaive", "GRU", "--seeds", "3", "--series", "2",
           "--max-epochs", "1"])
-    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
-    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
-    rows = [dict(zip(header, (cell.strip() for cell in line.strip("|").split("|")),
-                     strict=True)) for line in lines[1:]]
+    rows = printed_rows(capsys.readouterr().out)
     assert [(row["model"], row["runs"]) for row in rows] == [("sNaive", "1"), ("GRU", "3")]
     data = monthly_sktime(2)
     runs = [score(data, network("GRU", max_epochs=1, random_state=seed)) for seed in range(3)]
