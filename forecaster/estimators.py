@@ -16,6 +16,7 @@ attention of each forecast step over the input time steps, in one forward pass a
 
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 import tempfile
@@ -114,6 +115,10 @@ class NeuralForecaster(BaseForecaster):
     # horizons, before the series lengths cap it (resolved_params)
     _input_seasons: ClassVar[int] = 7
     _input_horizons: ClassVar[int] = 2
+    # refit_full="auto" refits when the validation rows are at least this share of the median
+    # series: short series hold out 20 % and more, and gained; M4 Hourly holds out 5 %, where
+    # refitting was level or worse for most families (docs/benchmarks.md)
+    _refit_share: ClassVar[float] = 0.1
     # the family's own "auto" sizes: name -> its value from those resolved before it
     _auto_rules: ClassVar[dict[str, Callable[[dict[str, int]], int]]] = {}
     # sizes that count steps of the input: an "auto" input holds at least one of each
@@ -197,6 +202,8 @@ class NeuralForecaster(BaseForecaster):
         * ``season_length``: the one the frequency of ``y``'s time index implies (1 for
           integer timestamps or dates without a regular frequency);
         * ``validation_rows``: the horizon;
+        * ``refit_full``: whether to train again on every row after early stopping: when the
+          validation rows are a tenth or more of the median series length (``_refit_share``);
         * ``input_len``: ``_input_seasons`` seasons (7; the Transformer 14) or, if more, the
           whole seasons that cover ``_input_horizons`` horizons (2; the Transformer 4); at
           most half the median series length, and at most what the median series holds
@@ -212,7 +219,10 @@ class NeuralForecaster(BaseForecaster):
         season = given["season_length"] or panel_season_length(y)
         validation = given["validation_rows"] or horizon
         lengths = [len(series) for _, series in series_groups(y)]
+        refit = bool(self._refit_share * np.median(lengths) <= validation) \
+            if self.refit_full == AUTO else self.refit_full
         resolved = {"season_length": season, "validation_rows": validation,
+                    "refit_full": refit,
                     "input_len": given["input_len"] or self._auto_input_len(
                         season, horizon, validation, lengths, self._least_input(given))}
         for name, rule in self._auto_rules.items():
@@ -247,6 +257,9 @@ class NeuralForecaster(BaseForecaster):
                                  f"{value!r}")
             else:
                 given[name] = int(value)
+        if not (isinstance(self.refit_full, bool) or self.refit_full == AUTO):
+            raise ValueError(f"refit_full must be True, False or {AUTO!r}, got "
+                             f"{self.refit_full!r}")
         return given
 
     def _min_history(self, input_len: int) -> int:
@@ -303,11 +316,19 @@ class NeuralForecaster(BaseForecaster):
         }
         torch.manual_seed(self.random_state or 0)  # the initial weights are part of the seed
         self.network_ = build_model(self._family, **self.model_kwargs_)
-        loss = make_loss(self.loss, self.levels_)
+        initial = copy.deepcopy(self.network_.state_dict())
+        loss, settings = make_loss(self.loss, self.levels_), self._settings()
         self.history_: list[EpochRecord] = train(
-            self.network_, sampler, loss, self._settings(), on_epoch=self.on_epoch)
+            self.network_, sampler, loss, settings, on_epoch=self.on_epoch)
         self.network_.cpu()
+        # from the early-stopped network: its validation errors are out of sample
         self.residual_quantiles_ = self._residual_quantiles(sampler) if n_outputs == 1 else None
+        if sizes["refit_full"]:
+            best_epoch = min(self.history_, key=lambda record: record.val_loss).epoch
+            self.network_.load_state_dict(initial)
+            train(self.network_, sampler.including_validation(), loss, settings,
+                  epochs=best_epoch + 1)
+            self.network_.cpu()
 
     def _settings(self) -> TrainingSettings:
         return TrainingSettings(
@@ -669,6 +690,14 @@ _TRAINING_PARAMETERS: _ParameterDocs = {
     "validation_rows": ('int, "auto" or None',
                         "Trailing rows of each series held out for early stopping, at least the "
                         'horizon; "auto" (or None): the horizon.'),
+    "refit_full": ('bool or "auto"',
+              "After early stopping, train again from the initial weights for the epochs it "
+              "chose, on training windows over every row, the validation rows included (the "
+              "name is AutoGluon's): those rows are each series' most recent values, which "
+              "no training window reaches otherwise. \"auto\": refit when the validation rows "
+              "are a tenth or more of the median series length of fit (short series); see "
+              "resolved_params. history_ is the early-stopped run's curve; a point loss's "
+              "quantiles come from its validation errors."),
     "min_history": ("int or None",
                     "Shortest usable history; None: input_len // 4 (at least 1), lowered to "
                     "the shortest series of fit, so that every fitted series can be forecast. "
@@ -765,9 +794,9 @@ class RNNForecaster(NeuralForecaster):
                  quantiles=DEFAULT_QUANTILES, loss="pinball", max_epochs=TRAINING.max_epochs,
                  steps_per_epoch=TRAINING.steps_per_epoch, batch_size=TRAINING.batch_size,
                  learning_rate=1e-2, weight_decay=TRAINING.weight_decay,
-                 patience=TRAINING.patience, validation_rows=AUTO, min_history=None,
-                 static_covariates=None, device="auto", random_state=0, verbose=True,
-                 on_epoch=None):
+                 patience=TRAINING.patience, validation_rows=AUTO, refit_full=AUTO,
+                 min_history=None, static_covariates=None, device="auto", random_state=0,
+                 verbose=True, on_epoch=None):
         _store_params(self, locals())
 
     @classmethod
@@ -853,9 +882,9 @@ class TCNForecaster(NeuralForecaster):
                  loss="pinball", max_epochs=TRAINING.max_epochs,
                  steps_per_epoch=TRAINING.steps_per_epoch, batch_size=TRAINING.batch_size,
                  learning_rate=3e-3, weight_decay=TRAINING.weight_decay,
-                 patience=TRAINING.patience, validation_rows=AUTO, min_history=None,
-                 static_covariates=None, device="auto", random_state=0, verbose=True,
-                 on_epoch=None):
+                 patience=TRAINING.patience, validation_rows=AUTO, refit_full=AUTO,
+                 min_history=None, static_covariates=None, device="auto", random_state=0,
+                 verbose=True, on_epoch=None):
         _store_params(self, locals())
 
     @classmethod
@@ -1018,9 +1047,9 @@ class TransformerForecaster(AttentionMapsMixin, NeuralForecaster):
                  quantiles=DEFAULT_QUANTILES, loss="pinball", max_epochs=45,
                  steps_per_epoch=TRAINING.steps_per_epoch, batch_size=TRAINING.batch_size,
                  learning_rate=3e-3, weight_decay=TRAINING.weight_decay,
-                 patience=TRAINING.patience, validation_rows=AUTO, min_history=None,
-                 static_covariates=None, device="auto", random_state=0, verbose=True,
-                 on_epoch=None):
+                 patience=TRAINING.patience, validation_rows=AUTO, refit_full=AUTO,
+                 min_history=None, static_covariates=None, device="auto", random_state=0,
+                 verbose=True, on_epoch=None):
         _store_params(self, locals())
 
     @classmethod
@@ -1079,9 +1108,9 @@ class HybridForecaster(AttentionMapsMixin, NeuralForecaster):
                  loss="pinball", max_epochs=TRAINING.max_epochs,
                  steps_per_epoch=TRAINING.steps_per_epoch, batch_size=TRAINING.batch_size,
                  learning_rate=3e-3, weight_decay=TRAINING.weight_decay,
-                 patience=TRAINING.patience, validation_rows=AUTO, min_history=None,
-                 static_covariates=None, device="auto", random_state=0, verbose=True,
-                 on_epoch=None):
+                 patience=TRAINING.patience, validation_rows=AUTO, refit_full=AUTO,
+                 min_history=None, static_covariates=None, device="auto", random_state=0,
+                 verbose=True, on_epoch=None):
         _store_params(self, locals())
 
     def covariate_importance(self, history: np.ndarray, covariates: np.ndarray | None = None,

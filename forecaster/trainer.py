@@ -3,6 +3,8 @@
 AdamW with a one-cycle learning-rate schedule, gradient clipping, an exponential moving
 average of the weights, early stopping on the validation windows with the best average
 restored, bf16 autocast on CUDA, and a progress bar. Seeded runs on the CPU are deterministic.
+Given a number of epochs instead, it trains exactly that many with no validation, as a refit on
+every row does after early stopping has chosen them (``NeuralForecaster``'s ``refit``).
 """
 
 from __future__ import annotations
@@ -107,8 +109,14 @@ def _moving_average(averages: list[torch.Tensor], currents: list[torch.Tensor],
 
 
 def train(model: nn.Module, sampler: WindowSampler, loss_fn: Loss, settings: TrainingSettings,
-          on_epoch: EpochCallback | None = None) -> list[EpochRecord]:
-    """Train ``model`` in place, restore its best weights, and return the learning curve."""
+          on_epoch: EpochCallback | None = None, epochs: int | None = None
+          ) -> list[EpochRecord]:
+    """Train ``model`` in place and return the learning curve.
+
+    Without ``epochs``: early stopping on the sampler's validation windows, the best average
+    restored. With ``epochs``: exactly that many of the same one-cycle schedule, no validation
+    (a refit trains on the validation rows), the last average kept, and no curve returned.
+    """
     torch.manual_seed(settings.seed)
     rng = np.random.default_rng(settings.seed)
     device = choose_device(settings.device)
@@ -120,13 +128,14 @@ def train(model: nn.Module, sampler: WindowSampler, loss_fn: Loss, settings: Tra
         total_steps=settings.max_epochs * settings.steps_per_epoch)
     averaged = torch.optim.swa_utils.AveragedModel(
         model, multi_avg_fn=partial(_moving_average, decay=settings.average_decay))
-    validation = sampler.validation()
-    val_target = torch.from_numpy(validation.target)
+    if not epochs:
+        validation = sampler.validation()
+        val_target = torch.from_numpy(validation.target)
 
     history: list[EpochRecord] = []
     best_loss, best_state, stale = float("inf"), copy.deepcopy(model.state_dict()), 0
-    bar = tqdm(range(settings.max_epochs), desc="training", unit="epoch",
-               disable=not settings.progress, leave=False)
+    bar = tqdm(range(epochs or settings.max_epochs), desc="refitting" if epochs else "training",
+               unit="epoch", disable=not settings.progress, leave=False)
     for epoch in bar:
         started = time.perf_counter()
         model.train()
@@ -144,6 +153,9 @@ def train(model: nn.Module, sampler: WindowSampler, loss_fn: Loss, settings: Tra
             schedule.step()
             averaged.update_parameters(model)
             total += loss.item()
+        if epochs:
+            bar.set_postfix(train=f"{total / settings.steps_per_epoch:.4f}")
+            continue
         val_loss = loss_fn(torch.from_numpy(predict_scaled(averaged.module, validation, device)),
                            val_target).item()
         record = EpochRecord(epoch, total / settings.steps_per_epoch, val_loss,
@@ -159,6 +171,6 @@ def train(model: nn.Module, sampler: WindowSampler, loss_fn: Loss, settings: Tra
             stale += 1
             if stale >= settings.patience:
                 break
-    model.load_state_dict(best_state)
+    model.load_state_dict(averaged.module.state_dict() if epochs else best_state)
     model.eval()
     return history

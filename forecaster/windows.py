@@ -9,6 +9,7 @@ RevIN); ``Windows.unscale`` reverses it on the model's output.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -90,6 +91,7 @@ class WindowSampler:
 
     The last ``validation_rows`` rows of each series are held out: training windows end before
     them, and validation windows forecast inside them, at origins ``validation_stride`` apart.
+    A refit, after early stopping, samples over them too (``including_validation``).
     """
 
     def __init__(self, panel: Panel, input_len: int, horizon: int, min_history: int = 1,
@@ -110,10 +112,21 @@ class WindowSampler:
                 f"{min_history + horizon + self.validation_rows} observations ({min_history} of "
                 f"history, {horizon} to learn from and {self.validation_rows} for validation)"
             )
+        self._weigh(usable)
+
+    def _weigh(self, usable: np.ndarray) -> None:
         self.usable = np.flatnonzero(usable)
         # sample series in proportion to how many windows they hold, i.e. uniformly over windows
         counts = (self.high - self.low + 1)[self.usable].astype(np.float64)
         self.weights = counts / counts.sum()
+
+    def including_validation(self) -> WindowSampler:
+        """The same sampler with training origins up to each series' last horizon, over the
+        validation rows too (for a refit); its validation windows are then in-sample."""
+        full = copy.copy(self)
+        full.high = self.panel.lengths - self.horizon
+        full._weigh(full.high >= full.low)
+        return full
 
     def sample(self, batch_size: int, rng: np.random.Generator) -> Windows:
         series = rng.choice(self.usable, size=batch_size, p=self.weights)

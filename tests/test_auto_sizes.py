@@ -74,11 +74,12 @@ LONG_DAILY = {
 }
 
 
-def _expected(table: dict[str, dict[str, int]], cls: type, season: int, horizon: int
-              ) -> dict[str, int]:
+def _expected(table: dict[str, dict[str, int]], cls: type, season: int, horizon: int,
+              refit_full: bool) -> dict[str, int]:
     if cls.__name__ not in table:
         pytest.fail(f"{cls.__name__}: add its expected sizes to this test's tables")
-    return {"season_length": season, "validation_rows": horizon, **table[cls.__name__]}
+    return {"season_length": season, "validation_rows": horizon, "refit_full": refit_full,
+            **table[cls.__name__]}
 
 
 def _panel(lengths: list[int], times: pd.Index | None = None) -> pd.DataFrame:
@@ -107,7 +108,7 @@ def test_m4_hourly_resolves_to_the_published_settings(cls, data_dir: Path) -> No
     as the M4 files carry integer hours) train exactly as the published rows were."""
     y = long_to_panel(load_m4_hourly(data_dir / "m4")[0])
     resolved = _m4_estimator(cls).resolved_params(y, M4_HOURLY_HORIZON)
-    assert resolved == _expected(M4_HOURLY, cls, 24, 48)
+    assert resolved == _expected(M4_HOURLY, cls, 24, 48, refit_full=False)  # 48 of 960 held out
 
 
 @pytest.mark.parametrize("cls", estimator_classes())
@@ -116,7 +117,7 @@ def test_hourly_dates_of_m4_lengths_resolve_to_the_published_settings(cls) -> No
     hours and 245 of 960 (median 960; the Transformer's 336 needs a median of 672)."""
     times = pd.date_range("2020-01-01", periods=960, freq="h")
     y = _panel([700] * 169 + [960] * 245, times)
-    assert cls().resolved_params(y, 48) == _expected(M4_HOURLY, cls, 24, 48)
+    assert cls().resolved_params(y, 48) == _expected(M4_HOURLY, cls, 24, 48, refit_full=False)
 
 
 @pytest.mark.parametrize("cls", estimator_classes())
@@ -125,16 +126,17 @@ def test_hourly_dates_of_m4_lengths_resolve_to_the_published_settings(cls) -> No
                          ids=["period", "datetime"])
 def test_monthly_short_series_resolve_to_a_few_years(cls, times) -> None:
     y = _panel(list(range(48, 127)), times)  # median 87: half of it holds three years
-    assert cls().resolved_params(y, 18) == _expected(MONTHLY, cls, 12, 18)
+    # 18 validation rows of a median 87: a refit
+    assert cls().resolved_params(y, 18) == _expected(MONTHLY, cls, 12, 18, refit_full=True)
 
 
 @pytest.mark.parametrize("cls", estimator_classes())
 def test_daily_series_resolve_to_weeks(cls) -> None:
     times = pd.date_range("2020-01-01", periods=1000, freq="D")
     short = _panel([22] * 169 + [33] * 245, times)  # median 33: two weeks fit in its half
-    assert cls().resolved_params(short, 7) == _expected(SHORT_DAILY, cls, 7, 7)
+    assert cls().resolved_params(short, 7) == _expected(SHORT_DAILY, cls, 7, 7, refit_full=True)
     long = _panel([500, 800, 1000], times)
-    assert cls().resolved_params(long, 14) == _expected(LONG_DAILY, cls, 7, 14)
+    assert cls().resolved_params(long, 14) == _expected(LONG_DAILY, cls, 7, 14, refit_full=False)
 
 
 def test_the_short_series_benchmark_reads_its_season_from_dates(data_dir: Path) -> None:
@@ -145,7 +147,7 @@ def test_the_short_series_benchmark_reads_its_season_from_dates(data_dir: Path) 
     assert lengths.value_counts().to_dict() == {33: 245, 22: 169}
     assert (daily.y_test.groupby(level=0).size() == 7).all()
     assert LSTMForecaster().resolved_params(daily.y_train, 7) == \
-        _expected(SHORT_DAILY, LSTMForecaster, 7, 7)
+        _expected(SHORT_DAILY, LSTMForecaster, 7, 7, refit_full=True)
     monthly = monthly_sktime(None)
     assert panel_season_length(monthly.y_train) == monthly.season == 12
     assert sorted(monthly.y_train.groupby(level=0).size()) == [24, 48, 48, 48, 48, 132]
@@ -165,7 +167,8 @@ def test_the_short_hourly_tuning_set_cuts_m4_hourly_train(data_dir: Path) -> Non
     held_out = hourly.y_test.loc[first, TARGET].to_numpy()
     np.testing.assert_array_equal(held_out, whole[-36:])  # the series' own last hours
     assert panel_season_length(hourly.y_train) == hourly.season == 24
-    assert LSTMForecaster().resolved_params(hourly.y_train, 36)["input_len"] == 48
+    resolved = LSTMForecaster().resolved_params(hourly.y_train, 36)
+    assert resolved["input_len"] == 48 and resolved["refit_full"]  # 36 held out of a median 137
 
 
 def printed_rows(out: str) -> list[dict[str, str]]:
@@ -216,17 +219,19 @@ def test_the_season_comes_from_the_time_index_or_is_given() -> None:
     y = make_panel({"a": 300, "b": 300})
     # no season: two horizons of input, one step per segment
     assert LSTMForecaster().resolved_params(y, 24) == {
-        "season_length": 1, "validation_rows": 24, "input_len": 48, "segment_len": 1}
+        "season_length": 1, "validation_rows": 24, "refit_full": False, "input_len": 48,
+        "segment_len": 1}
     assert LSTMForecaster(season_length=24).resolved_params(y, 24) == {
-        "season_length": 24, "validation_rows": 24, "input_len": 144, "segment_len": 24}
+        "season_length": 24, "validation_rows": 24, "refit_full": False, "input_len": 144,
+        "segment_len": 24}
 
 
 @pytest.mark.parametrize("cls", estimator_classes())
 def test_explicit_sizes_are_kept_exactly(cls) -> None:
     y = make_panel({"a": 60, "b": 50}, freq="h")  # short: "auto" would choose less
     resolved = cls().resolved_params(y, 6)
-    explicit = {name: value + 1 for name, value in resolved.items()}
-    explicit["validation_rows"] = 40
+    explicit = {name: value + 1 for name, value in resolved.items() if name != "refit_full"}
+    explicit |= {"validation_rows": 40, "refit_full": False}  # "auto" refits: 40 of a median 55
     assert cls(**explicit).resolved_params(y, 6) == explicit
     # None, the validation default before "auto", is still the horizon
     assert cls(validation_rows=None).resolved_params(y, 6)["validation_rows"] == 6
@@ -243,6 +248,15 @@ def test_invalid_sizes_are_refused_naming_the_parameter(name, value) -> None:
         LSTMForecaster(**{name: value}).min_train_length(2)
 
 
+@pytest.mark.parametrize("value", ["yes", 1, None])
+def test_an_invalid_refit_full_is_refused_naming_it(value) -> None:
+    message = rf"refit_full must be True, False or 'auto', got {value!r}"
+    with pytest.raises(ValueError, match=message):
+        tiny(LSTMForecaster, refit_full=value).fit(make_panel(), fh=[1, 2])
+    with pytest.raises(ValueError, match=message):
+        LSTMForecaster(refit_full=value).min_train_length(2)
+
+
 def test_an_explicit_segment_longer_than_the_auto_input_sets_its_floor() -> None:
     y = make_panel({"a": 30, "b": 30}, freq="h")
     assert LSTMForecaster(segment_len=24).resolved_params(y, 4)["input_len"] == 24
@@ -253,7 +267,7 @@ def test_training_saving_and_forecasting_use_the_resolved_sizes(tmp_path: Path) 
     y = _panel(list(range(48, 127, 6)), pd.period_range("1990-01", periods=126, freq="M"))
     model = tiny(LSTMForecaster, input_len="auto", segment_len="auto").fit(y, fh=range(1, 19))
     assert model.resolved_params_ == {"season_length": 12, "validation_rows": 18,
-                                      "input_len": 36, "segment_len": 12}
+                                      "refit_full": True, "input_len": 36, "segment_len": 12}
     assert (model.model_kwargs_["input_len"], model.model_kwargs_["segment_len"]) == (36, 12)
     assert model.network_.segments.length == 12 and model.network_.highway.linear.in_features \
         == 36
@@ -278,5 +292,5 @@ def test_the_race_passes_its_season_and_logs_auto_and_the_resolved_sizes(
     estimator.set_params(steps_per_epoch=1, verbose=False).fit(y, fh=range(1, 25))
     assert loggable_sizes(estimator) == {
         "resolved.season_length": "24", "resolved.validation_rows": "24",
-        "resolved.input_len": "96", "resolved.segment_len": "4"}
+        "resolved.refit_full": "True", "resolved.input_len": "96", "resolved.segment_len": "4"}
     assert loggable_sizes(build_estimator(config.seasonal_naive, config)) == {}

@@ -4,6 +4,7 @@ deterministic baseline once), the networks' ensemble row, and the Ray benchmark'
 from __future__ import annotations
 
 import warnings
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,9 @@ import pandas as pd
 from sktime.forecasting.base import BaseForecaster
 
 from benchmarks.ray_race import naive_forecast, tiled_panel
+from forecaster import NeuralForecaster, benchmark
 from forecaster.benchmark import (
+    ENSEMBLE,
     M4_MODELS,
     NETWORKS,
     ensemble_run,
@@ -68,6 +71,36 @@ def test_the_ensemble_is_weighted_on_the_held_out_rows_and_scored_on_test() -> N
                           lambda f: m4_scores(y_test, f, y_train), weighted_frame)
     assert scores == {**m4_scores(y_test, y_test * 1.05, y_train), "seconds": 7.0}
     assert scores["owa"] > 0.0  # the other member's perfect test forecast weighed nothing
+
+
+def test_the_m4_ensembles_members_do_not_refit_on_the_hours_that_weigh_them(
+        monkeypatch) -> None:
+    """The ensemble row's weights come from the members' forecasts of the last 48 hours of
+    train, so its members keep their early-stopped networks (refit_full=False); without the
+    ensemble the networks resolve refit_full as their defaults do: on this panel, 48 held-out
+    rows of a median 127, a refit. Two tiny networks on a small panel stand in for M4 Hourly
+    (its 414 series take an hour)."""
+    y = make_panel({"a": 200, "b": 150}) + 10.0
+    y_train, y_test = last_rows(y, M4_HOURLY_HORIZON)
+    monkeypatch.setattr(benchmark, "load_m4_hourly",
+                        lambda _: (y_train.reset_index(), y_test.reset_index()))
+    for name in ("GRU", "LSTM"):
+        monkeypatch.setitem(M4_MODELS, name, partial(
+            network, name, season_length=24, input_len=24, hidden_size=4, num_layers=1,
+            max_epochs=1, steps_per_epoch=2, batch_size=8))
+    refits: list[bool] = []
+    train_network = NeuralForecaster._train_network
+
+    def spy(self: NeuralForecaster, *args: object) -> None:
+        train_network(self, *args)
+        refits.append(self.resolved_params_["refit_full"])
+
+    monkeypatch.setattr(NeuralForecaster, "_train_network", spy)
+    table = benchmark.bench_m4_hourly("unused", ["GRU", "LSTM", ENSEMBLE])
+    assert list(table.index) == ["GRU", "LSTM", ENSEMBLE] and refits == [False, False]
+    refits.clear()
+    benchmark.bench_m4_hourly("unused", ["GRU", "LSTM"])
+    assert refits == [True, True]
 
 
 def test_the_ensemble_mixes_members_whose_errors_cancel() -> None:

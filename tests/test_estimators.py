@@ -20,6 +20,7 @@ from forecaster import (
     LSTMForecaster,
     NeuralForecaster,
     TransformerForecaster,
+    estimators,
 )
 from forecaster.data import SERIES, TARGET, TIME
 from tests.conftest import (
@@ -244,6 +245,39 @@ def test_lstm_learns_a_noisy_sine_better_than_seasonal_naive() -> None:
     assert mae < 0.5 * np.sqrt(0.5), f"MAE {mae:.3f} vs half the sine's std"
     signal_error = np.abs(forecast - truth).mean()
     assert signal_error < 0.5 * noise, f"{signal_error:.3f} from the clean sine"
+
+
+def test_refit_full_trains_again_over_every_row_for_the_epochs_early_stopping_chose(
+        sine_panel, monkeypatch) -> None:
+    """refit_full=True: after the early-stopped run, a second run from the same initial weights for
+    its best epoch + 1 epochs, on training windows that reach each series' last row. The
+    early-stopped run's curve and a point loss's quantiles (its out-of-sample validation
+    errors) are what refit_full=False gives; the network is not."""
+    runs: list[tuple[int | None, np.ndarray]] = []
+    original = estimators.train
+
+    def spy(model, sampler, loss_fn, settings, on_epoch=None, epochs=None):
+        runs.append((epochs, sampler.high.copy()))
+        return original(model, sampler, loss_fn, settings, on_epoch, epochs)
+
+    monkeypatch.setattr(estimators, "train", spy)
+    settings = {"loss": "mae", "max_epochs": 6, "patience": 2}
+    kept = tiny(LSTMForecaster, refit_full=False, **settings).fit(sine_panel, fh=FH)
+    assert [epochs for epochs, _ in runs] == [None]
+    refitted = tiny(LSTMForecaster, refit_full=True, **settings).fit(sine_panel, fh=FH)
+
+    lengths = np.array(list(LENGTHS.values()))
+    (first, held_out), (epochs, every_row) = runs[1:]
+    best = min(refitted.history_, key=lambda record: record.val_loss).epoch
+    assert first is None and epochs == best + 1
+    np.testing.assert_array_equal(held_out, lengths - H - H)  # validation_rows: the horizon
+    np.testing.assert_array_equal(every_row, lengths - H)
+    def curve(model: NeuralForecaster) -> list[tuple[float, float]]:
+        return [(record.train_loss, record.val_loss) for record in model.history_]
+
+    assert curve(refitted) == curve(kept)
+    assert refitted.residual_quantiles_ == kept.residual_quantiles_
+    assert not np.allclose(refitted.predict().to_numpy(), kept.predict().to_numpy())
 
 
 # ---------------------------------------------------------------- persistence

@@ -97,7 +97,7 @@ def test_a_race_tracks_every_candidate(first_race: Race) -> None:
     assert params["model.validation_rows"] == "auto" and params["model.season_length"] == "24"
     assert {k: v for k, v in params.items() if k.startswith("resolved.")} == {
         "resolved.season_length": "24", "resolved.validation_rows": "24",
-        "resolved.input_len": "48", "resolved.segment_len": "4"}
+        "resolved.refit_full": "True", "resolved.input_len": "48", "resolved.segment_len": "4"}
     assert not any(k.startswith("resolved.") for k in runs["theta"].data.params)
 
 

@@ -50,3 +50,27 @@ def test_training_keeps_the_moving_average_of_each_steps_weights() -> None:
     for name, weight in model.named_parameters():
         torch.testing.assert_close(weight.detach(), expected[name])
         assert not torch.equal(weight.detach(), steps[-1][name]), name  # not the last step's
+
+
+def test_a_fixed_number_of_epochs_trains_that_many_without_validating(monkeypatch) -> None:
+    """What a refit runs: every step of the given epochs (patience cannot end it), the
+    validation windows never read, and no curve."""
+    panel = Panel([np.sin(np.arange(120) / 3.0)[:, None]])
+    sampler = WindowSampler(panel, input_len=12, horizon=4)
+    monkeypatch.setattr(sampler, "validation", lambda: pytest.fail("a refit validated"))
+    settings = TrainingSettings(max_epochs=10, steps_per_epoch=5, batch_size=8, patience=1,
+                                progress=False)
+    torch.manual_seed(0)
+    model = build_model("rnn", input_len=12, horizon=4, n_quantiles=len(QUANTILES),
+                        past_features=2, future_features=0, hidden_size=8, num_layers=1)
+    steps: list[int] = []
+    hook = register_optimizer_step_post_hook(lambda *_: steps.append(1))
+    try:
+        history = train(model, sampler, make_loss("pinball", QUANTILES), settings,
+                        on_epoch=lambda record: pytest.fail("a refit reported an epoch"),
+                        epochs=3)
+    finally:
+        hook.remove()
+    assert history == []
+    assert len(steps) == 3 * settings.steps_per_epoch
+    assert not model.training

@@ -166,6 +166,26 @@ def test_training_windows_never_reach_into_the_validation_rows() -> None:
     assert (counts[:4] > 0).all() and counts[2] == counts.max()
 
 
+def test_a_refit_samples_training_windows_over_the_validation_rows_too() -> None:
+    lengths = [40, 25, 60, 15, 5]  # 15 trains only on a refit; 5 never
+    panel = _position_panel(lengths)
+    held_out = WindowSampler(panel, L, H, min_history=2, validation_rows=10)
+    sampler = held_out.including_validation()
+    w = sampler.sample(4000, np.random.default_rng(0))
+    series = w.static[:, 0].astype(int)
+    last_row = w.future[:, -1, 0] - 1
+    assert (last_row < np.array(lengths)[series]).all(), "a target lies outside its series"
+    assert (w.past[:, :, 1].sum(1) >= 2).all(), "a window has less than min_history history"
+    # every series with a training window is sampled, and each one's last row is reached
+    assert set(series) == {0, 1, 2, 3}
+    for k in range(4):
+        assert last_row[series == k].max() == lengths[k] - 1
+    # the sampler it came from is unchanged: its targets stop before the validation rows
+    held_out_rows = held_out.sample(1000, np.random.default_rng(0)).future[:, -1, 0] - 1
+    assert held_out_rows.max() <= max(lengths) - 10 - 1
+    assert 3 not in held_out.usable
+
+
 def test_validation_windows_forecast_inside_the_held_out_rows() -> None:
     lengths = [40, 25, 60]
     panel = _position_panel(lengths)
