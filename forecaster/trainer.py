@@ -4,7 +4,7 @@ AdamW with a one-cycle learning-rate schedule, gradient clipping, an exponential
 average of the weights, early stopping on the validation windows with the best average
 restored, bf16 autocast on CUDA, and a progress bar. Seeded runs on the CPU are deterministic.
 Given a number of epochs instead, it trains exactly that many with no validation, as a refit on
-every row does after early stopping has chosen them (``NeuralForecaster``'s ``refit``).
+every row does after early stopping has chosen them (``NeuralForecaster``'s ``refit_full``).
 """
 
 from __future__ import annotations
