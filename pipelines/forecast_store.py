@@ -76,6 +76,10 @@ VERSION_TABLE = "forecaster_store_version"
 # together migrate one after another (the later ones find it at head); any fixed 64-bit key
 MIGRATION_LOCK_KEY = 0x666F72655F6D6967
 CONNECT_TIMEOUT_S = 5  # an unreachable PostgreSQL host fails fast rather than hanging a worker
+# SQLite: how long a connection waits for another's write lock before "database is locked".
+# The driver's 5 s was too short for workers opening a new store together on a loaded machine:
+# one migrates while the others wait, and migrating loads the migration scripts
+SQLITE_BUSY_TIMEOUT_S = 30
 SERIES_PER_QUERY = 300  # series per lookup of forecasts: 900 parameters, under SQLite's 999
 
 # the horizon buckets of the live accuracy: the last step of each (None: no end)
@@ -389,7 +393,7 @@ class ForecastStore:
         database does not answer."""
         parsed = _engine_url(url)
         connect_args = {"connect_timeout": CONNECT_TIMEOUT_S} \
-            if parsed.get_backend_name() == "postgresql" else {}
+            if parsed.get_backend_name() == "postgresql" else {"timeout": SQLITE_BUSY_TIMEOUT_S}
         try:
             # pre-ping: a connection the database dropped (a restart) is replaced on checkout
             engine = create_engine(parsed, pool_pre_ping=True, connect_args=connect_args)

@@ -7,6 +7,8 @@ store as its data."""
 from __future__ import annotations
 
 import multiprocessing
+import sqlite3
+import time
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -106,6 +108,32 @@ def test_migrations_to_head_create_the_tables(store_url: str) -> None:
 def open_when_all_are_ready(url: str, barrier: Any) -> None:
     barrier.wait()
     ForecastStore.open(url).close()
+
+
+def test_a_worker_waits_out_a_sqlite_write_lock_held_longer_than_the_drivers_default(
+        tmp_path: Path) -> None:
+    """The sqlite3 driver gives up on a locked database after 5 s; a worker opening the store
+    while another holds the write lock (migrating, on a loaded machine) must wait instead."""
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    ForecastStore.open(url).close()
+    holding, release = multiprocessing.get_context("fork").Event(), 6.0  # seconds, past 5
+
+    def hold_the_write_lock() -> None:
+        connection = sqlite3.connect(tmp_path / "store.db", isolation_level=None)
+        connection.execute("BEGIN IMMEDIATE")
+        holding.set()
+        time.sleep(release)
+        connection.execute("COMMIT")
+
+    holder = multiprocessing.get_context("fork").Process(target=hold_the_write_lock)
+    holder.start()
+    assert holding.wait(30)
+    started = time.monotonic()
+    with ForecastStore.open(url) as store:  # migrating takes the write lock: it waits
+        assert {"forecasts", "actuals"} <= set(inspect(store.engine).get_table_names())
+    holder.join(30)
+    assert holder.exitcode == 0
+    assert time.monotonic() - started > 5.0  # it did wait past the driver's default
 
 
 def test_workers_opening_a_new_store_together_migrate_it_once(store_url: str) -> None:
