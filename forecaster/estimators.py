@@ -48,6 +48,7 @@ from forecaster.trainer import (
     EpochRecord,
     TrainingSettings,
     autocast,
+    best_epoch,
     choose_device,
     model_inputs,
     predict_scaled,
@@ -324,10 +325,9 @@ class NeuralForecaster(BaseForecaster):
         # from the early-stopped network: its validation errors are out of sample
         self.residual_quantiles_ = self._residual_quantiles(sampler) if n_outputs == 1 else None
         if sizes["refit_full"]:
-            best_epoch = min(self.history_, key=lambda record: record.val_loss).epoch
             self.network_.load_state_dict(initial)
             train(self.network_, sampler.including_validation(), loss, settings,
-                  epochs=best_epoch + 1)
+                  epochs=best_epoch(self.history_) + 1)
             self.network_.cpu()
 
     def _settings(self) -> TrainingSettings:
@@ -691,13 +691,13 @@ _TRAINING_PARAMETERS: _ParameterDocs = {
                         "Trailing rows of each series held out for early stopping, at least the "
                         'horizon; "auto" (or None): the horizon.'),
     "refit_full": ('bool or "auto"',
-              "After early stopping, train again from the initial weights for the epochs it "
-              "chose, on training windows over every row, the validation rows included (the "
-              "name is AutoGluon's): those rows are each series' most recent values, which "
-              "no training window reaches otherwise. \"auto\": refit when the validation rows "
-              "are a tenth or more of the median series length of fit (short series); see "
-              "resolved_params. history_ is the early-stopped run's curve; a point loss's "
-              "quantiles come from its validation errors."),
+                   "After early stopping, train again from the initial weights for the epochs "
+                   "it chose, on training windows over every row, the validation rows included "
+                   "(the name is AutoGluon's): those rows are each series' most recent values, "
+                   'which no training window reaches otherwise. "auto": refit when the '
+                   "validation rows are a tenth or more of the median series length of fit "
+                   "(short series); see resolved_params. history_ is the early-stopped run's "
+                   "curve; a point loss's quantiles come from its validation errors."),
     "min_history": ("int or None",
                     "Shortest usable history; None: input_len // 4 (at least 1), lowered to "
                     "the shortest series of fit, so that every fitted series can be forecast. "

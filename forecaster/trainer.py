@@ -108,6 +108,12 @@ def _moving_average(averages: list[torch.Tensor], currents: list[torch.Tensor],
         average.lerp_(current, 1.0 - weight)
 
 
+def best_epoch(history: list[EpochRecord]) -> int:
+    """The epoch whose weights early stopping restores: the first with the lowest validation
+    loss (``train`` keeps it as it goes)."""
+    return min(history, key=lambda record: record.val_loss).epoch
+
+
 def train(model: nn.Module, sampler: WindowSampler, loss_fn: Loss, settings: TrainingSettings,
           on_epoch: EpochCallback | None = None, epochs: int | None = None
           ) -> list[EpochRecord]:
